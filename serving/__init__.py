@@ -1,0 +1,1 @@
+"""Torch-free runtime: ONNX artifact loading, image preprocessing, batch prediction, BentoML service."""

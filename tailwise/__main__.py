@@ -1,0 +1,5 @@
+import sys
+
+from tailwise.cli import main
+
+sys.exit(main())
