@@ -1,0 +1,182 @@
+"""Long-tailed evaluation metrics from logits: top-1, many/medium/few, per-class accuracy, confusion, NLL, ECE.
+
+numpy and matplotlib only (no torch), so it evaluates logits from a torch model or from onnxruntime alike.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+GROUPS = ("many", "medium", "few")
+
+
+def _check_inputs(logits, labels, counts, groups):
+    logits = np.asarray(logits)
+    labels = np.asarray(labels)
+    if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be a non-empty N x C array, got shape {logits.shape}")
+    if not np.issubdtype(logits.dtype, np.number):
+        raise ValueError(f"logits must be numeric, got dtype {logits.dtype}")
+    if not np.all(np.isfinite(logits)):
+        raise ValueError("logits contain NaN or infinity")
+    num_samples, num_classes = logits.shape
+    if labels.shape != (num_samples,):
+        raise ValueError(f"labels must have shape ({num_samples},) to match logits {logits.shape}, got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
+    if len(counts) != num_classes:
+        raise ValueError(f"counts has {len(counts)} entries but logits have {num_classes} classes")
+    if len(groups) != num_classes:
+        raise ValueError(f"groups has {len(groups)} entries but logits have {num_classes} classes")
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"groups must be one of {GROUPS}, got {unknown}")
+    return logits.astype(np.float64), labels.astype(np.int64)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, num_bins: int = 15) -> float:
+    """ECE: sum over equal-width bins (lo, hi] of |bin accuracy - bin mean confidence| * bin fraction."""
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    upper_edges = np.linspace(0.0, 1.0, num_bins + 1)[1:]
+    bins = np.minimum(np.searchsorted(upper_edges, confidence, side="left"), num_bins - 1)
+    ece = 0.0
+    for b in range(num_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            gap = abs(correct[in_bin].mean() - confidence[in_bin].mean())
+            ece += gap * in_bin.mean()
+    return float(ece)
+
+
+def evaluate_logits(logits: np.ndarray, labels: np.ndarray, counts: list[int], groups: list[str],
+                    num_bins: int = 15) -> dict:
+    """Evaluate N x C logits against N integer labels; `counts` / `groups` are per-class training counts and
+    many/medium/few groups. Returns a JSON-safe dict; accuracies are fractions, None where a class or group
+    has no test samples."""
+    logits, labels = _check_inputs(logits, labels, counts, groups)
+    num_samples, num_classes = logits.shape
+
+    log_probs = _log_softmax(logits)
+    predictions = log_probs.argmax(axis=1)
+    correct = predictions == labels
+    confidence = np.exp(log_probs.max(axis=1))
+
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    support = confusion.sum(axis=1)
+    per_class = [float(confusion[c, c] / support[c]) if support[c] else None for c in range(num_classes)]
+
+    def mean_of(classes):
+        accs = [per_class[c] for c in classes if per_class[c] is not None]
+        return float(np.mean(accs)) if accs else None
+
+    report = {
+        "num_samples": int(num_samples),
+        "top1": float(correct.mean()),
+        **{g: mean_of([c for c in range(num_classes) if groups[c] == g]) for g in GROUPS},
+        "mean_per_class": mean_of(range(num_classes)),
+        "per_class": per_class,
+        "per_class_support": [int(s) for s in support],
+        "confusion": confusion.tolist(),
+        "nll": float(-log_probs[np.arange(num_samples), labels].mean()),
+        "ece": expected_calibration_error(confidence, correct.astype(np.float64), num_bins),
+        "num_bins": int(num_bins),
+        "train_counts": [int(n) for n in counts],
+        "groups": list(groups),
+    }
+    return report
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temp file next to `path`, then os.replace it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plot_per_class(report: dict, class_names: list[str], title: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    colours = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for group in GROUPS:
+        points = [(max(n, 1), acc, name)
+                  for n, acc, g, name in zip(report["train_counts"], report["per_class"], report["groups"], class_names)
+                  if g == group and acc is not None]
+        if not points:
+            continue
+        xs, ys, names = zip(*points)
+        mean = report[group]
+        ax.scatter(xs, ys, color=colours[group], label=f"{group} (mean {mean:.3f})", zorder=3)
+        for x, y, name in points:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("training images per class (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or f"per-class accuracy (top-1 {report['top1']:.3f})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def save_report(report: dict, out_dir, class_names: list[str], title: str = "") -> tuple[Path, Path]:
+    """Write `out_dir/report.json` and `out_dir/per_class.png` (per-class accuracy against training count,
+    coloured by group) atomically; returns (json_path, png_path)."""
+    if len(class_names) != len(report["per_class"]):
+        raise ValueError(f"class_names has {len(class_names)} entries but the report has "
+                         f"{len(report['per_class'])} classes")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "report.json", out_dir / "per_class.png"
+    text = json.dumps(report, indent=2, allow_nan=False)
+
+    def write_json(tmp):
+        Path(tmp).write_text(text + "\n", encoding="utf-8")
+
+    _atomic_write(json_path, write_json)
+    _plot_per_class(report, class_names, title, png_path)
+    return json_path, png_path
+
+
+def format_report(report: dict, class_names: list[str]) -> str:
+    """Readable text summary: overall, many / medium / few, NLL / ECE, then a per-class table."""
+    def pct(x):
+        return "   n/a" if x is None else f"{100 * x:6.2f}"
+
+    num_per_group = {g: sum(1 for x in report["groups"] if x == g) for g in GROUPS}
+    lines = [
+        f"samples         {report['num_samples']}",
+        f"top-1           {pct(report['top1'])} %",
+        f"mean per-class  {pct(report['mean_per_class'])} %",
+        *(f"{g:<15} {pct(report[g])} %  ({num_per_group[g]} classes)" for g in GROUPS),
+        f"NLL             {report['nll']:.4f}",
+        f"ECE             {report['ece']:.4f}",
+        "",
+    ]
+    width = max([len("class")] + [len(n) for n in class_names])
+    lines.append(f"{'class':<{width}}  {'group':<6}  {'train':>7}  {'test':>6}  {'acc %':>6}")
+    for name, group, n_train, n_test, acc in zip(class_names, report["groups"], report["train_counts"],
+                                                 report["per_class_support"], report["per_class"]):
+        lines.append(f"{name:<{width}}  {group:<6}  {n_train:>7}  {n_test:>6}  {pct(acc)}")
+    return "\n".join(lines)
