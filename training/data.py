@@ -1,0 +1,603 @@
+"""Long-tailed training data: benchmark LT subsets (LDAM-DRW protocol), validation split, many/medium/few groups.
+
+Sources:
+
+* ``fmnist``: Fashion-MNIST from gzipped IDX files (default ``/usr/share/datasets/fashion-mnist``, Debian
+  package ``dataset-fashion-mnist``).
+* ``cifar10`` / ``cifar100``: the standard python-pickle archive (``cifar-10-python.tar.gz``,
+  ``cifar-100-python.tar.gz``) or its extracted folder. Only the standard batch/meta files inside it are ever
+  unpickled, and through an unpickler that refuses every class except the numpy array machinery, so a
+  tampered file cannot run code.
+* ``splits``: an image root plus ImageNet-LT / iNaturalist-2018 split files (``relative/path label`` per line).
+* ``folder``: a user's own folder with one subfolder per class, used as it is (no subsampling).
+
+fmnist/cifar images live in memory as one ``uint8`` tensor ``N x C x H x W``; file data is decoded with
+Pillow on demand. Every index below is a row of ``LTData.train_source`` (train and validation) or of
+``LTData.test_source``.
+
+Validation never touches the test set. For the LT benchmarks it is drawn, balanced, from the training images
+the LT subset did not keep; the head class keeps all its images, so it gets no validation images
+(``val_counts[0] == 0``; under the step profile the whole first half gets none). Without LT subsampling
+(``profile="none"``, ``splits`` without a val split, ``folder``) up to ``val_per_class`` images per class,
+never more than 20% of a class, are held out of training.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tailwise import UserError
+
+DATASETS = ("fmnist", "cifar10", "cifar100", "splits", "folder")
+PROFILES = ("exp", "step", "none")
+FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_HOLDOUT_FRACTION = 0.2  # without LT subsampling, validation takes at most this share of a class
+
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# Per-channel mean/std of the full training sets, 0..1 scale.
+MEAN_STD = {
+    "fmnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # used for all file-backed data
+}
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+class ArraySource:
+    """Images held in memory: ``images`` uint8 tensor ``N x C x H x W``, ``labels`` int64 numpy array."""
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray):
+        if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
+            raise ValueError(f"need uint8 N x C x H x W images and N labels, got {tuple(images.shape)} "
+                             f"{images.dtype} and {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[2:])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, indices) -> torch.Tensor:
+        """uint8 ``[n, C, H, W]`` for the given row indices."""
+        return self.images[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+
+
+class FileSource:
+    """Images decoded from files on demand: EXIF orientation applied, RGB, shorter side resized to
+    ``image_size`` (bilinear, antialiased) and centre-cropped to ``image_size x image_size``."""
+
+    channels = 3
+
+    def __init__(self, paths: list[str], labels: np.ndarray, image_size: int):
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.image_size = (image_size, image_size)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, indices) -> torch.Tensor:
+        """uint8 ``[n, 3, S, S]`` for the given row indices."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = torch.empty((len(indices), 3, *self.image_size), dtype=torch.uint8)
+        for row, index in enumerate(indices):
+            out[row] = torch.from_numpy(decode_image(self.paths[index], self.image_size[0])).permute(2, 0, 1)
+        return out
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """One image file as a ``size x size x 3`` uint8 array (exif_transpose, RGB, shorter-side resize, centre crop)."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot decode image {path}: {exc}") from None
+    width, height = image.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- LT protocol
+
+def lt_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: str = "exp") -> list[int]:
+    """Training images kept per class, exactly as LDAM-DRW's ``get_img_num_per_cls``.
+
+    exp: ``int(n_max * (1/IF) ** (c / (C - 1.0)))``; step: the first ``C // 2`` classes keep ``n_max``, the rest
+    ``int(n_max * (1/IF))`` (LDAM's code drops the last class when C is odd; we give it the tail count);
+    none: ``n_max`` for every class.
+    """
+    if profile not in PROFILES:
+        raise UserError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    if not imbalance_factor >= 1:
+        raise UserError(f"--imbalance-factor must be >= 1, got {imbalance_factor}")
+    imb = 1.0 / imbalance_factor  # LDAM's imb_factor
+    if profile == "none" or num_classes == 1:
+        return [int(n_max)] * num_classes
+    if profile == "step":
+        head = num_classes // 2
+        return [int(n_max)] * head + [int(n_max * imb)] * (num_classes - head)
+    return [int(n_max * (imb ** (c / (num_classes - 1.0)))) for c in range(num_classes)]
+
+
+def ldam_select(labels: np.ndarray, counts: list[int], seed: int = 0) -> np.ndarray:
+    """Indices of the LT subset by the LDAM-DRW rule, in selection order (int64).
+
+    ``np.random.seed(seed)`` on numpy's legacy global generator, then for each class c in label order:
+    ``idx = np.where(labels == c)[0]; np.random.shuffle(idx); keep idx[:counts[c]]``. The global generator's
+    previous state is restored afterwards.
+    """
+    labels = np.asarray(labels)
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        selected = []
+        for c, n in enumerate(counts):
+            idx = np.where(labels == c)[0]
+            np.random.shuffle(idx)
+            selected.append(idx[:n])
+    finally:
+        np.random.set_state(state)
+    return np.concatenate(selected).astype(np.int64) if selected else np.zeros(0, np.int64)
+
+
+def index_sha256(indices: np.ndarray) -> str:
+    """sha256 hex digest of the indices as a little-endian int64 array, in their order."""
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype="<i8").tobytes()).hexdigest()
+
+
+def groups_from_counts(counts, many_threshold=None, few_threshold=None) -> list[str]:
+    """'many' (count > many_threshold), 'few' (count < few_threshold) or 'medium' for each class.
+
+    Defaults: with 100+ classes many > 100, few < 20 (OLTR); otherwise many > 500, few < 200 (the paper's
+    CIFAR-10 code).
+    """
+    large = len(counts) >= 100
+    many = (100 if large else 500) if many_threshold is None else many_threshold
+    few = (20 if large else 200) if few_threshold is None else few_threshold
+    if few > many:
+        raise UserError(f"--few-threshold ({few}) must not exceed --many-threshold ({many})")
+    return ["many" if n > many else "few" if n < few else "medium" for n in counts]
+
+
+def leftover_val(labels: np.ndarray, train_idx: np.ndarray, num_classes: int, val_per_class: int,
+                 seed: int) -> np.ndarray:
+    """Up to ``val_per_class`` images per class drawn from those not in ``train_idx`` (sorted within a class)."""
+    rng = np.random.default_rng(seed)
+    unused = np.ones(len(labels), dtype=bool)
+    unused[train_idx] = False
+    picked = []
+    for c in range(num_classes):
+        pool = np.flatnonzero(unused & (labels == c))
+        picked.append(np.sort(rng.permutation(pool)[:val_per_class]))
+    return np.concatenate(picked).astype(np.int64)
+
+
+def holdout_split(labels: np.ndarray, num_classes: int, val_per_class: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx): per class, ``min(val_per_class, int(0.2 * n_c))`` images held out at random."""
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(labels), dtype=bool)
+    for c in range(num_classes):
+        pool = np.flatnonzero(labels == c)
+        take = min(val_per_class, int(MAX_HOLDOUT_FRACTION * len(pool)))
+        is_val[rng.permutation(pool)[:take]] = True
+    return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- LTData
+
+@dataclass
+class LTData:
+    """A long-tailed training set, its validation split and its balanced test set."""
+
+    name: str
+    class_names: list[str]
+    channels: int
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_source: ArraySource | FileSource
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    test_source: ArraySource | FileSource | None  # None: a folder/splits dataset given no test set
+    counts: list[int]
+    val_counts: list[int]
+    groups: list[str]
+    index_sha256: str  # of train_idx, see index_sha256()
+    build_args: dict = field(default_factory=dict)  # build_lt_data(**build_args) rebuilds this
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def card(self) -> dict:
+        """JSON-safe summary (goes into checkpoint cards)."""
+        return {
+            "name": self.name,
+            "class_names": list(self.class_names),
+            "channels": int(self.channels),
+            "image_size": [int(s) for s in self.image_size],
+            "mean": [float(m) for m in self.mean],
+            "std": [float(s) for s in self.std],
+            "counts": [int(n) for n in self.counts],
+            "val_counts": [int(n) for n in self.val_counts],
+            "groups": list(self.groups),
+            "index_sha256": self.index_sha256,
+            "num_train": int(len(self.train_idx)),
+            "num_val": int(len(self.val_idx)),
+            "num_test": 0 if self.test_source is None else len(self.test_source),
+            "build_args": dict(self.build_args),
+        }
+
+
+def build_lt_data(dataset: str, root: str | None = None, imbalance_factor: float = 100, profile: str = "exp",
+                  val_per_class: int = 100, val_seed: int = 0, many_threshold=None, few_threshold=None,
+                  train_split=None, val_split=None, test_split=None, image_size=None) -> LTData:
+    """Load a dataset and build its long-tailed training subset, validation split and groups.
+
+    fmnist/cifar10/cifar100: LT subset by ``lt_counts`` + ``ldam_select`` with ``n_max`` = the smallest class
+    size (all classes are equal in these sets, so this is LDAM's ``len(data) / num_classes``).
+    splits/folder: used as they are; ``imbalance_factor`` and ``profile`` do not apply (recorded as 1 / "none").
+    splits: ``root`` is the image root, ``train_split`` (required), ``val_split`` and ``test_split`` split files.
+    folder: ``root`` holds one subfolder per class; ``test_split`` may name a second such folder as test set.
+    ``image_size`` (file data only, default 224) is the square side images are decoded to.
+    """
+    if dataset not in DATASETS:
+        raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
+    if profile not in PROFILES:
+        raise UserError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    if val_per_class < 0:
+        raise UserError(f"--val-per-class must be >= 0, got {val_per_class}")
+    if dataset in ("fmnist", "cifar10", "cifar100"):
+        if image_size is not None:
+            raise UserError(f"--image-size applies to file datasets (splits, folder), not to {dataset}")
+        return _build_array_data(dataset, root, imbalance_factor, profile, val_per_class, val_seed,
+                                 many_threshold, few_threshold)
+    if dataset == "folder" and (train_split is not None or val_split is not None):
+        raise UserError("--train-split/--val-split apply to --dataset splits; a folder dataset is its own train set")
+    image_size = 224 if image_size is None else int(image_size)
+    if image_size < 1:
+        raise UserError(f"--image-size must be positive, got {image_size}")
+    return _build_file_data(dataset, root, val_per_class, val_seed, many_threshold, few_threshold,
+                            train_split, val_split, test_split, image_size)
+
+
+def _build_array_data(dataset, root, imbalance_factor, profile, val_per_class, val_seed,
+                      many_threshold, few_threshold) -> LTData:
+    if dataset == "fmnist":
+        root = os.path.abspath(root or FMNIST_ROOT)
+        train, test = load_fmnist(root)
+        class_names = FMNIST_CLASSES
+    else:
+        if root is None:
+            name = "cifar-10" if dataset == "cifar10" else "cifar-100"
+            raise UserError(f"--root is required for {dataset}: the {name}-python.tar.gz archive, "
+                            f"the folder holding it, or its extracted folder")
+        root = os.path.abspath(root)
+        train, test, class_names = load_cifar(root, dataset)
+    num_classes = len(class_names)
+    labels = train.labels
+    class_sizes = np.bincount(labels, minlength=num_classes)
+    if profile == "none":
+        imbalance_factor = 1
+        train_idx, val_idx = holdout_split(labels, num_classes, val_per_class, val_seed)
+    else:
+        train_idx = ldam_select(labels, lt_counts(int(class_sizes.min()), num_classes, imbalance_factor, profile))
+        val_idx = leftover_val(labels, train_idx, num_classes, val_per_class, val_seed)
+    counts = np.bincount(labels[train_idx], minlength=num_classes).tolist()
+    mean, std = MEAN_STD[dataset]
+    return LTData(
+        name=dataset, class_names=list(class_names), channels=train.channels, image_size=train.image_size,
+        mean=mean, std=std, train_source=train, train_idx=train_idx, val_idx=val_idx, test_source=test,
+        counts=counts, val_counts=np.bincount(labels[val_idx], minlength=num_classes).tolist(),
+        groups=groups_from_counts(counts, many_threshold, few_threshold), index_sha256=index_sha256(train_idx),
+        build_args=dict(dataset=dataset, root=root, imbalance_factor=imbalance_factor, profile=profile,
+                        val_per_class=val_per_class, val_seed=val_seed, many_threshold=many_threshold,
+                        few_threshold=few_threshold, train_split=None, val_split=None, test_split=None,
+                        image_size=None))
+
+
+def _build_file_data(dataset, root, val_per_class, val_seed, many_threshold, few_threshold,
+                     train_split, val_split, test_split, image_size) -> LTData:
+    if root is None:
+        raise UserError(f"--root is required for --dataset {dataset}")
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise UserError(f"--root {root} is not a directory")
+    test_paths = test_labels = None
+    if dataset == "folder":
+        class_names, train_paths, train_labels = read_class_folder(root)
+        val_paths, val_labels = [], None
+        if test_split is not None:
+            test_split = os.path.abspath(test_split)
+            test_names, test_paths, test_labels = read_class_folder(test_split)
+            unknown = sorted(set(test_names) - set(class_names))
+            if unknown:
+                raise UserError(f"test folder {test_split} has classes not in {root}: {', '.join(unknown)}")
+            test_labels = np.array([class_names.index(test_names[t]) for t in test_labels], dtype=np.int64)
+    else:
+        if train_split is None:
+            raise UserError("--train-split is required for --dataset splits")
+        train_split = _find_split(train_split, root)
+        train_paths, train_labels = read_split(train_split, root)
+        num_classes = int(train_labels.max()) + 1
+        class_names = _class_names_from_paths(train_paths, train_labels, num_classes)
+        val_paths, val_labels = [], None
+        if val_split is not None:
+            val_split = _find_split(val_split, root)
+            val_paths, val_labels = read_split(val_split, root, num_classes)
+        if test_split is not None:
+            test_split = _find_split(test_split, root)
+            test_paths, test_labels = read_split(test_split, root, num_classes)
+    num_classes = len(class_names)
+
+    if val_labels is not None:  # a given val split: train keeps everything
+        source = FileSource(train_paths + val_paths, np.concatenate([train_labels, val_labels]), image_size)
+        train_idx = np.arange(len(train_paths), dtype=np.int64)
+        val_idx = np.arange(len(train_paths), len(source), dtype=np.int64)
+    else:
+        source = FileSource(train_paths, train_labels, image_size)
+        train_idx, val_idx = holdout_split(train_labels, num_classes, val_per_class, val_seed)
+    test = None if test_paths is None else FileSource(test_paths, test_labels, image_size)
+    counts = np.bincount(source.labels[train_idx], minlength=num_classes).tolist()
+    mean, std = MEAN_STD["imagenet"]
+    return LTData(
+        name=dataset, class_names=class_names, channels=3, image_size=(image_size, image_size), mean=mean, std=std,
+        train_source=source, train_idx=train_idx, val_idx=val_idx, test_source=test, counts=counts,
+        val_counts=np.bincount(source.labels[val_idx], minlength=num_classes).tolist(),
+        groups=groups_from_counts(counts, many_threshold, few_threshold), index_sha256=index_sha256(train_idx),
+        build_args=dict(dataset=dataset, root=root, imbalance_factor=1, profile="none",
+                        val_per_class=val_per_class, val_seed=val_seed, many_threshold=many_threshold,
+                        few_threshold=few_threshold, train_split=train_split, val_split=val_split,
+                        test_split=test_split, image_size=image_size))
+
+
+# ---------------------------------------------------------------------------------------------- Fashion-MNIST
+
+def read_idx(path: str, magic: int) -> np.ndarray:
+    """A (gzipped) IDX file as a writable uint8 array; images ``N x rows x cols``, labels ``N``."""
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UserError(f"missing data file {path}") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(f"corrupt or truncated data file {path}: {exc}") from None
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header or struct.unpack(">I", raw[:4])[0] != magic:
+        raise UserError(f"{path} is not an IDX file (expected magic number {magic})")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    if len(raw) != header + int(np.prod(shape)):
+        raise UserError(f"{path} holds {len(raw) - header} bytes of data, expected {int(np.prod(shape))} "
+                        f"for shape {shape} (truncated or corrupt)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def load_fmnist(root: str) -> tuple[ArraySource, ArraySource]:
+    """(train, test) from ``root``: train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-... (or unzipped)."""
+    if not os.path.isdir(root):
+        raise UserError(f"Fashion-MNIST folder {root} does not exist (install dataset-fashion-mnist or pass --root)")
+    sources = []
+    for prefix in ("train", "t10k"):
+        images = read_idx(_idx_path(root, f"{prefix}-images-idx3-ubyte"), 2051)
+        labels_path = _idx_path(root, f"{prefix}-labels-idx1-ubyte")
+        labels = read_idx(labels_path, 2049).astype(np.int64)
+        if len(images) != len(labels):
+            raise UserError(f"{labels_path} has {len(labels)} labels for {len(images)} images")
+        if len(labels) and labels.max() >= len(FMNIST_CLASSES):
+            raise UserError(f"{labels_path} has label {labels.max()}, Fashion-MNIST has 10 classes")
+        sources.append(ArraySource(torch.from_numpy(images).unsqueeze(1), labels))
+    train, test = sources
+    if train.image_size != test.image_size:
+        raise UserError(f"Fashion-MNIST files in {root} disagree: train images {train.image_size}, "
+                        f"test images {test.image_size}")
+    return train, test
+
+
+def _idx_path(root: str, name: str) -> str:
+    gz = os.path.join(root, name + ".gz")
+    plain = os.path.join(root, name)
+    return plain if os.path.exists(plain) and not os.path.exists(gz) else gz
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR
+
+CIFAR_LAYOUT = {  # folder inside the archive, archive name, train files, test file, meta file, label keys
+    "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", [f"data_batch_{i}" for i in range(1, 6)],
+                "test_batch", "batches.meta", "labels", "label_names"),
+    "cifar100": ("cifar-100-python", "cifar-100-python.tar.gz", ["train"], "test", "meta",
+                 "fine_labels", "fine_label_names"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts/lists/strings/numbers and numpy arrays only; any other class is refused."""
+
+    def find_class(self, module, name):
+        allowed = {"_reconstruct": ("numpy.core.multiarray", "numpy._core.multiarray"),
+                   "ndarray": ("numpy",), "dtype": ("numpy",),
+                   "_frombuffer": ("numpy.core.numeric", "numpy._core.numeric"), "encode": ("_codecs",)}
+        if module not in allowed.get(name, ()):
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if name == "encode":
+            import codecs
+            return codecs.encode
+        if name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        core = getattr(np, "_core", None) or np.core
+        return getattr(core.multiarray if name == "_reconstruct" else core.numeric, name)
+
+
+def _unpickle(data: bytes, where: str) -> dict:
+    try:
+        obj = _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except Exception as exc:  # any failure inside a corrupt pickle
+        raise UserError(f"corrupt CIFAR file {where}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"corrupt CIFAR file {where}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def _cifar_location(root: str, dataset: str) -> tuple[str, bool]:
+    """(path, is_archive): ``root`` itself if it is the archive or the extracted folder, else the extracted
+    folder or the archive inside ``root``."""
+    folder, archive, _, _, meta_file = CIFAR_LAYOUT[dataset][:5]
+    if os.path.isfile(root):
+        return root, True
+    if os.path.isfile(os.path.join(root, meta_file)):
+        return root, False
+    if os.path.isdir(os.path.join(root, folder)):
+        return os.path.join(root, folder), False
+    if os.path.isfile(os.path.join(root, archive)):
+        return os.path.join(root, archive), True
+    raise UserError(f"no {dataset} data at {root}: expected {archive}, {folder}/ or the files of {folder}/")
+
+
+def load_cifar(root: str, dataset: str) -> tuple[ArraySource, ArraySource, list[str]]:
+    """(train, test, class_names) from a CIFAR python-pickle archive or its extracted folder."""
+    folder, _, train_files, test_file, meta_file, label_key, names_key = CIFAR_LAYOUT[dataset]
+    path, is_archive = _cifar_location(root, dataset)
+    wanted = train_files + [test_file, meta_file]
+    blobs = {}
+    if is_archive:
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                for member in tar:
+                    parts = member.name.split("/")
+                    if member.isfile() and len(parts) == 2 and parts[0] == folder and parts[1] in wanted:
+                        blobs[parts[1]] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise UserError(f"corrupt or truncated CIFAR archive {path}: {exc}") from None
+        missing = [f"{folder}/{name}" for name in wanted if name not in blobs]
+        if missing:
+            raise UserError(f"CIFAR archive {path} lacks {', '.join(missing)}")
+    else:
+        for name in wanted:
+            try:
+                blobs[name] = Path(path, name).read_bytes()
+            except OSError as exc:
+                raise UserError(f"cannot read CIFAR file {os.path.join(path, name)}: {exc.strerror}") from None
+
+    def where(name):
+        return f"{path}:{folder}/{name}" if is_archive else os.path.join(path, name)
+
+    meta = _unpickle(blobs[meta_file], where(meta_file))
+    class_names = meta.get(names_key)
+    if not isinstance(class_names, list) or not class_names:
+        raise UserError(f"corrupt CIFAR file {where(meta_file)}: no '{names_key}' list")
+
+    def batch(names):
+        images, labels = [], []
+        for name in names:
+            entry = _unpickle(blobs[name], where(name))
+            data, batch_labels = entry.get("data"), entry.get(label_key)
+            if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
+                    or data.shape[1] != 3072 or not isinstance(batch_labels, list)
+                    or len(batch_labels) != len(data)):
+                raise UserError(f"corrupt CIFAR file {where(name)}: expected 'data' uint8 N x 3072 and "
+                                f"N '{label_key}'")
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels.extend(batch_labels)
+        labels = np.array(labels, dtype=np.int64)
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+            raise UserError(f"corrupt CIFAR data in {where(names[0])}: labels outside 0..{len(class_names) - 1}")
+        return ArraySource(torch.from_numpy(np.concatenate(images)), labels)  # concatenate copies: writable
+
+    return batch(train_files), batch([test_file]), [str(n) for n in class_names]
+
+
+# ---------------------------------------------------------------------------------------------- file data
+
+def _find_split(split: str, root: str) -> str:
+    """A split file path as given (relative to the working directory), else relative to ``root``."""
+    for path in (split, os.path.join(root, split)):
+        if os.path.isfile(path):
+            return os.path.abspath(path)
+    raise UserError(f"split file {split} not found (looked in the working directory and in {root})")
+
+
+def read_split(split: str, root: str, num_classes: int | None = None) -> tuple[list[str], np.ndarray]:
+    """Image paths (under ``root``) and labels from a ``relative/path label`` split file; every image must exist."""
+    paths, labels = [], []
+    with open(split, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise UserError(f"{split}:{line_no}: expected 'relative/path label', got {line.strip()!r}")
+            label = int(parts[1])
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                bound = "" if num_classes is None else f" (the train split has {num_classes} classes)"
+                raise UserError(f"{split}:{line_no}: label {label} out of range{bound}")
+            paths.append(os.path.join(root, parts[0].strip()))
+            labels.append(label)
+    if not paths:
+        raise UserError(f"split file {split} lists no images")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) listed in {split} do not exist, e.g. {', '.join(missing[:3])}")
+    return paths, np.array(labels, dtype=np.int64)
+
+
+def _class_names_from_paths(paths: list[str], labels: np.ndarray, num_classes: int) -> list[str]:
+    """Each class's parent folder name where that is one folder per class (ImageNet-LT wnids, iNat ids), else
+    the label number."""
+    parents = [set() for _ in range(num_classes)]
+    for path, label in zip(paths, labels):
+        parents[label].add(os.path.basename(os.path.dirname(path)))
+    names = [p.pop() if len(p) == 1 else "" for p in parents]
+    if "" in names or len(set(names)) != num_classes:
+        return [str(c) for c in range(num_classes)]
+    return names
+
+
+def read_class_folder(root: str) -> tuple[list[str], list[str], np.ndarray]:
+    """(class_names, paths, labels) of a folder with one subfolder of images per class (sorted names)."""
+    if not os.path.isdir(root):
+        raise UserError(f"image folder {root} does not exist")
+    class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        files = sorted(
+            os.path.join(dirpath, f)
+            for dirpath, _, filenames in os.walk(os.path.join(root, name), followlinks=True)
+            for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise UserError(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        paths += files
+        labels += [label] * len(files)
+    if not class_names:
+        raise UserError(f"{root} has no class subfolders")
+    return class_names, paths, np.array(labels, dtype=np.int64)
