@@ -24,6 +24,7 @@ never more than 20% of a class, are held out of training.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -32,6 +33,7 @@ import pickle
 import struct
 import tarfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,12 +103,20 @@ class FileSource:
         return len(self.labels)
 
     def load(self, indices) -> torch.Tensor:
-        """uint8 ``[n, 3, S, S]`` for the given row indices."""
+        """uint8 ``[n, 3, S, S]`` for the given row indices, decoded on a thread pool (Pillow releases the GIL)."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         out = torch.empty((len(indices), 3, *self.image_size), dtype=torch.uint8)
-        for row, index in enumerate(indices):
-            out[row] = torch.from_numpy(decode_image(self.paths[index], self.image_size[0])).permute(2, 0, 1)
+
+        def fill(row):
+            out[row] = torch.from_numpy(decode_image(self.paths[indices[row]], self.image_size[0])).permute(2, 0, 1)
+
+        list(_decode_pool().map(fill, range(len(indices))))
         return out
+
+
+@functools.cache
+def _decode_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="tailwise-decode")
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
@@ -265,7 +275,8 @@ def build_lt_data(dataset: str, root: str | None = None, imbalance_factor: float
     """Load a dataset and build its long-tailed training subset, validation split and groups.
 
     fmnist/cifar10/cifar100: LT subset by ``lt_counts`` + ``ldam_select`` with ``n_max`` = the smallest class
-    size (all classes are equal in these sets, so this is LDAM's ``len(data) / num_classes``).
+    size (all classes are equal in these sets, so this is LDAM's ``len(data) / num_classes``); validation from
+    the images it did not keep. ``profile="none"`` keeps the whole training set and holds validation out of it.
     splits/folder: used as they are; ``imbalance_factor`` and ``profile`` do not apply (recorded as 1 / "none").
     splits: ``root`` is the image root, ``train_split`` (required), ``val_split`` and ``test_split`` split files.
     folder: ``root`` holds one subfolder per class; ``test_split`` may name a second such folder as test set.
