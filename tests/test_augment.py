@@ -148,6 +148,20 @@ def test_jitter_probability():
     assert 0.16 < untouched.float().mean() < 0.24  # jitter applied with p = 0.8
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("strength", [1.0, 2.0])
+def test_brightness_range(channels, strength):
+    # a flat mid-gray image is changed by brightness alone: out = 0.5 * U(1 - 0.4 s, 1 + 0.4 s)
+    x = torch.full((2000, channels, 4, 4), 0.5)
+    aug = BatchAugment(channels, (4, 4), strength=strength, jitter_p=1.0, gray_p=0.0, blur_p=0.0)
+    out = aug(x, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, out[:, :1, :1, :1].expand_as(out), rtol=0, atol=1e-6)  # still flat and gray
+    level = out[:, 0, 0, 0]
+    low, high = 0.5 * (1 - 0.4 * strength), 0.5 * (1 + 0.4 * strength)
+    assert level.min() >= low - 1e-6 and level.max() <= high + 1e-6
+    assert level.min() < low + 0.01 and level.max() > high - 0.01
+
+
 def test_colour_ops_match_torchvision_per_image():
     x = images(4, 3, 16).float() / 255
     x[0, :, :4] = 0.5  # gray pixels (zero chroma)
