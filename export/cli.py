@@ -1,0 +1,119 @@
+"""Subcommand owned by export/: `tailwise export RUN_OR_CHECKPOINT --out models/NAME/`.
+
+Registering imports no torch; the handler imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tailwise import UserError
+
+VARIANTS = ("fp16", "int8")  # export.onnx_export.VARIANTS, repeated so registering imports no torch
+ARRAY_DATASETS = ("fmnist", "cifar10", "cifar100")  # small native sizes: user images are resized to them
+CALIBRATION_IMAGES = 256  # validation images (disjoint from the parity images) that calibrate int8
+
+
+def register(subparsers) -> None:
+    """Add the `export` subcommand to the `tailwise` parser."""
+    export = subparsers.add_parser(
+        "export", help="export a trained classifier to ONNX (with a parity check against torch)",
+        description="Export a run's final classifier to models/NAME/: model.onnx (uint8 pixels in, logits out, "
+                    "tailwise metadata), weights.safetensors and card.json. The export is kept only if "
+                    "onnxruntime reproduces torch on validation images (max |logit diff| <= 1e-4, same top-1).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                        help="run folder, or a classifier checkpoint card / weights file")
+    export.add_argument("--out", required=True, help="output folder, e.g. models/NAME/")
+    export.add_argument("--variants", default="", help="comma-separated extra files to write: fp16, int8")
+    export.add_argument("--parity-images", type=int, default=256,
+                        help="validation images the ONNX graph must reproduce torch on")
+    export.add_argument("--opset", type=int, default=17,
+                        help="ONNX opset (the dynamo exporter writes at least 18)")
+    export.set_defaults(handler=run_export)
+
+
+def parse_variants(text: str) -> tuple[str, ...]:
+    """'fp16,int8' -> ('fp16', 'int8'); UserError naming --variants for anything else."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def metadata_from_card(card: dict) -> dict:
+    """The ONNX metadata (serving.artifact.build_metadata) of a classifier checkpoint card."""
+    from serving.artifact import build_metadata
+
+    data = card["data"]
+    build = data.get("build_args", {})
+    dataset = build.get("dataset", data.get("name"))
+    counts = data["counts"]
+    large = len(counts) >= 100  # the defaults of training.data.groups_from_counts
+    many = build.get("many_threshold")
+    few = build.get("few_threshold")
+    height, width = data["image_size"]
+    la = card.get("logit_adjustment")
+    return build_metadata(
+        class_names=data["class_names"], channels=data["channels"], height=height, width=width,
+        resize_policy="resize" if dataset in ARRAY_DATASETS else "shorter-center-crop",
+        train_counts=counts, groups=data["groups"],
+        group_thresholds={"many_above": (100 if large else 500) if many is None else many,
+                          "few_below": (20 if large else 200) if few is None else few},
+        dataset={"name": dataset, "index_sha256": data.get("index_sha256")},
+        weights_sha256=card.get("weights_sha256"),
+        metrics=card.get("test") or {},  # training writes the final test report under "test"
+        logit_adjustment={"tau": la["tau"], "log_prior": la["log_prior"]} if la and la.get("tau") else None)
+
+
+def run_export(args) -> int:
+    import numpy as np
+
+    from export.onnx_export import ExportParityError, export_classifier
+    from training.checkpoint import load_classifier
+    from training.data import build_lt_data
+
+    variants = parse_variants(args.variants)
+    if args.parity_images < 1:
+        raise UserError(f"--parity-images must be >= 1, got {args.parity_images}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    model, card = load_classifier(args.checkpoint)
+    meta = metadata_from_card(card)
+    data = build_lt_data(**card["data"]["build_args"])
+    if data.index_sha256 != card["data"].get("index_sha256"):
+        raise UserError(f"{args.checkpoint}: the data rebuilt from its card ({data.build_args.get('root')}) is not "
+                        f"the data it was trained on (index sha256 {data.index_sha256[:12]}... vs "
+                        f"{str(card['data'].get('index_sha256'))[:12]}...)")
+    if not len(data.val_idx):
+        raise UserError(f"{args.checkpoint}: its data has no validation split (val_per_class 0) to check parity on")
+    order = np.random.default_rng(0).permutation(data.val_idx)  # a class-balanced draw from the sorted split
+    parity_idx = np.sort(order[:args.parity_images])
+    sample_idx = np.sort(order[args.parity_images:args.parity_images + CALIBRATION_IMAGES])
+    parity_images = data.train_source.load(parity_idx)
+    sample_images = data.train_source.load(sample_idx) if len(sample_idx) else parity_images
+    weights_file = Path(card["_dir"]) / card["weights"] if "_dir" in card and "weights" in card else None
+    try:
+        report = export_classifier(model, meta, out, sample_images, parity_images, opset=args.opset,
+                                   variants=variants, parity_labels=data.train_source.labels[parity_idx],
+                                   weights_file=weights_file, card=card)
+    except ExportParityError as exc:
+        print(f"tailwise export: parity check failed, {out / 'model.onnx'} not written: {exc}", file=sys.stderr)
+        return 1
+    parity = report["parity"]
+    print(f"tailwise export: {out / 'model.onnx'} ({report['exporter']} exporter, opset {report['opset']}); "
+          f"parity on {parity['n_images']} validation images: max |logit diff| {parity['max_abs_logit_diff']:.2g}, "
+          f"same top-1; validation accuracy {parity['accuracy']:.4f}")
+    if report["exporter_fallback_reason"]:
+        print(f"  (dynamo exporter failed: {report['exporter_fallback_reason'][:300]})")
+    for name, result in report["variants"].items():
+        if "skipped" in result:
+            print(f"  {name}: skipped: {result['skipped']}", file=sys.stderr)
+        else:
+            print(f"  {name}: {result['file']}, validation accuracy {result['accuracy']:.4f} "
+                  f"({result['accuracy_change']:+.4f}), top-1 agreement with fp32 {result['top1_agreement']:.4f}")
+    return 1 if any("skipped" in result for result in report["variants"].values()) else 0

@@ -1,0 +1,177 @@
+"""Batch prediction over image files with an exported model: the engine of `tailwise predict`.
+
+Inputs are files, folders (searched recursively for IMAGE_EXTENSIONS, hidden files and folders skipped),
+glob patterns (`**` recurses) or `@list.txt` files holding one input a line (blank lines and `#` comments
+skipped; relative paths are relative to the current directory). The expanded list is de-duplicated and
+sorted, so `--shard i/n` (keep every file whose position in that sorted list, mod n, is i) splits one job
+into n disjoint parts that together cover every file, on any machine that sees the same paths.
+
+Each file gives one record, in sorted order:
+    {"path": str, "predictions": [{"label", "index", "probability", "group"}, ...], "error": null}
+or, for a file that cannot be read as an image, {"path": str, "predictions": [], "error": "reason"}.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+from tqdm import tqdm
+
+from serving.artifact import DEFAULT_MAX_PIXELS, ImageError, OnnxClassifier, default_model_path, load_image
+from tailwise import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FORMATS = ("jsonl", "csv")
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[str]:
+    """Sorted, de-duplicated file paths from files, folders, globs and @list files (see the module docstring).
+    A path that does not exist (or a glob matching nothing) is kept, so that it is reported as an error."""
+    found: set[str] = set()
+    for item in inputs:
+        if item.startswith("@"):
+            list_file = Path(item[1:])
+            try:
+                lines = list_file.read_text().splitlines()
+            except OSError as exc:
+                raise UserError(f"{list_file}: cannot read list file ({exc.strerror or exc})") from None
+            entries = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        else:
+            entries = [item]
+        for entry in entries:
+            found.update(_expand_one(entry))
+    return sorted(found)
+
+
+def _expand_one(entry: str) -> list[str]:
+    if os.path.isdir(entry):
+        return _walk(entry)
+    if os.path.exists(entry) or not glob.has_magic(entry):
+        return [os.path.normpath(entry)]
+    matches = glob.glob(entry, recursive=True)
+    if not matches:
+        return [os.path.normpath(entry)]
+    return [p for m in matches for p in (_walk(m) if os.path.isdir(m) else [os.path.normpath(m)])]
+
+
+def _walk(folder: str) -> list[str]:
+    paths = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        paths += [os.path.normpath(os.path.join(root, f)) for f in files
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return paths
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"--shard {text}: need 0 <= i < n")
+    return index, count
+
+
+def select_shard(paths: list[str], index: int, count: int) -> list[str]:
+    """The files whose position in `paths` (already sorted) mod `count` equals `index`."""
+    return paths[index::count]
+
+
+def predict_files(classifier: OnnxClassifier, paths: list[str], top_k: int = 3, batch_size: int = 64,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = None) -> Iterator[dict]:
+    """One record per path, in order (see the module docstring). Images are decoded by a thread pool,
+    one batch ahead of inference."""
+    def load(path):
+        try:
+            return load_image(path, classifier.meta, max_pixels=max_pixels), None
+        except ImageError as exc:
+            return None, str(exc)
+
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        pending = [pool.submit(load, p) for p in batches[0]] if batches else []
+        for b, batch in enumerate(batches):
+            loaded = [future.result() for future in pending]
+            pending = [pool.submit(load, p) for p in batches[b + 1]] if b + 1 < len(batches) else []
+            good = [array for array, _ in loaded if array is not None]
+            tops = iter(classifier.top_k(classifier.predict_arrays(np.stack(good)), top_k)) if good else iter(())
+            for path, (array, error) in zip(batch, loaded):
+                yield {"path": path, "predictions": next(tops) if array is not None else [], "error": error}
+
+
+def write_jsonl(records: Iterable[dict], stream: TextIO) -> Iterator[dict]:
+    for record in records:
+        stream.write(json.dumps(record) + "\n")
+        yield record
+
+
+def write_csv(records: Iterable[dict], stream: TextIO, k: int) -> Iterator[dict]:
+    """Columns: path, label_1, probability_1, group_1, ..., label_k, probability_k, group_k, error."""
+    writer = csv.writer(stream)
+    writer.writerow(["path", *(f"{col}_{i}" for i in range(1, k + 1) for col in ("label", "probability", "group")),
+                     "error"])
+    for record in records:
+        cells = [value for p in record["predictions"] for value in (p["label"], p["probability"], p["group"])]
+        writer.writerow([record["path"], *cells, *[""] * (3 * k - len(cells)), record["error"] or ""])
+        yield record
+
+
+def run_predict(inputs: list[str], model: str | None = None, top_k: int = 3, batch_size: int = 64,
+                fmt: str = "jsonl", output: str | None = None, shard: str | None = None,
+                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> int:
+    """`tailwise predict`: write one record per input file; returns 1 if any file failed, else 0."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {top_k}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_pixels is not None and max_pixels < 1:
+        raise UserError(f"--max-pixels must be >= 1, got {max_pixels}")
+    index, count = parse_shard(shard)
+    all_paths = expand_inputs(inputs)
+    if not all_paths:
+        raise UserError(f"no input files in {' '.join(inputs)}")
+    paths = select_shard(all_paths, index, count)
+    classifier = OnnxClassifier(model if model is not None else default_model_path())
+    k = min(top_k, classifier.meta["num_classes"])
+    c, h, w = classifier.input_shape
+    print(f"tailwise predict: model {classifier.path} ({classifier.meta['num_classes']} classes, input {c}x{h}x{w}, "
+          f"{classifier.meta['input']['resize_policy']}); providers: {', '.join(classifier.providers)}",
+          file=sys.stderr)
+    print(f"tailwise predict: {len(paths)} of {len(all_paths)} files (shard {index}/{count})", file=sys.stderr)
+
+    try:
+        stream = open(output, "w", newline="") if output else sys.stdout
+    except OSError as exc:
+        raise UserError(f"--output {output}: cannot write ({exc.strerror or exc})") from None
+    failed = 0
+    try:
+        records = predict_files(classifier, paths, top_k=k, batch_size=batch_size, max_pixels=max_pixels)
+        records = write_jsonl(records, stream) if fmt == "jsonl" else write_csv(records, stream, k)
+        with tqdm(total=len(paths), unit="img", file=sys.stderr, desc="predict") as bar:
+            for record in records:
+                if record["error"]:
+                    failed += 1
+                    bar.write(f"tailwise predict: skipped {record['error']}", file=sys.stderr)
+                bar.update(1)
+    finally:
+        if output:
+            stream.close()
+        else:
+            stream.flush()
+    print(f"tailwise predict: {len(paths) - failed} predicted, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
