@@ -45,6 +45,8 @@ INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
 RESIZE_POLICIES = ("resize", "shorter-center-crop")
 GROUP_NAMES = ("many", "medium", "few")
+# Formats decoded in-process by Pillow; others (EPS would start Ghostscript, PDF, ...) are refused.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")  # JPEG covers MPO (phone cameras)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default Image.MAX_IMAGE_PIXELS (~ 9459 x 9459)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = "fmnist-lt-bns-ipdpp"
@@ -210,7 +212,7 @@ def load_image(source: str | os.PathLike | bytes, meta: dict, max_pixels: int | 
                ) -> np.ndarray:
     """Decode an image file or its bytes into the model's input: uint8 [C, H, W].
 
-    Every image goes the same way: EXIF orientation applied (ImageOps.exif_transpose); first frame only;
+    Formats: IMAGE_FORMATS. Every image goes the same way: EXIF orientation applied (ImageOps.exif_transpose); first frame only;
     transparency composited on white; 16/32-bit integer images ('I;16*', 'I') read as 16-bit and scaled
     to 8 bits (round(v / 257), so an 8-bit image stored as 16-bit comes back unchanged); then converted
     to 'RGB' (palette, CMYK, YCbCr, 1-bit ...) and, for 1-channel models, to 'L' (ITU-R 601 luma).
@@ -234,7 +236,7 @@ def load_image(source: str | os.PathLike | bytes, meta: dict, max_pixels: int | 
     if not data:
         raise ImageError(f"{where}: empty file, not an image")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:
                 raise ImageError(f"{where}: {image.width}x{image.height} image has more than max_pixels="
                                  f"{max_pixels} pixels")
@@ -245,7 +247,7 @@ def load_image(source: str | os.PathLike | bytes, meta: dict, max_pixels: int | 
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{where}: too many pixels ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{where}: not an image format Pillow can read") from None
+        raise ImageError(f"{where}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from None
     except Exception as exc:  # Pillow's decoders raise OSError for truncation, others for malformed headers
         raise ImageError(f"{where}: corrupt or truncated image ({type(exc).__name__}: {exc})") from None
     image = _fit(image, spec["width"], spec["height"], spec["resize_policy"])
@@ -295,15 +297,20 @@ class OnnxClassifier:
 
     `providers`: onnxruntime execution providers in order of preference; default CUDA first when this
     onnxruntime has it, then CPU. `.providers` lists those the session really uses.
+    `intra_op_threads`: CPU threads per inference call (default: onnxruntime's, one per physical core).
     """
 
-    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None):
+    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None,
+                 intra_op_threads: int | None = None):
         self.path = resolve_model_path(path)
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=providers)
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile ...
             raise UserError(f"{self.path}: onnxruntime cannot load this model ({exc})") from None
         self.meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), self.path)

@@ -258,7 +258,8 @@ def truncated_png():
 
 @pytest.mark.parametrize("source, kwargs, message", [
     (b"", {}, "empty file"),
-    (b"name,label\nfoo.png,3\n", {}, "not an image format Pillow can read"),
+    (b"name,label\nfoo.png,3\n", {}, "not an image in a supported format"),
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n", {}, "not an image in a supported format"),
     (truncated_png(), {}, "corrupt or truncated"),
     (png_bytes(Image.fromarray(np.zeros((20, 20), np.uint8))), {"max_pixels": 399}, "more than max_pixels=399"),
     (png_bytes(Image.fromarray(np.zeros((3, 4), np.float32)), "TIFF"), {}, "unsupported image mode 'F'"),
@@ -299,7 +300,7 @@ def test_top_k_applies_the_logit_adjustment(tmp_path):
 
 
 def test_predict_arrays_checks_its_input(tmp_path):
-    classifier = OnnxClassifier(write_identity_model(tmp_path / "m.onnx", meta_for()))
+    classifier = OnnxClassifier(write_identity_model(tmp_path / "m.onnx", meta_for()), intra_op_threads=1)
     assert classifier.predict_arrays(np.zeros((0, 1, 1, 3), np.uint8)).shape == (0, 3)
     with pytest.raises(ValueError, match=r"expected uint8 \[N, 1, 1, 3\]"):
         classifier.predict_arrays(np.zeros((2, 1, 1, 3), np.float32))
