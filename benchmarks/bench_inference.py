@@ -128,7 +128,8 @@ def main(argv=None) -> int:
 
     print(f"model: {name}")
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__} on {args.device} "
-          f"({torch.get_num_threads()} threads, onnxruntime too), onnxruntime providers {', '.join(classifier.providers)}\n")
+          f"({torch.get_num_threads()} threads, onnxruntime too), "
+          f"onnxruntime providers {', '.join(classifier.providers)}\n")
     print("| batch | onnxruntime img/s | torch eager img/s | onnxruntime / torch |")
     print("|---:|---:|---:|---:|")
     print("\n".join(rows))

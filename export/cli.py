@@ -5,7 +5,6 @@ Registering imports no torch; the handler imports what it needs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,16 +21,15 @@ def register(subparsers) -> None:
         "export", help="export a trained classifier to ONNX (with a parity check against torch)",
         description="Export a run's final classifier to models/NAME/: model.onnx (uint8 pixels in, logits out, "
                     "tailwise metadata), weights.safetensors and card.json. The export is kept only if "
-                    "onnxruntime reproduces torch on validation images (max |logit diff| <= 1e-4, same top-1).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "onnxruntime reproduces torch on validation images (max |logit diff| <= 1e-4, same top-1).")
     export.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
                         help="run folder, or a classifier checkpoint card / weights file")
     export.add_argument("--out", required=True, help="output folder, e.g. models/NAME/")
     export.add_argument("--variants", default="", help="comma-separated extra files to write: fp16, int8")
     export.add_argument("--parity-images", type=int, default=256,
-                        help="validation images the ONNX graph must reproduce torch on")
+                        help="validation images the ONNX graph must reproduce torch on (default 256)")
     export.add_argument("--opset", type=int, default=17,
-                        help="ONNX opset (the dynamo exporter writes at least 18)")
+                        help="ONNX opset (default 17; the dynamo exporter writes at least 18)")
     export.set_defaults(handler=run_export)
 
 

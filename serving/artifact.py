@@ -212,10 +212,11 @@ def load_image(source: str | os.PathLike | bytes, meta: dict, max_pixels: int | 
                ) -> np.ndarray:
     """Decode an image file or its bytes into the model's input: uint8 [C, H, W].
 
-    Formats: IMAGE_FORMATS. Every image goes the same way: EXIF orientation applied (ImageOps.exif_transpose); first frame only;
-    transparency composited on white; 16/32-bit integer images ('I;16*', 'I') read as 16-bit and scaled
-    to 8 bits (round(v / 257), so an 8-bit image stored as 16-bit comes back unchanged); then converted
-    to 'RGB' (palette, CMYK, YCbCr, 1-bit ...) and, for 1-channel models, to 'L' (ITU-R 601 luma).
+    Formats: IMAGE_FORMATS. Every image goes the same way: EXIF orientation applied (ImageOps.exif_transpose);
+    first frame only; transparency composited on white; 16/32-bit integer images ('I;16*', 'I') read as
+    16-bit and scaled to 8 bits (round(v / 257), so an 8-bit image stored as 16-bit comes back unchanged);
+    then converted to 'RGB' (palette, CMYK, YCbCr, 1-bit ...) and, for 1-channel models, to 'L' (ITU-R 601
+    luma).
     Geometry follows meta["input"]["resize_policy"]:
       "resize": bilinear resize to exactly H x W (aspect ratio not kept; for small native sizes, FMNIST 28x28);
       "shorter-center-crop": bilinear resize so the image covers H x W (the shorter side matches; sizes

@@ -5,8 +5,6 @@ Registering imports neither torch nor onnxruntime; each handler imports what it 
 
 from __future__ import annotations
 
-import argparse
-
 
 def register(subparsers) -> None:
     """Add the serving subcommands to the `tailwise` parser."""
@@ -14,15 +12,14 @@ def register(subparsers) -> None:
         "predict", help="classify image files with an exported model (batch, onnxruntime)",
         description="Classify image files with an exported ONNX model and write one JSONL or CSV record per "
                     "file (path, top-k labels, probabilities, many/medium/few groups). Unreadable files are "
-                    "reported on stderr and as error records; the exit code is then 1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "reported on stderr and as error records; the exit code is then 1.")
     predict.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image files, folders (recursive), glob patterns, or @list.txt (one path a line)")
     predict.add_argument("--model", help="model folder (models/NAME) or .onnx file; default: $TAILWISE_MODEL, "
                                          "else the shipped model, else the newest models/*/model.onnx")
-    predict.add_argument("--top-k", type=int, default=3, help="classes per image")
-    predict.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime call")
-    predict.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format")
+    predict.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime call (default 64)")
+    predict.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
     predict.add_argument("--output", help="output file (default: stdout)")
     predict.add_argument("--shard", metavar="I/N",
                          help="process only the files whose position in the sorted input list mod N is I, "

@@ -228,7 +228,10 @@ def test_tailwise_export_end_to_end(tmp_path, cifar_archive):
     archive, _, _ = cifar_archive(per_class=40)
     data = build_lt_data("cifar10", root=str(archive), imbalance_factor=10, val_per_class=10)
     torch.manual_seed(0)
-    model = Classifier("resnet32", 3, 10, data.mean, data.std).eval()
+    model = Classifier("resnet32", 3, 10, data.mean, data.std)
+    with torch.no_grad():  # batch-norm statistics from the data, as training leaves them (at init logits reach ~300)
+        model.train()(data.train_source.load(data.train_idx))
+    model.eval()
     run = tmp_path / "run"
     checkpoint.save_checkpoint(run, 2, model, {"epoch": 1, "kind": "classifier", "finished": True,
                                                "config": {"name": "t", "model": {"arch": "resnet32"}},
