@@ -1,4 +1,4 @@
-"""Subcommands owned by training/: ``data`` (train, evaluate and probe join later).
+"""Subcommands owned by training/: ``data``, ``train``, ``evaluate``, ``probe``.
 
 Registering imports no torch; each handler imports what it needs.
 """
@@ -18,6 +18,41 @@ def register(subparsers) -> None:
     add_data_arguments(data)
     data.add_argument("--json", action="store_true", help="print the dataset card as one JSON object")
     data.set_defaults(handler=run_data)
+
+    train = subparsers.add_parser(
+        "train", help="train a recipe: stage 1 (BNS or a supervised baseline), then stage 2 (IP-DPP)",
+        description="Train a named recipe (training/recipes/*.toml) or a TOML file. Every config field can be "
+                    "overridden with --set section.key=value. Under torchrun, each process trains its share "
+                    "(DistributedDataParallel; nccl on CUDA, gloo on CPU).")
+    train.add_argument("--config", required=True, help="recipe name or path to a TOML file")
+    train.add_argument("--stage", type=int, choices=(1, 2), help="train only this stage (default: both)")
+    train.add_argument("--epochs", type=int, help="epochs of the selected stage(s)")
+    train.add_argument("--out", help="run folder (default runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the config's (auto)")
+    train.add_argument("--seed", type=int, help="default: the config's (0)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set stage2.sampler=random (repeatable)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    train.set_defaults(handler=run_train)
+
+    evaluate = subparsers.add_parser(
+        "evaluate", help="score a run's final classifier on the test set (JSON report and per-class plot)")
+    evaluate.add_argument("run", help="run folder or checkpoint card")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument("--out", help="report folder (default <run>/eval)")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluate.set_defaults(handler=run_evaluate)
+
+    probe = subparsers.add_parser(
+        "probe", help="linear probe of a run's stage-1 encoder (or of a randomly initialised one)")
+    probe.add_argument("run", nargs="?", help="run folder (its stage-1 checkpoint)")
+    probe.add_argument("--random-init", metavar="CONFIG", help="probe a randomly initialised encoder of this recipe")
+    probe.add_argument("--per-class", type=int, default=100, help="balanced probe training images per class")
+    probe.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--json", action="store_true")
+    probe.set_defaults(handler=run_probe)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,4 +106,75 @@ def run_data(args) -> int:
     for group in ("many", "medium", "few"):
         members = [n for n, g in zip(card["counts"], card["groups"]) if g == group]
         print(f"{group}: {len(members)} classes, {sum(members)} training images")
+    return 0
+
+
+def run_train(args) -> int:
+    from pathlib import Path
+
+    from training.config import load_config
+    from training.train import run
+
+    overrides = list(args.overrides)
+    stages = (args.stage,) if args.stage else (1, 2)
+    if args.epochs is not None:
+        overrides += [f"stage{s}.epochs={args.epochs}" for s in stages]
+    if args.device:
+        overrides.append(f"device='{args.device}'")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = load_config(args.config, overrides)
+    run_dir = Path(args.out or Path("runs") / cfg["name"])
+    run(cfg, run_dir, stages=stages, resume=args.resume, progress=not args.no_progress)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from pathlib import Path
+
+    from training import engine
+    from training.metrics import format_report
+    from training.train import evaluate_run
+
+    report = evaluate_run(Path(args.run), engine.resolve_device(args.device),
+                          out_dir=Path(args.out) if args.out else None)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from training.checkpoint import load_card
+
+        print(format_report(report, load_card(args.run)["data"]["class_names"]))
+    return 0
+
+
+def run_probe(args) -> int:
+    from training import engine
+    from training.checkpoint import load_card, load_weights
+    from training.config import load_config
+    from training.data import build_lt_data
+    from training.networks import ContrastiveModel
+    from training.probe import linear_probe
+    from tailwise import UserError
+
+    if bool(args.run) == bool(args.random_init):
+        raise UserError("give a run folder or --random-init CONFIG (one of them)")
+    if args.run:
+        card = load_card(args.run, stage=1)
+        cfg, data = card["config"], build_lt_data(**card["data"]["build_args"])
+    else:
+        cfg = load_config(args.random_init)
+        from training.train import data_from_config
+        data = data_from_config(cfg)
+    import torch
+
+    torch.manual_seed(args.seed)
+    model = ContrastiveModel(cfg["model"]["arch"], data.channels, data.mean, data.std,
+                             cfg["model"]["proj_hidden"], cfg["model"]["proj_dim"])
+    if args.run:
+        weights = load_weights(card)
+        model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
+    report = linear_probe(model, data, engine.resolve_device(args.device), per_class=args.per_class, seed=args.seed)
+    summary = {k: report[k] for k in ("top1", "many", "medium", "few", "mean_per_class")}
+    print(json.dumps(report if args.json else summary, indent=2))
     return 0

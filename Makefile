@@ -1,0 +1,28 @@
+# tailwise: the two commands a new user runs.
+#   make serve   set up, then serve the shipped model over HTTP (port 3000)
+#   make test    set up, then run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= cpu,test
+export BENTOML_DO_NOT_TRACK := true
+
+.PHONY: setup test serve help clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+serve: setup
+	$(VENV)/bin/tailwise serve
+
+help: setup
+	$(VENV)/bin/tailwise --help
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,157 @@
+"""Both training stages end to end on a small real-format CIFAR archive: checkpoints, resume, evaluate, torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tailwise import UserError
+from tailwise.cli import main
+from training import checkpoint
+from training.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_recipe(tmp_path, archive, **sections) -> Path:
+    """A tiny recipe: ResNet-32 on a 10-class CIFAR-format archive at IF 10, a few steps per epoch."""
+    body = {
+        "data": {"dataset": "cifar10", "root": str(archive), "imbalance_factor": 10, "val_per_class": 5},
+        "model": {"arch": "resnet32", "proj_hidden": 64, "proj_dim": 32},
+        "stage1": {"epochs": 2, "batch_size": 32, "warmup_epochs": 1, "amp": False},
+        "stage2": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "redraw_every": 1, "ratio": 2},
+    }
+    for name, values in sections.items():
+        body[name].update(values)
+    lines = ['name = "tiny"', 'device = "cpu"']
+    for name, values in body.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path = tmp_path / "tiny.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path, cifar_archive):
+    archive, _, _ = cifar_archive(per_class=60, test_per_class=10)
+    return write_recipe(tmp_path, archive)
+
+
+def test_config_overrides_and_unknown_keys():
+    cfg = load_config("fmnist-lt-r32", ["stage2.sampler=random", "stage1.epochs=3", "data.dataset=cifar10"])
+    assert (cfg["stage2"]["sampler"], cfg["stage1"]["epochs"], cfg["data"]["dataset"]) == ("random", 3, "cifar10")
+    with pytest.raises(UserError, match="stage1.epoch"):
+        load_config("fmnist-lt-r32", ["stage1.epoch=3"])
+    with pytest.raises(UserError, match="no recipe named"):
+        load_config("no-such-recipe")
+
+
+def test_both_stages_then_evaluate(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tiny), "--out", str(run), "--no-progress"]) == 0
+    card1 = checkpoint.load_card(run, stage=1)
+    card2 = checkpoint.load_card(run, stage=2)
+    assert card1["kind"] == "contrastive" and card1["finished"] and card1["epoch"] == 2
+    assert card2["kind"] == "classifier" and card2["finished"]
+    # every epoch logged once, with images/second; every stage-2 epoch redrew (redraw_every = 1)
+    lines = [json.loads(x) for x in (run / "stage1_metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2] and all(x["images_per_second"] > 0 for x in lines)
+    redraws = [json.loads(x) for x in (run / "stage2_redraws.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in redraws] == [0, 1]
+    targets = redraws[0]["per_class"]["k"]
+    assert redraws[0]["per_class"]["n"][-1] == targets[-1]          # the tail class is kept whole
+    assert card2["train_distribution"] == targets                    # each class got exactly its k
+    # stage 2 started from the stage-1 encoder
+    w1, w2 = checkpoint.load_weights(card1), checkpoint.load_weights(card2)
+    assert w1.keys() >= {k for k in w2 if k.startswith("encoder.")}
+    # logit adjustment chosen on validation and the test scored once, at the end
+    assert "logit_adjustment" in card2 and "test" in card2
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert set(report) >= {"top1", "many", "medium", "few", "per_class", "confusion", "nll", "ece"}
+    assert (run / "eval" / "per_class.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert "many" in out and "few" in out
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["top1"] == report["top1"]
+    # a second train into the same folder without --resume refuses rather than overwriting
+    before = (run / "stage2.json").read_bytes()
+    assert main(["train", "--config", str(tiny), "--out", str(run), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run / "stage2.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("method", ["ldam-drw", "bsce"])
+def test_supervised_baselines_train(tmp_path, cifar_archive, method):
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
+    recipe = write_recipe(tmp_path, archive, stage1={"method": "supervised", "loss": method, "epochs": 1},
+                          stage2={"enabled": False})
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(recipe), "--out", str(run), "--no-progress"]) == 0
+    model, card = checkpoint.load_classifier(run)
+    assert card["stage"] == 1 and card["head"] == ("cosine" if method == "ldam-drw" else "linear")
+    assert "val_top1" in card["metrics"] and "test" in card
+
+
+def test_corrupt_weights_are_refused(tiny, tmp_path):
+    run = tmp_path / "run"
+    main(["train", "--config", str(tiny), "--out", str(run), "--stage", "1", "--epochs", "1", "--no-progress"])
+    card = checkpoint.load_card(run)
+    weights = run / card["weights"]
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(UserError, match=weights.name):
+        checkpoint.load_weights(card)
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "tailwise.cli", *args]
+
+
+def test_sigkill_mid_epoch_then_resume(tiny, tmp_path):
+    """Kill a training process mid-epoch; --resume continues from the last checkpoint and finishes cleanly."""
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = _cli("train", "--config", str(tiny), "--out", str(run), "--stage", "1", "--epochs", "6", "--no-progress")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "stage1.json").exists():
+        time.sleep(0.2)
+    assert (run / "stage1.json").exists(), proc.communicate()[0] if proc.poll() is not None else "no checkpoint"
+    time.sleep(1.0)  # now inside a later epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint.load_card(run)["epoch"]
+    assert 1 <= killed_at < 6
+    checkpoint.load_weights(checkpoint.load_card(run))  # whatever is visible is complete
+    assert not list(run.glob("*.tmp"))
+    done = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    card = checkpoint.load_card(run)
+    assert card["epoch"] == 6 and card["finished"]
+    assert len(checkpoint.load_weights(card)) > 0
+    epochs = [json.loads(x)["epoch"] for x in (run / "stage1_metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5, 6]
+    assert len(list(run.glob("stage1-e*.safetensors"))) == 2  # the last weights and their resume state only
+
+
+def test_torchrun_two_cpu_processes(tiny, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "tailwise.cli", "train", "--config", str(tiny), "--out", str(run), "--epochs", "1", "--no-progress"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(2 process(es))" in done.stdout
+    card2 = checkpoint.load_card(run, stage=2)
+    assert card2["finished"]
+    line = json.loads((run / "stage1_metrics.jsonl").read_text().splitlines()[0])
+    # both processes' images are counted: one epoch covers the LT set once (drop_last batches)
+    assert line["images"] == (card2["data"]["num_train"] // 32) * 32

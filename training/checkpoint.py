@@ -1,0 +1,196 @@
+"""Checkpoints: safetensors weights plus a JSON card, committed atomically.
+
+A stage's checkpoint in a run folder is the card `stage{N}.json`, which names the weights file
+`stage{N}-e{epoch}.safetensors` (and, while training, the resume file with the optimizer state). Every file
+is written to a temp name and moved into place with `os.replace`; the card is written last, so it is the
+commit point: a reader that finds a card finds complete files with the hashes the card records. Files of
+older epochs are deleted only after the new card is in place. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tailwise import UserError, __version__
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_target(path: Path):
+    """A temp file in the target's folder (so os.replace is atomic); returns its path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> str:
+    """Save tensors as safetensors atomically; returns the file's sha256."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, slots in state["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: str | os.PathLike, stage: int, model: torch.nn.Module, card: dict,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write stage `stage`'s weights (and resume state, if `optimizer` is given) and its card; returns the card path.
+
+    `card` must hold at least "epoch"; this adds tailwise_version, stage, weights, weights_sha256 and resume.
+    `extra_tensors` (e.g. the current IP-DPP subset) travel in the resume file.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    epoch = int(card["epoch"])
+    weights_name = f"stage{stage}-e{epoch:04d}.safetensors"
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    card = dict(card, tailwise_version=__version__, stage=stage, weights=weights_name)
+    card["weights_sha256"] = atomic_save_tensors(run_dir / weights_name, model.state_dict())
+    card["resume"] = None
+    if optimizer is not None:
+        resume_name = f"stage{stage}-e{epoch:04d}.resume.safetensors"
+        tensors, meta = _optimizer_tensors(optimizer)
+        tensors.update({f"extra.{k}": v for k, v in (extra_tensors or {}).items()})
+        card["resume"] = {"file": resume_name, "sha256": atomic_save_tensors(run_dir / resume_name, tensors),
+                          "optimizer": meta}
+    card_path = run_dir / f"stage{stage}.json"
+    atomic_write_text(card_path, json.dumps(card, indent=2, sort_keys=True))
+    keep = {weights_name, card["resume"]["file"] if card["resume"] else None}
+    for old in run_dir.glob(f"stage{stage}-e*.safetensors"):
+        if old.name not in keep:
+            old.unlink(missing_ok=True)
+    return card_path
+
+
+def card_path_for(path: str | os.PathLike, stage: int | None = None) -> Path:
+    """Resolve a run folder or card path to a card: a folder gives its highest-stage card (or `stage`)."""
+    path = Path(path)
+    if path.is_dir():
+        stages = [stage] if stage else [2, 1]
+        for s in stages:
+            if (path / f"stage{s}.json").exists():
+                return path / f"stage{s}.json"
+        raise UserError(f"{path}: no checkpoint card (stage{stages[0]}.json) in this folder")
+    if path.suffix == ".safetensors":
+        candidates = list(path.parent.glob("stage*.json"))
+        for c in candidates:
+            if json.loads(c.read_text()).get("weights") == path.name:
+                return c
+        raise UserError(f"{path}: no card in {path.parent} names this weights file")
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint")
+    return path
+
+
+def load_card(path: str | os.PathLike, stage: int | None = None) -> dict:
+    card_path = card_path_for(path, stage)
+    try:
+        card = json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{card_path}: unreadable checkpoint card ({exc})") from exc
+    for key in ("stage", "epoch", "weights", "weights_sha256"):
+        if key not in card:
+            raise UserError(f"{card_path}: not a tailwise checkpoint card (missing {key!r})")
+    card["_dir"] = str(card_path.parent)
+    return card
+
+
+def _load_verified(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise UserError(f"{path}: missing checkpoint file")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise UserError(f"{path}: sha256 {actual[:12]}... does not match its card ({expected_sha256[:12]}...): "
+                        "the file is corrupt or was replaced")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise UserError(f"{path}: not a valid safetensors file ({exc})") from exc
+
+
+def load_weights(card: dict) -> dict[str, torch.Tensor]:
+    return _load_verified(Path(card["_dir"]) / card["weights"], card["weights_sha256"])
+
+
+def load_resume(card: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The optimizer state_dict and the extra tensors saved with `card`'s checkpoint."""
+    if not card.get("resume"):
+        raise UserError(f"{card['_dir']}: stage{card['stage']} checkpoint has no resume state")
+    tensors = _load_verified(Path(card["_dir"]) / card["resume"]["file"], card["resume"]["sha256"])
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    optim = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
+    return _optimizer_state(optim, card["resume"]["optimizer"]), extra
+
+
+def load_classifier(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
+    """The final classifier of a run folder (or a classifier card/weights file), in eval mode, and its card."""
+    from training.networks import Classifier
+
+    card = load_card(path)
+    if card.get("kind") != "classifier":
+        raise UserError(f"{card['_dir']}: stage{card['stage']} holds a {card.get('kind')} model, not a classifier "
+                        "(stage 1 of a BNS run is an encoder: train stage 2 first)")
+    model = build_classifier(card)
+    model.load_state_dict(load_weights(card))
+    return model.eval(), card
+
+
+def build_classifier(card: dict) -> torch.nn.Module:
+    from training.networks import Classifier
+
+    data, cfg = card["data"], card["config"]
+    return Classifier(cfg["model"]["arch"], data["channels"], len(data["class_names"]), data["mean"], data["std"],
+                      head=card.get("head", "linear"))

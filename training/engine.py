@@ -1,0 +1,228 @@
+"""The machinery both stages share: device and DDP set-up, batches, optimiser and schedule, epoch loop,
+progress bar, JSONL metrics, checkpoint/resume.
+
+One plain loop (`fit`) drives every stage and baseline; a stage supplies `step_fn(images, labels) -> loss`
+and optional `on_epoch_start` / `on_epoch_end` hooks. In-memory datasets are moved to the training device once
+and indexed there, so a GPU never waits on per-image CPU work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from tailwise import UserError
+from training import checkpoint
+
+
+# ----------------------------------------------------------------------------- device and processes
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when available; under torchrun each process takes its LOCAL_RANK's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if name != "cpu":
+        raise UserError(f"--device {name!r}: expected auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 when run plainly)."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group if WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ----------------------------------------------------------------------------- batches
+class DeviceImages:
+    """Images of a data source, fetched by index on the training device (in-memory sources live there)."""
+
+    def __init__(self, source, device: torch.device):
+        self.source, self.device = source, device
+        images = getattr(source, "images", None)
+        self.images = images.to(device) if images is not None else None
+
+    def __call__(self, indices: np.ndarray) -> torch.Tensor:
+        if self.images is not None:
+            return self.images[torch.as_tensor(indices, device=self.device)]
+        return self.source.load(indices).to(self.device, non_blocking=True)
+
+
+def epoch_order(indices: np.ndarray, labels: np.ndarray, seed: int, epoch: int, class_balanced: bool = False,
+                num_samples: int | None = None) -> np.ndarray:
+    """The order of training items for one epoch, reproducible from (seed, epoch).
+
+    Uniform: a permutation of `indices`. Class-balanced: each draw picks a class uniformly, then an item of it.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if not class_balanced:
+        return indices[rng.permutation(len(indices))]
+    num_samples = num_samples or len(indices)
+    item_labels = labels[indices]
+    classes = np.unique(item_labels)
+    by_class = [indices[item_labels == c] for c in classes]
+    picks = rng.integers(len(classes), size=num_samples)
+    return np.array([by_class[c][rng.integers(len(by_class[c]))] for c in picks], dtype=np.int64)
+
+
+def rank_batches(order: np.ndarray, batch_size: int, d: Dist, drop_last: bool = True) -> list[np.ndarray]:
+    """Split one epoch's order into this rank's batches (global batch = batch_size, split over ranks)."""
+    per_rank = batch_size // d.world
+    if per_rank < 1:
+        raise UserError(f"batch size {batch_size} is smaller than the number of processes ({d.world})")
+    n_batches = len(order) // batch_size if drop_last else math.ceil(len(order) / batch_size)
+    n_batches = max(n_batches, 1)
+    batches = []
+    for b in range(n_batches):
+        chunk = order[b * batch_size:(b + 1) * batch_size]
+        mine = chunk[d.rank * per_rank:(d.rank + 1) * per_rank]
+        if len(mine):
+            batches.append(mine)
+    return batches
+
+
+# ----------------------------------------------------------------------------- optimisation
+def make_optimizer(model: torch.nn.Module, scfg: dict, params=None) -> torch.optim.AdamW:
+    """AdamW, no weight decay on biases and norm weights; lr scaled by batch/lr_scale_batch when that is set."""
+    from training.networks import param_groups
+
+    groups = params if params is not None else param_groups(model, scfg["weight_decay"])
+    return torch.optim.AdamW(groups, lr=base_lr(scfg), betas=tuple(scfg["betas"]))
+
+
+def base_lr(scfg: dict) -> float:
+    scale = scfg["batch_size"] / scfg["lr_scale_batch"] if scfg.get("lr_scale_batch") else 1.0
+    return scfg["lr"] * scale
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Per-iteration schedule: linear warm-up from 0 to `peak`, then cosine to zero."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- the loop
+@dataclass
+class Stage:
+    """What `fit` needs to know about one stage."""
+    number: int
+    cfg: dict                      # this stage's section of the config
+    model: torch.nn.Module         # the (possibly DDP-wrapped) module being trained
+    optimizer: torch.optim.Optimizer
+    step_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]   # (images uint8, labels, epoch) -> loss
+    train_indices: Callable[[int], np.ndarray]   # epoch -> indices of this epoch's training pool
+    labels: np.ndarray             # labels of the whole training source
+    images: DeviceImages
+    card: Callable[[int, dict], dict]            # (epoch, last metrics) -> card fields to save
+    on_epoch_start: Callable[[int], dict] | None = None   # returns extra metrics to log (e.g. a redraw)
+    on_epoch_end: Callable[[int], dict] | None = None     # returns metrics (e.g. validation)
+    extra_state: Callable[[], dict] | None = None          # tensors saved for resume
+    steps_per_epoch: int | None = None   # fixed number of steps (balanced or redrawn pools); default len/batch
+    history: list = field(default_factory=list)
+
+
+def fit(stage: Stage, run_dir: Path, seed: int, d: Dist, start_epoch: int = 0, progress: bool = True) -> dict:
+    """Train `stage` from `start_epoch` to its configured epochs, checkpointing after every epoch."""
+    scfg = stage.cfg
+    epochs, batch = scfg["epochs"], scfg["batch_size"]
+    steps_per_epoch = stage.steps_per_epoch or max(1, len(stage.train_indices(0)) // batch)
+    total = epochs * steps_per_epoch
+    warmup = scfg["warmup_epochs"] * steps_per_epoch
+    peak = base_lr(scfg)
+    metrics_path = run_dir / f"stage{stage.number}_metrics.jsonl"
+    if d.main:
+        _truncate_metrics(metrics_path, start_epoch)
+    last: dict = {}
+    for epoch in range(start_epoch, epochs):
+        extra = stage.on_epoch_start(epoch) if stage.on_epoch_start else {}
+        pool = stage.train_indices(epoch)
+        order = epoch_order(pool, stage.labels, seed, epoch, scfg.get("class_balanced", False),
+                            num_samples=steps_per_epoch * batch)
+        batches = rank_batches(order, batch, d)[:steps_per_epoch]
+        stage.model.train()
+        t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=stage.images.device)
+        bar = tqdm(batches, desc=f"stage {stage.number} epoch {epoch + 1}/{epochs}", disable=not (progress and d.main),
+                   leave=False, dynamic_ncols=True)
+        for i, idx in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            for group in stage.optimizer.param_groups:
+                group["lr"] = lr_at(step, total, warmup, peak)
+            x = stage.images(idx)
+            y = torch.as_tensor(stage.labels[idx], device=x.device)
+            loss = stage.step_fn(x, y, epoch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"stage {stage.number} epoch {epoch + 1} step {i}: loss is {loss.item()}")
+            stage.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            stage.optimizer.step()
+            loss_sum += loss.detach()
+            seen += len(idx) * d.world
+            if i % 10 == 0 and bar.disable is False:
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        seconds = time.perf_counter() - t0
+        last = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(batches))).item(), "images": seen,
+                "seconds": round(seconds, 3), "images_per_second": round(seen / seconds, 1),
+                "lr_end": stage.optimizer.param_groups[0]["lr"], **extra}
+        if stage.on_epoch_end:
+            last.update(stage.on_epoch_end(epoch))
+        if d.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            checkpoint.save_checkpoint(run_dir, stage.number, stage.model,
+                                       dict(stage.card(epoch + 1, last), epoch=epoch + 1, epochs=epochs),
+                                       optimizer=stage.optimizer,
+                                       extra_tensors=stage.extra_state() if stage.extra_state else None)
+            print(f"stage {stage.number} epoch {epoch + 1}/{epochs}: "
+                  + ", ".join(f"{k}={_short(v)}" for k, v in last.items() if k != "epoch"), flush=True)
+        if d.world > 1:
+            dist.barrier()
+    return last
+
+
+def _short(value):
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def _truncate_metrics(path: Path, completed_epochs: int) -> None:
+    """Keep only lines of epochs a checkpoint holds (a kill between the log and the checkpoint repeats one)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["epoch"] <= completed_epochs]
+    checkpoint.atomic_write_text(path, "".join(line + "\n" for line in keep))

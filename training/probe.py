@@ -1,0 +1,69 @@
+"""Linear probe: the paper's representation check for a stage-1 encoder.
+
+Freeze the encoder, take a small class-balanced subset of the LT training images (`per_class` each, fewer for
+classes that have fewer), fit a linear classifier on their un-augmented features, and score many/medium/few on
+the test set. Features are computed once; the classifier is full-batch multinomial logistic regression.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training import engine
+from training.data import LTData
+from training.metrics import evaluate_logits
+
+
+@torch.no_grad()
+def encode(model: torch.nn.Module, images: engine.DeviceImages, indices: np.ndarray, batch_size: int = 1024) -> torch.Tensor:
+    """Frozen encoder features (model.normalize then model.encoder) of un-augmented images."""
+    model.eval()
+    feats = [model.encoder(model.normalize(images(indices[i:i + batch_size]))).float()
+             for i in range(0, len(indices), batch_size)]
+    return torch.cat(feats)
+
+
+def balanced_subset(data: LTData, per_class: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    labels = data.train_source.labels[data.train_idx]
+    picks = [rng.permutation(data.train_idx[labels == c])[:per_class] for c in range(len(data.class_names))]
+    return np.concatenate(picks)
+
+
+def fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 300,
+               weight_decay: float = 1e-4) -> torch.nn.Linear:
+    """Full-batch L-BFGS logistic regression on standardised features."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(features.shape[1], num_classes).to(features.device)
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(features), labels) + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return linear
+
+
+def linear_probe(model: torch.nn.Module, data: LTData, device: torch.device, per_class: int = 100, seed: int = 0) -> dict:
+    """Probe `model`'s frozen encoder; returns the test report (top1, many, medium, few, per_class, ...)."""
+    model = model.to(device)
+    train_ids = balanced_subset(data, per_class, seed)
+    train_images = engine.DeviceImages(data.train_source, device)
+    test_images = engine.DeviceImages(data.test_source, device)
+    x_train = encode(model, train_images, train_ids)
+    x_test = encode(model, test_images, np.arange(len(data.test_source)))
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    y_train = torch.as_tensor(data.train_source.labels[train_ids], device=device)
+    with torch.enable_grad():
+        linear = fit_linear((x_train - mean) / std, y_train, len(data.class_names))
+    with torch.no_grad():
+        logits = linear((x_test - mean) / std).cpu().numpy()
+    report = evaluate_logits(logits, data.test_source.labels, data.counts, data.groups)
+    report["probe_train_per_class"] = np.bincount(data.train_source.labels[train_ids],
+                                                  minlength=len(data.class_names)).tolist()
+    return report

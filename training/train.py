@@ -1,0 +1,376 @@
+"""Both stages of BNS + IP-DPP, and the supervised baselines, on top of `training.engine.fit`.
+
+Stage 1 learns the representation: BNS (contrastive, no labels in the loss beyond positives/negatives) or a
+supervised classifier (`stage1.method = "supervised"`, the baselines). Stage 2 puts a new linear classifier on
+the stage-1 encoder and re-trains on the IP-DPP subset, redrawn every `redraw_every` epochs from the current
+model's probabilities on un-augmented images. The final classifier is scored on the test set once, at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tailwise import UserError
+from training import checkpoint, engine
+from training.augment import BatchAugment
+from training.data import LTData, build_lt_data
+from training.metrics import evaluate_logits, format_report, save_report
+from training.networks import Classifier, ContrastiveModel
+
+LA_TAU_GRID = tuple(round(0.25 * i, 2) for i in range(9))   # post-hoc logit adjustment: 0, 0.25, ..., 2
+
+
+def data_from_config(cfg: dict) -> LTData:
+    """Build the LT data set a config describes (empty strings / zeros mean 'not given')."""
+    args = {k: v for k, v in cfg["data"].items() if v != "" and not (k == "image_size" and v == 0)}
+    return build_lt_data(**args)
+
+
+def autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def log_prior(counts) -> torch.Tensor:
+    counts = torch.as_tensor(counts, dtype=torch.float32)
+    return torch.log(counts / counts.sum())
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: engine.DeviceImages, indices: np.ndarray,
+                   batch_size: int = 1024) -> torch.Tensor:
+    """Logits of a classifier on un-augmented images, in eval mode (restores the previous mode)."""
+    model = getattr(model, "module", model)
+    was_training = model.training
+    model.eval()
+    out = [model(images(indices[i:i + batch_size])).float() for i in range(0, len(indices), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _card_base(cfg: dict, data: LTData, kind: str, head: str = "linear") -> dict:
+    return {"config": cfg, "data": data.card(), "kind": kind, "head": head, "finished": False}
+
+
+def _resume_or_none(run_dir: Path, stage: int, resume: bool) -> dict | None:
+    path = run_dir / f"stage{stage}.json"
+    if not path.exists():
+        return None
+    if not resume:
+        raise UserError(f"{path} exists: pass --resume to continue this run, or choose another --out")
+    return checkpoint.load_card(path)
+
+
+def _check_same_data(card: dict, data: LTData) -> None:
+    if card["data"]["index_sha256"] != data.index_sha256:
+        raise UserError(f"{card['_dir']}: checkpoint was trained on different data "
+                        f"(index sha256 {card['data']['index_sha256'][:12]}... vs {data.index_sha256[:12]}...)")
+
+
+def _wrap_ddp(model: torch.nn.Module, d: engine.Dist, device: torch.device) -> torch.nn.Module:
+    if d.world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class EpochGenerator:
+    """The augmentation generator of an epoch, seeded from (seed, epoch, rank): a resumed run draws the same views."""
+
+    def __init__(self, device: torch.device, seed: int, rank: int):
+        self.device, self.seed, self.rank = device, seed, rank
+        self.epoch, self.gen = None, None
+
+    def __call__(self, epoch: int) -> torch.Generator:
+        if epoch != self.epoch:
+            self.epoch, self.gen = epoch, torch.Generator(device=self.device)
+            self.gen.manual_seed(int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0]))
+        return self.gen
+
+
+def validation_report(model, data: LTData, images: engine.DeviceImages, prior_shift: torch.Tensor | None = None) -> dict:
+    logits = predict_logits(model, images, data.val_idx)
+    if prior_shift is not None:
+        logits = logits - prior_shift.to(logits.device)
+    return evaluate_logits(logits.cpu().numpy(), data.train_source.labels[data.val_idx], data.counts, data.groups)
+
+
+def _val_metrics(model, data, images) -> dict:
+    if len(data.val_idx) == 0:
+        return {}
+    report = validation_report(model, data, images)
+    return {"val_top1": report["top1"], "val_mean_per_class": report["mean_per_class"],
+            "val_many": report["many"], "val_medium": report["medium"], "val_few": report["few"]}
+
+
+# ----------------------------------------------------------------------------- losses of supervised stages
+def supervised_criterion(name: str, counts: list[int], epochs: int, drw_start: float, device: torch.device):
+    """(logits, labels, epoch) -> loss, for ce | la (logit-adjusted, tau 1) | bsce (balanced softmax) | ldam-drw."""
+    from training import losses
+
+    prior = log_prior(counts).to(device)
+    if name == "ce":
+        return lambda logits, y, epoch: F.cross_entropy(logits, y)
+    if name == "la":
+        return lambda logits, y, epoch: losses.logit_adjusted_ce(logits, y, prior, tau=1.0)
+    if name == "bsce":
+        return lambda logits, y, epoch: losses.balanced_softmax_ce(logits, y, prior)
+    if name == "ldam-drw":
+        ldam = losses.LDAMLoss(counts).to(device)
+        weights = losses.drw_weights(counts).to(device)
+        drw_epoch = int(drw_start * epochs)
+
+        def ldam_drw(logits, y, epoch):
+            ldam.set_weight(weights if epoch >= drw_epoch else None)
+            return ldam(logits, y)
+        return ldam_drw
+    raise UserError(f"unknown loss {name!r} (expected ce, la, bsce or ldam-drw)")
+
+
+# ----------------------------------------------------------------------------- stage 1
+def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d: engine.Dist,
+                 resume: bool = False, progress: bool = True) -> dict:
+    """Stage 1: BNS representation learning, or a supervised classifier (baselines). Returns the last metrics."""
+    s = cfg["stage1"]
+    card0 = _resume_or_none(run_dir, 1, resume)
+    if card0 and card0.get("finished"):
+        _check_same_data(card0, data)
+        return card0.get("metrics", {})
+    num_classes = len(data.class_names)
+    if s["method"] == "bns":
+        model, kind, head = ContrastiveModel(cfg["model"]["arch"], data.channels, data.mean, data.std,
+                                             cfg["model"]["proj_hidden"], cfg["model"]["proj_dim"]), "contrastive", "none"
+    elif s["method"] == "supervised":
+        head = "cosine" if s["loss"] == "ldam-drw" else "linear"
+        model, kind = Classifier(cfg["model"]["arch"], data.channels, num_classes, data.mean, data.std, head=head), "classifier"
+    else:
+        raise UserError(f"stage1.method {s['method']!r}: expected bns or supervised")
+    model.to(device)
+    optimizer = engine.make_optimizer(model, s)
+    start = 0
+    if card0:
+        _check_same_data(card0, data)
+        model.load_state_dict(checkpoint.load_weights(card0))
+        optimizer.load_state_dict(checkpoint.load_resume(card0)[0])
+        start = card0["epoch"]
+    net = _wrap_ddp(model, d, device)
+    images = engine.DeviceImages(data.train_source, device)
+    aug = BatchAugment(data.channels, tuple(data.image_size), strength=s["aug_strength"], kind=s["aug"])
+    generator = EpochGenerator(device, cfg["seed"], d.rank)
+
+    if kind == "contrastive":
+        from training import losses
+
+        def step_fn(x, y, epoch):
+            g = generator(epoch)
+            views = torch.cat([aug(x, g), aug(x, g)])
+            labels2 = torch.cat([y, y])
+            with autocast(device, s["amp"]):
+                z = net(views)
+            z = F.normalize(z.float(), dim=1)
+            if s["loss_form"] == "released":
+                return losses.bns_loss_released(z, labels2, tau=s["tau"])
+            if s["loss_form"] == "paper":
+                half = len(x)
+                return losses.bns_loss_paper(z[:half], z[half:], y, tau=s["tau"], m=s["m"], generator=g)
+            raise UserError(f"stage1.loss_form {s['loss_form']!r}: expected released or paper")
+        on_epoch_end = None
+    else:
+        criterion = supervised_criterion(s["loss"], data.counts, s["epochs"], s["ldam_drw_start"], device)
+
+        def step_fn(x, y, epoch):
+            with autocast(device, s["amp"]):
+                logits = net(aug(x, generator(epoch)))
+            return criterion(logits.float(), y, epoch)
+
+        def on_epoch_end(epoch):
+            return _val_metrics(model, data, images)
+
+    stage = engine.Stage(
+        number=1, cfg=s, model=net, optimizer=optimizer, step_fn=step_fn,
+        train_indices=lambda epoch: data.train_idx, labels=data.train_source.labels, images=images,
+        card=lambda epoch, last: dict(_card_base(cfg, data, kind, head), metrics=last,
+                                      finished=epoch == s["epochs"]),
+        on_epoch_end=on_epoch_end)
+    return engine.fit(stage, run_dir, cfg["seed"], d, start_epoch=start, progress=progress)
+
+
+# ----------------------------------------------------------------------------- stage 2
+def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d: engine.Dist,
+                 resume: bool = False, progress: bool = True) -> dict:
+    """Stage 2: stage-1 encoder + new linear classifier, trained on the (redrawn) IP-DPP subset."""
+    from training.ipdpp import class_targets, select_subset
+
+    s = cfg["stage2"]
+    card1 = checkpoint.load_card(run_dir / "stage1.json")
+    if not card1.get("finished"):
+        raise UserError(f"{run_dir}: stage 1 has not finished (epoch {card1['epoch']}/{card1['epochs']})")
+    _check_same_data(card1, data)
+    card0 = _resume_or_none(run_dir, 2, resume)
+    if card0 and card0.get("finished"):
+        return card0.get("metrics", {})
+
+    head = "linear" if s["reinit_classifier"] or card1["kind"] != "classifier" else card1.get("head", "linear")
+    model = Classifier(cfg["model"]["arch"], data.channels, len(data.class_names), data.mean, data.std, head=head)
+    stage1_weights = checkpoint.load_weights(card1)
+    if card1["kind"] == "classifier" and not s["reinit_classifier"]:
+        model.load_state_dict(stage1_weights)
+    else:
+        model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in stage1_weights.items()
+                                       if k.startswith("encoder.")})
+    model.to(device)
+    if s["freeze_encoder"]:
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+        params = [{"params": list(model.fc.parameters()), "weight_decay": s["weight_decay"]}]
+    else:
+        params = None
+    optimizer = engine.make_optimizer(model, s, params)
+
+    labels = data.train_source.labels
+    lt_labels = labels[data.train_idx]
+    state: dict = {"subset": None}
+    start = 0
+    if card0:
+        _check_same_data(card0, data)
+        model.load_state_dict(checkpoint.load_weights(card0))
+        optim_state, extra = checkpoint.load_resume(card0)
+        optimizer.load_state_dict(optim_state)
+        state["subset"] = extra["subset"].numpy() if "subset" in extra else None
+        start = card0["epoch"]
+    net = _wrap_ddp(model, d, device)
+    images = engine.DeviceImages(data.train_source, device)
+    aug = BatchAugment(data.channels, tuple(data.image_size), strength=s["aug_strength"], kind=s["aug"])
+    criterion = supervised_criterion(s["loss"], data.counts, s["epochs"], cfg["stage1"]["ldam_drw_start"], device)
+    if s["sampler"] == "none":
+        pool_size = len(data.train_idx)
+    else:
+        pool_size = int(sum(class_targets(data.counts, s["ratio"])))
+    steps = max(1, pool_size // s["batch_size"])
+
+    def on_epoch_start(epoch):
+        if s["sampler"] == "none":
+            state["subset"] = data.train_idx
+            return {}
+        if state["subset"] is not None and epoch % s["redraw_every"] != 0:
+            return {}
+        probs = torch.softmax(predict_logits(model, images, data.train_idx), dim=1)
+        p_true = probs[torch.arange(len(lt_labels)), torch.as_tensor(lt_labels, device=probs.device)]
+        rng = np.random.default_rng([cfg["seed"], epoch, 2])
+        chosen, stats = select_subset(p_true.cpu().numpy().astype(np.float64), lt_labels, s["sampler"], s["ratio"], rng)
+        state["subset"] = data.train_idx[chosen]
+        if d.main:
+            with open(run_dir / "stage2_redraws.jsonl", "a") as f:
+                f.write(json.dumps({"epoch": epoch, "sampler": s["sampler"], **stats}, default=float) + "\n")
+        return {"redraw": True, "subset_size": int(len(chosen))}
+
+    generator = EpochGenerator(device, cfg["seed"] + 1, d.rank)
+
+    def step_fn(x, y, epoch):
+        if s["freeze_encoder"]:
+            model.encoder.eval()   # frozen encoder: BatchNorm statistics stay as stage 1 left them
+        with autocast(device, s["amp"]):
+            logits = net(aug(x, generator(epoch)))
+        return criterion(logits.float(), y, epoch)
+
+    stage = engine.Stage(
+        number=2, cfg=s, model=net, optimizer=optimizer, step_fn=step_fn,
+        train_indices=lambda epoch: state["subset"], labels=labels, images=images,
+        card=lambda epoch, last: dict(_card_base(cfg, data, "classifier", head), metrics=last,
+                                      finished=epoch == s["epochs"],
+                                      train_distribution=_subset_counts(state["subset"], labels, len(data.class_names))),
+        on_epoch_start=on_epoch_start, on_epoch_end=lambda epoch: _val_metrics(model, data, images),
+        extra_state=lambda: {"subset": torch.as_tensor(state["subset"])}, steps_per_epoch=steps)
+    return engine.fit(stage, run_dir, cfg["seed"], d, start_epoch=start, progress=progress)
+
+
+def _subset_counts(subset, labels, num_classes) -> list[int]:
+    return np.bincount(labels[subset], minlength=num_classes).tolist() if subset is not None else []
+
+
+# ----------------------------------------------------------------------------- final classifier: LA and test
+def choose_logit_adjustment(model, data: LTData, device: torch.device, train_counts: list[int]) -> dict:
+    """Pick tau for logits - tau * log(prior) on the validation split (balanced accuracy); never the test set."""
+    images = engine.DeviceImages(data.train_source, device)
+    logits = predict_logits(model, images, data.val_idx).cpu()
+    labels = data.train_source.labels[data.val_idx]
+    prior = log_prior(train_counts)
+    scores = {}
+    for tau in LA_TAU_GRID:
+        report = evaluate_logits((logits - tau * prior).numpy(), labels, data.counts, data.groups)
+        scores[tau] = report["mean_per_class"]
+    best = max(LA_TAU_GRID, key=lambda t: (scores[t], -t))
+    return {"tau": best, "log_prior": prior.tolist(), "val_mean_per_class": scores}
+
+
+def final_card_path(run_dir: Path) -> Path:
+    card = checkpoint.load_card(run_dir)
+    if card.get("kind") != "classifier":
+        raise UserError(f"{run_dir}: the run has no classifier yet (stage 1 of BNS is an encoder; run stage 2)")
+    return Path(card["_dir"]) / f"stage{card['stage']}.json"
+
+
+def evaluate_run(run_dir: Path, device: torch.device, data: LTData | None = None, out_dir: Path | None = None) -> dict:
+    """Score a run's final classifier on the test set; write report.json + per_class.png; return the report."""
+    model, card = checkpoint.load_classifier(run_dir)
+    if data is None:
+        data = build_lt_data(**card["data"]["build_args"])
+    model.to(device)
+    images = engine.DeviceImages(data.test_source, device)
+    logits = predict_logits(model, images, np.arange(len(data.test_source))).cpu()
+    report = evaluate_logits(logits.numpy(), data.test_source.labels, data.counts, data.groups)
+    la = card.get("logit_adjustment")
+    if la and la["tau"] > 0:
+        adjusted = logits - la["tau"] * torch.tensor(la["log_prior"])
+        report["logit_adjusted"] = evaluate_logits(adjusted.numpy(), data.test_source.labels, data.counts,
+                                                   data.groups)
+        report["logit_adjusted"]["tau"] = la["tau"]
+    save_report(report, out_dir or Path(card["_dir"]) / "eval", data.class_names,
+                title=f"{card['config']['name']} (stage {card['stage']}, epoch {card['epoch']})")
+    return report
+
+
+def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool = False, progress: bool = True) -> dict:
+    """Train the configured stages, then (on rank 0) choose logit adjustment on validation and score the test set."""
+    device = engine.resolve_device(cfg["device"])
+    d = engine.init_distributed(device)
+    engine.seed_everything(cfg["seed"] + d.rank)
+    data = data_from_config(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if d.main:
+        print(f"tailwise: {cfg['name']} on {device} ({d.world} process(es)), {data.name}: "
+              f"{len(data.train_idx)} train / {len(data.val_idx)} val / {len(data.test_source)} test, "
+              f"index sha256 {data.index_sha256[:16]}", flush=True)
+    if 1 in stages:
+        train_stage1(cfg, data, run_dir, device, d, resume, progress)
+    if 2 in stages and cfg["stage2"]["enabled"]:
+        train_stage2(cfg, data, run_dir, device, d, resume, progress)
+    if d.world > 1:
+        torch.distributed.barrier()
+    result: dict = {}
+    card = checkpoint.load_card(run_dir)
+    if d.main and card.get("kind") == "classifier" and card.get("finished"):
+        model, card = checkpoint.load_classifier(run_dir)
+        model.to(device)
+        update = {}
+        if card["stage"] == 2 and cfg["stage2"]["logit_adjust"] and len(data.val_idx):
+            update["logit_adjustment"] = choose_logit_adjustment(model, data, device, card["train_distribution"])
+        path = Path(card["_dir"]) / f"stage{card['stage']}.json"
+        stored = json.loads(path.read_text())
+        stored.update(update)
+        checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
+        result = evaluate_run(run_dir, device, data)
+        stored["test"] = {k: result[k] for k in ("top1", "many", "medium", "few", "mean_per_class", "per_class",
+                                                  "nll", "ece")}
+        if "logit_adjusted" in result:
+            stored["test"]["logit_adjusted"] = {k: result["logit_adjusted"][k]
+                                                for k in ("top1", "many", "medium", "few", "mean_per_class", "tau")}
+        checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
+        print(format_report(result, data.class_names), flush=True)
+    return result
