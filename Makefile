@@ -18,8 +18,10 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
+# Serves the shipped (or newest exported) model; with no model under models/ yet it prints the help instead.
 serve: setup
-	$(VENV)/bin/tailwise serve
+	@if ls models/*/model.onnx >/dev/null 2>&1; then $(VENV)/bin/tailwise serve; \
+	else echo "no model under models/ yet: export one with 'tailwise export' (see README)"; $(VENV)/bin/tailwise --help; fi
 
 help: setup
 	$(VENV)/bin/tailwise --help

@@ -28,8 +28,8 @@ def register(subparsers) -> None:
     export.add_argument("--variants", default="", help="comma-separated extra files to write: fp16, int8")
     export.add_argument("--parity-images", type=int, default=256,
                         help="validation images the ONNX graph must reproduce torch on (default 256)")
-    export.add_argument("--opset", type=int, default=17,
-                        help="ONNX opset (default 17; the dynamo exporter writes at least 18)")
+    export.add_argument("--opset", type=int, default=18,
+                        help="ONNX opset (default 18, the lowest the dynamo exporter writes)")
     export.set_defaults(handler=run_export)
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+
 
 from tailwise import UserError
 
@@ -120,20 +120,15 @@ def _decode_pool() -> ThreadPoolExecutor:
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
-    """One image file as a ``size x size x 3`` uint8 array (exif_transpose, RGB, shorter-side resize, centre crop)."""
+    """One image file as a ``size x size x 3`` uint8 array, decoded exactly as the served model decodes it
+    (serving.artifact.load_image, policy "shorter-center-crop": EXIF, RGB, shorter-side resize, centre crop)."""
+    from serving.artifact import ImageError, load_image
+
+    spec = {"input": {"channels": 3, "height": size, "width": size, "resize_policy": "shorter-center-crop"}}
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return load_image(path, spec, max_pixels=None).transpose(1, 2, 0)
+    except ImageError as exc:
         raise UserError(f"cannot decode image {path}: {exc}") from None
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- LT protocol

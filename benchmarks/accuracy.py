@@ -1,0 +1,179 @@
+"""The accuracy table: baselines, BNS + IP-DPP and its ablations, trained by one loop on identical data.
+
+    python benchmarks/accuracy.py run   --imbalance-factor 100 --budget 200 --seeds 0 1 2 [--methods ce,bns-kdpp]
+    python benchmarks/accuracy.py table --imbalance-factor 100 --budget 200 [--readme README.md]
+
+Every method is a config in benchmarks/methods.toml over the base recipe (fmnist-lt-r32: ResNet-32 on
+Fashion-MNIST-LT). All get the same budget in image passes: `--budget B` is B passes over the LT training set
+(a BNS epoch counts two passes, one per view); two-stage methods spend 3/4 of it in stage 1 and 1/4 in stage 2.
+Numbers are final-epoch test results; the only tuned choice (post-hoc logit-adjustment tau) is made on the
+validation split. Each finished run is kept as JSON under benchmarks/results/; `run` only fills the gaps and
+resumes interrupted runs from their checkpoints, so the table can be completed over several sessions and
+machines. `table` prints mean +- std over the seeds found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+METHODS_FILE = HERE / "methods.toml"
+RESULTS = HERE / "results"
+STAGE1_SHARE = 0.75
+TABLE_BEGIN, TABLE_END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
+
+
+def load_methods() -> dict:
+    return tomllib.loads(METHODS_FILE.read_text())
+
+
+def results_dir(imbalance_factor: float, budget: int) -> Path:
+    return RESULTS / f"fmnist-if{imbalance_factor:g}-b{budget}"
+
+
+def method_config(name: str, spec: dict, imbalance_factor: float, budget: int, seed: int, device: str) -> dict:
+    """The full config of one table row: base recipe + the method's fields + epochs from the budget."""
+    from training.config import load_config
+    from training.ipdpp import class_targets
+    from training.train import data_from_config
+
+    overrides = [f"data.imbalance_factor={imbalance_factor}", f"seed={seed}", f"device='{device}'",
+                 f"name='{name}-s{seed}'"]
+    for section in ("data", "stage1", "stage2"):
+        for key, value in spec.get(section, {}).items():
+            overrides.append(f"{section}.{key}={json.dumps(value)}")
+    cfg = load_config("fmnist-lt-r32", overrides)
+    lt_cfg = load_config("fmnist-lt-r32", overrides[:1])
+    n_lt = len(data_from_config(lt_cfg).train_idx)
+    data = data_from_config(cfg)
+    n_train = len(data.train_idx)
+    passes = budget * n_lt
+    s1, s2 = cfg["stage1"], cfg["stage2"]
+    views = 2 if s1["method"] == "bns" else 1
+    share1 = STAGE1_SHARE if s2["enabled"] else 1.0
+    s1["epochs"] = max(1, round(share1 * passes / (views * n_train)))
+    s1["warmup_epochs"] = max(1, round(0.05 * s1["epochs"]))
+    if s2["enabled"]:
+        pool = n_train if s2["sampler"] == "none" else sum(class_targets(data.counts, s2["ratio"]))
+        s2["epochs"] = max(1, round((1 - share1) * passes / pool))
+        s2["warmup_epochs"] = max(0, round(0.05 * s2["epochs"]))
+    return cfg
+
+
+def image_passes(run_dir: Path, cfg: dict) -> int:
+    total = 0
+    for stage in (1, 2):
+        path = run_dir / f"stage{stage}_metrics.jsonl"
+        if path.exists():
+            views = 2 if stage == 1 and cfg["stage1"]["method"] == "bns" else 1
+            total += views * sum(json.loads(line)["images"] for line in path.read_text().splitlines())
+    return total
+
+
+def run_one(name: str, spec: dict, args, seed: int) -> Path | None:
+    from training import checkpoint
+    from training.train import run
+
+    out = results_dir(args.imbalance_factor, args.budget) / f"{name}-s{seed}.json"
+    if out.exists() or "run" in spec:
+        return None
+    cfg = method_config(name, spec, args.imbalance_factor, args.budget, seed, args.device)
+    run_dir = Path(args.workdir) / f"if{args.imbalance_factor:g}-b{args.budget}" / f"{name}-s{seed}"
+    print(f"== {name} seed {seed}: stage1 {cfg['stage1']['epochs']} ep"
+          + (f", stage2 {cfg['stage2']['epochs']} ep" if cfg["stage2"]["enabled"] else "") + f" -> {run_dir}",
+          flush=True)
+    t0 = time.time()
+    run(cfg, run_dir, resume=run_dir.exists(), progress=not args.no_progress)
+    card = checkpoint.load_card(run_dir)
+    result = {
+        "method": name, "label": spec["label"], "seed": seed, "budget": args.budget,
+        "imbalance_factor": args.imbalance_factor, "image_passes": image_passes(run_dir, cfg),
+        "seconds_this_session": round(time.time() - t0, 1), "device": cfg["device"],
+        "tailwise_version": card["tailwise_version"], "index_sha256": card["data"]["index_sha256"],
+        "final_epoch": card["epoch"], "val": card["metrics"], "test": card["test"],
+        "logit_adjustment_tau": (card.get("logit_adjustment") or {}).get("tau"), "config": cfg,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    shutil.copy(run_dir / "eval" / "per_class.png", out.with_suffix(".png"))
+    return out
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    pct = [100 * v for v in values]
+    if len(pct) == 1:
+        return f"{pct[0]:.1f}"
+    return f"{statistics.mean(pct):.1f} +- {statistics.stdev(pct):.1f}"
+
+
+def table(imbalance_factor: float, budget: int) -> str:
+    methods = load_methods()
+    folder = results_dir(imbalance_factor, budget)
+    rows = [f"Fashion-MNIST-LT, IF {imbalance_factor:g}, ResNet-32, budget {budget} passes over the LT set; "
+            "final-epoch test top-1 % (mean +- std over seeds)", "",
+            "| method | seeds | overall | many | medium | few |", "|---|---:|---:|---:|---:|---:|"]
+    missing = []
+    for name, spec in methods.items():
+        found = sorted(folder.glob(f"{spec.get('run', name)}-s*.json"))
+        tests = []
+        for path in found:
+            test = json.loads(path.read_text())["test"]
+            tests.append(test.get(spec["report"]) if "report" in spec else test)
+        tests = [t for t in tests if t]
+        if not tests:
+            missing.append(name)
+        cells = [_fmt([t[k] for t in tests if t.get(k) is not None]) for k in ("top1", "many", "medium", "few")]
+        rows.append(f"| {spec['label']} | {len(tests)} | " + " | ".join(cells) + " |")
+    if missing:
+        rows += ["", f"Not run yet: {', '.join(missing)}."]
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "table"):
+        p = sub.add_parser(name)
+        p.add_argument("--imbalance-factor", type=float, default=100)
+        p.add_argument("--budget", type=int, default=200, help="passes over the LT training set (default 200)")
+    r = sub.choices["run"]
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--methods", default="all", help="comma list of methods.toml names (default all)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--workdir", default="runs/bench")
+    r.add_argument("--no-progress", action="store_true")
+    sub.choices["table"].add_argument("--readme", help="also replace the table between the markers in this file")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE.parent))
+    if args.command == "table":
+        text = table(args.imbalance_factor, args.budget)
+        print(text)
+        if args.readme:
+            readme = Path(args.readme)
+            before, _, rest = readme.read_text().partition(TABLE_BEGIN)
+            _, _, after = rest.partition(TABLE_END)
+            readme.write_text(f"{before}{TABLE_BEGIN}\n{text}\n{TABLE_END}{after}")
+        return 0
+    methods = load_methods()
+    names = list(methods) if args.methods == "all" else args.methods.split(",")
+    unknown = [n for n in names if n not in methods]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {', '.join(methods)}")
+    for seed in args.seeds:            # seed-major: one seed of every row before the next seed
+        for name in names:
+            run_one(name, methods[name], args, seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
