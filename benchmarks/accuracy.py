@@ -35,27 +35,27 @@ def load_methods() -> dict:
     return tomllib.loads(METHODS_FILE.read_text())
 
 
-def results_dir(imbalance_factor: float, budget: int) -> Path:
-    return RESULTS / f"fmnist-if{imbalance_factor:g}-b{budget}"
+def results_dir(args) -> Path:
+    return Path(args.results) / f"{Path(args.recipe).stem}-if{args.imbalance_factor:g}-b{args.budget}"
 
 
-def method_config(name: str, spec: dict, imbalance_factor: float, budget: int, seed: int, device: str) -> dict:
-    """The full config of one table row: base recipe + the method's fields + epochs from the budget."""
+def method_config(name: str, spec: dict, args, seed: int) -> dict:
+    """The full config of one table row: base recipe + --set + the method's fields + epochs from the budget."""
     from training.config import load_config
     from training.ipdpp import class_targets
     from training.train import data_from_config
 
-    overrides = [f"data.imbalance_factor={imbalance_factor}", f"seed={seed}", f"device='{device}'",
-                 f"name='{name}-s{seed}'"]
+    overrides = [f"data.imbalance_factor={args.imbalance_factor}", *args.overrides, f"seed={seed}",
+                 f"device='{args.device}'", f"name='{name}-s{seed}'"]
     for section in ("data", "stage1", "stage2"):
         for key, value in spec.get(section, {}).items():
             overrides.append(f"{section}.{key}={json.dumps(value)}")
-    cfg = load_config("fmnist-lt-r32", overrides)
-    lt_cfg = load_config("fmnist-lt-r32", overrides[:1])
+    cfg = load_config(args.recipe, overrides)
+    lt_cfg = load_config(args.recipe, overrides[:1 + len(args.overrides)])
     n_lt = len(data_from_config(lt_cfg).train_idx)
     data = data_from_config(cfg)
     n_train = len(data.train_idx)
-    passes = budget * n_lt
+    passes = args.budget * n_lt
     s1, s2 = cfg["stage1"], cfg["stage2"]
     views = 2 if s1["method"] == "bns" else 1
     share1 = STAGE1_SHARE if s2["enabled"] else 1.0
@@ -82,11 +82,11 @@ def run_one(name: str, spec: dict, args, seed: int) -> Path | None:
     from training import checkpoint
     from training.train import run
 
-    out = results_dir(args.imbalance_factor, args.budget) / f"{name}-s{seed}.json"
+    out = results_dir(args) / f"{name}-s{seed}.json"
     if out.exists() or "run" in spec:
         return None
-    cfg = method_config(name, spec, args.imbalance_factor, args.budget, seed, args.device)
-    run_dir = Path(args.workdir) / f"if{args.imbalance_factor:g}-b{args.budget}" / f"{name}-s{seed}"
+    cfg = method_config(name, spec, args, seed)
+    run_dir = Path(args.workdir) / results_dir(args).name / f"{name}-s{seed}"
     print(f"== {name} seed {seed}: stage1 {cfg['stage1']['epochs']} ep"
           + (f", stage2 {cfg['stage2']['epochs']} ep" if cfg["stage2"]["enabled"] else "") + f" -> {run_dir}",
           flush=True)
@@ -116,11 +116,11 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(pct):.1f} +- {statistics.stdev(pct):.1f}"
 
 
-def table(imbalance_factor: float, budget: int) -> str:
+def table(args) -> str:
     methods = load_methods()
-    folder = results_dir(imbalance_factor, budget)
-    rows = [f"Fashion-MNIST-LT, IF {imbalance_factor:g}, ResNet-32, budget {budget} passes over the LT set; "
-            "final-epoch test top-1 % (mean +- std over seeds)", "",
+    folder = results_dir(args)
+    rows = [f"Recipe {Path(args.recipe).stem}, IF {args.imbalance_factor:g}, budget {args.budget} passes over the "
+            "LT set; final-epoch test accuracy % (mean +- std over seeds)", "",
             "| method | seeds | overall | many | medium | few |", "|---|---:|---:|---:|---:|---:|"]
     missing = []
     for name, spec in methods.items():
@@ -146,17 +146,21 @@ def main(argv=None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--imbalance-factor", type=float, default=100)
         p.add_argument("--budget", type=int, default=200, help="passes over the LT training set (default 200)")
+        p.add_argument("--recipe", default="fmnist-lt-r32", help="base recipe (default fmnist-lt-r32)")
+        p.add_argument("--results", default=str(RESULTS), help="results folder (default benchmarks/results)")
     r = sub.choices["run"]
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--methods", default="all", help="comma list of methods.toml names (default all)")
     r.add_argument("--device", default="auto")
     r.add_argument("--workdir", default="runs/bench")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the base recipe for every method")
     sub.choices["table"].add_argument("--readme", help="also replace the table between the markers in this file")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
     if args.command == "table":
-        text = table(args.imbalance_factor, args.budget)
+        text = table(args)
         print(text)
         if args.readme:
             readme = Path(args.readme)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from training.augment import BatchAugment
+from training.engine import to_device
 from training.losses import bns_loss_released
 from training.networks import Classifier, ContrastiveModel, param_groups
 
@@ -36,8 +37,8 @@ def bench(device: torch.device, arch: str, batch: int, channels: int, size: int,
     gen = torch.Generator(device=device).manual_seed(0)
     strong = BatchAugment(channels, (size, size), kind="simclr")
     light = BatchAugment(channels, (size, size), kind="light")
-    contrastive = ContrastiveModel(arch, channels, mean, std).to(device)
-    classifier = Classifier(arch, channels, 10, mean, std).to(device)
+    contrastive = to_device(ContrastiveModel(arch, channels, mean, std), device)   # as training does
+    classifier = to_device(Classifier(arch, channels, 10, mean, std), device)
     opt_c = torch.optim.AdamW(param_groups(contrastive, 0.05), lr=1e-4)
     opt_s = torch.optim.AdamW(param_groups(classifier, 0.05), lr=1e-4)
 

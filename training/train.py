@@ -151,7 +151,7 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
         model, kind = Classifier(cfg["model"]["arch"], data.channels, num_classes, data.mean, data.std, head=head), "classifier"
     else:
         raise UserError(f"stage1.method {s['method']!r}: expected bns or supervised")
-    model.to(device)
+    engine.to_device(model, device)
     optimizer = engine.make_optimizer(model, s)
     start = 0
     if card0:
@@ -224,7 +224,7 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     else:
         model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in stage1_weights.items()
                                        if k.startswith("encoder.")})
-    model.to(device)
+    engine.to_device(model, device)
     if s["freeze_encoder"]:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
@@ -326,7 +326,7 @@ def evaluate_run(run_dir: Path, device: torch.device, data: LTData | None = None
     logits = predict_logits(model, images, np.arange(len(data.test_source))).cpu()
     report = evaluate_logits(logits.numpy(), data.test_source.labels, data.counts, data.groups)
     la = card.get("logit_adjustment")
-    if la and la["tau"] > 0:
+    if la:  # also when validation picked tau = 0, so the adjusted row always exists
         adjusted = logits - la["tau"] * torch.tensor(la["log_prior"])
         report["logit_adjusted"] = evaluate_logits(adjusted.numpy(), data.test_source.labels, data.counts,
                                                    data.groups)
