@@ -336,6 +336,27 @@ def evaluate_run(run_dir: Path, device: torch.device, data: LTData | None = None
     return report
 
 
+def training_record(run_dir: Path, device: torch.device, d: engine.Dist) -> dict:
+    """Hardware and time of a run, for its model card (seconds summed over the epochs of every stage)."""
+    import os
+    import platform
+
+    seconds = {}
+    for stage in (1, 2):
+        path = run_dir / f"stage{stage}_metrics.jsonl"
+        if path.exists():
+            seconds[f"stage{stage}"] = round(sum(json.loads(x)["seconds"] for x in path.read_text().splitlines()), 1)
+    if device.type == "cuda":
+        hardware = f"{d.world} x {torch.cuda.get_device_name(device)}"
+    else:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+            else platform.processor()
+        hardware = f"CPU: {cpu}, {torch.get_num_threads()} threads, {d.world} process(es), {os.cpu_count()} cores"
+    return {"hardware": hardware, "torch": torch.__version__, "seconds": seconds,
+            "total_seconds": round(sum(seconds.values()), 1)}
+
+
 def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool = False, progress: bool = True) -> dict:
     """Train the configured stages, then (on rank 0) choose logit adjustment on validation and score the test set."""
     device = engine.resolve_device(cfg["device"])
@@ -361,6 +382,7 @@ def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool
         update = {}
         if card["stage"] == 2 and cfg["stage2"]["logit_adjust"] and len(data.val_idx):
             update["logit_adjustment"] = choose_logit_adjustment(model, data, device, card["train_distribution"])
+        update["training"] = training_record(run_dir, device, d)
         path = Path(card["_dir"]) / f"stage{card['stage']}.json"
         stored = json.loads(path.read_text())
         stored.update(update)
