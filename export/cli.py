@@ -102,7 +102,11 @@ def run_export(args) -> int:
     except ExportParityError as exc:
         print(f"tailwise export: parity check failed, {out / 'model.onnx'} not written: {exc}", file=sys.stderr)
         return 1
+    from export.model_card import write_model_card
+
+    readme = write_model_card(out, card, report)
     parity = report["parity"]
+    print(f"tailwise export: model card {readme}")
     print(f"tailwise export: {out / 'model.onnx'} ({report['exporter']} exporter, opset {report['opset']}); "
           f"parity on {parity['n_images']} validation images: max |logit diff| {parity['max_abs_logit_diff']:.2g}, "
           f"same top-1; validation accuracy {parity['accuracy']:.4f}")

@@ -388,8 +388,8 @@ def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool
         stored.update(update)
         checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
         result = evaluate_run(run_dir, device, data)
-        stored["test"] = {k: result[k] for k in ("top1", "many", "medium", "few", "mean_per_class", "per_class",
-                                                  "nll", "ece")}
+        stored["test"] = {k: result[k] for k in ("num_samples", "top1", "many", "medium", "few", "mean_per_class",
+                                                  "per_class", "nll", "ece")}
         if "logit_adjusted" in result:
             stored["test"]["logit_adjusted"] = {k: result["logit_adjusted"][k]
                                                 for k in ("top1", "many", "medium", "few", "mean_per_class", "tau")}

@@ -1,0 +1,134 @@
+"""The model card: README.md beside an exported model, written from its checkpoint card and files.
+
+Everything in it comes from the checkpoint card (config, data, training record, test report) and from the files
+in the folder (their sha256), so the card never disagrees with what ships.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from training.checkpoint import atomic_write_text, sha256_file
+
+
+def reproduce_command(cfg: dict, run_name: str) -> str:
+    """`tailwise train` for this config: its recipe plus a --set for every field that differs from it."""
+    import json
+
+    from tailwise import UserError
+    from training.config import load_config
+
+    try:
+        base = load_config(cfg["name"])
+    except UserError:  # a recipe file outside the repo: spell out everything against the defaults
+        base = load_config(None)
+    flags = []
+    for section, values in cfg.items():
+        if isinstance(values, dict):
+            flags += [f"--set {section}.{k}={json.dumps(v)}" for k, v in values.items() if base[section].get(k) != v]
+        elif section != "name" and base.get(section) != values:
+            flags.append(f"--set {section}={json.dumps(values)}")
+    return " ".join([f"tailwise train --config {cfg['name']}", *flags, f"--out runs/{run_name}"])
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def write_model_card(out_dir: Path, card: dict, onnx_report: dict) -> Path:
+    """Write out_dir/README.md (and copy the run's per-class plot beside it); returns the README path."""
+    out_dir = Path(out_dir)
+    run_dir = Path(card["_dir"])
+    plot = run_dir / "eval" / "per_class.png"
+    if plot.exists():
+        shutil.copy(plot, out_dir / "per_class.png")
+    cfg, data, test = card["config"], card["data"], card.get("test") or {}
+    build = data["build_args"]
+    la = card.get("logit_adjustment") or {}
+    adjusted = test.get("logit_adjusted")
+    served = adjusted if la.get("tau") else test
+    training = card.get("training") or {}
+    s1, s2 = cfg["stage1"], cfg["stage2"]
+    recipe = (f"stage 1: {s1['method']}" + (f" ({s1['loss_form']} form, tau {s1['tau']})" if s1["method"] == "bns"
+                                             else f" ({s1['loss']})")
+              + f", {s1['epochs']} epochs, batch {s1['batch_size']}")
+    if s2["enabled"]:
+        recipe += (f"; stage 2: sampler {s2['sampler']} (ratio {s2['ratio']:g}, redrawn every {s2['redraw_every']} "
+                   f"epochs), {s2['epochs']} epochs, batch {s2['batch_size']}, "
+                   f"{'frozen encoder' if s2['freeze_encoder'] else 'full fine-tuning'}")
+    name = out_dir.name
+    lines = [
+        f"# {name}",
+        "",
+        f"A {cfg['model']['arch']} classifier for {data['name']} ({len(data['class_names'])} classes, "
+        f"{data['channels']}x{data['image_size'][0]}x{data['image_size'][1]} input), trained by tailwise "
+        f"{card['tailwise_version']} on the long-tailed training set (imbalance factor "
+        f"{build.get('imbalance_factor', 1):g}, {build.get('profile')} profile) with recipe `{cfg['name']}`: {recipe}.",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        reproduce_command(cfg, name),
+        f"tailwise export runs/{name} --out models/{name}/",
+        "```",
+        "",
+        f"Training: {training.get('hardware', 'not recorded')}, torch {training.get('torch', '?')}; "
+        + (", ".join(f"{k} {v / 60:.1f} min" for k, v in training.get("seconds", {}).items()) or "time not recorded")
+        + (f" ({training['total_seconds'] / 60:.1f} min in all)." if training.get("total_seconds") else "."),
+        "",
+        "## Test metrics",
+        "",
+        f"Final-epoch model (epoch {card['epoch']} of stage {card['stage']}), scored once on the balanced test "
+        f"set ({test.get('num_samples', 'all')} images). Groups by training count: many / medium / few.",
+        "",
+        "| | overall | many | medium | few | mean per class |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| plain logits | {_pct(test.get('top1'))} | {_pct(test.get('many'))} | {_pct(test.get('medium'))} | "
+        f"{_pct(test.get('few'))} | {_pct(test.get('mean_per_class'))} |",
+    ]
+    if adjusted:
+        lines.append(f"| logit-adjusted (tau {adjusted['tau']:g}, chosen on validation) | {_pct(adjusted['top1'])} | "
+                     f"{_pct(adjusted['many'])} | {_pct(adjusted['medium'])} | {_pct(adjusted['few'])} | "
+                     f"{_pct(adjusted['mean_per_class'])} |")
+    lines += [
+        "",
+        f"The ONNX model and the service return {'logit-adjusted' if la.get('tau') else 'plain'} predictions "
+        f"(the adjustment travels in the model's metadata). NLL {test.get('nll', float('nan')):.4f}, "
+        f"ECE {test.get('ece', float('nan')):.4f} (plain logits).",
+        "",
+        "| class | group | training images | test accuracy % |",
+        "|---|---|---:|---:|",
+    ]
+    for c, cname in enumerate(data["class_names"]):
+        acc = test.get("per_class", [None] * len(data["class_names"]))[c]
+        lines.append(f"| {cname} | {data['groups'][c]} | {data['counts'][c]} | {_pct(acc)} |")
+    if (out_dir / "per_class.png").exists():
+        lines += ["", "![per-class test accuracy against training count](per_class.png)"]
+    parity = onnx_report.get("parity", {})
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"`{build.get('dataset')}` at imbalance factor {build.get('imbalance_factor', 1):g}: "
+        f"{data['num_train']} training images (per class {', '.join(map(str, data['counts']))}), "
+        f"{data['num_val']} validation images (drawn from training images the LT subset did not keep), "
+        f"sha256 of the selected training indices `{data['index_sha256']}`.",
+        "",
+        "## Files",
+        "",
+        f"`model.onnx` takes `pixels`, uint8 [N, {data['channels']}, {data['image_size'][0]}, "
+        f"{data['image_size'][1]}] in 0..255 (normalisation is inside the graph) and returns `logits` float32 "
+        f"[N, {len(data['class_names'])}]; exported with the {onnx_report.get('exporter', '?')} exporter at opset "
+        f"{onnx_report.get('opset', '?')}, parity with torch checked on {parity.get('n_images', '?')} validation "
+        f"images (max |logit diff| {parity.get('max_abs_logit_diff', float('nan')):.2g}).",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+    ]
+    for path in sorted(out_dir.iterdir()):
+        if path.is_file() and path.name != "README.md" and not path.name.startswith("."):
+            lines.append(f"| `{path.name}` | `{sha256_file(path)}` |")
+    readme = out_dir / "README.md"
+    atomic_write_text(readme, "\n".join(lines) + "\n")
+    return readme
