@@ -30,6 +30,9 @@ def register(subparsers) -> None:
                         help="validation images the ONNX graph must reproduce torch on (default 256)")
     export.add_argument("--opset", type=int, default=18,
                         help="ONNX opset (default 18, the lowest the dynamo exporter writes)")
+    export.add_argument("--samples", type=int, default=0, metavar="K",
+                        help="also write K test images per class as PNG into OUT/samples/, with the model's "
+                             "predictions for them in the model card (default 0)")
     export.set_defaults(handler=run_export)
 
 
@@ -102,9 +105,10 @@ def run_export(args) -> int:
     except ExportParityError as exc:
         print(f"tailwise export: parity check failed, {out / 'model.onnx'} not written: {exc}", file=sys.stderr)
         return 1
-    from export.model_card import write_model_card
+    from export.model_card import write_model_card, write_samples
 
-    readme = write_model_card(out, card, report)
+    samples = write_samples(out, data, args.samples) if args.samples > 0 else None
+    readme = write_model_card(out, card, report, samples)
     parity = report["parity"]
     print(f"tailwise export: model card {readme}")
     print(f"tailwise export: {out / 'model.onnx'} ({report['exporter']} exporter, opset {report['opset']}); "

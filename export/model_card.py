@@ -36,7 +36,35 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
-def write_model_card(out_dir: Path, card: dict, onnx_report: dict) -> Path:
+def write_samples(out_dir: Path, data, per_class: int) -> list[dict]:
+    """Save the first `per_class` test images of each class as PNG in out_dir/samples/ and classify them with the
+    exported model.onnx, exactly as `tailwise predict` would; returns [{file, true, predicted, probability}]."""
+    import numpy as np
+    from PIL import Image
+
+    from serving.artifact import OnnxClassifier, load_image
+
+    if data.test_source is None:
+        return []
+    folder = out_dir / "samples"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    labels = data.test_source.labels
+    picks = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(data.class_names))])
+    classifier = OnnxClassifier(out_dir / "model.onnx")
+    rows = []
+    for i, image in zip(picks, data.test_source.load(picks).numpy()):
+        name = data.class_names[labels[i]].lower().replace("/", "-").replace(" ", "-")
+        path = folder / f"{name}-{i}.png"
+        Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(path)
+        top = classifier.top_k(classifier.predict_arrays(load_image(path, classifier.meta)[None]), 1)[0][0]
+        rows.append({"file": f"samples/{path.name}", "true": data.class_names[labels[i]],
+                     "predicted": top["label"], "probability": top["probability"], "group": top["group"]})
+    return rows
+
+
+def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list[dict] | None = None) -> Path:
     """Write out_dir/README.md (and copy the run's per-class plot beside it); returns the README path."""
     out_dir = Path(out_dir)
     run_dir = Path(card["_dir"])
@@ -105,6 +133,14 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict) -> Path:
         lines.append(f"| {cname} | {data['groups'][c]} | {data['counts'][c]} | {_pct(acc)} |")
     if (out_dir / "per_class.png").exists():
         lines += ["", "![per-class test accuracy against training count](per_class.png)"]
+    if samples:
+        lines += ["", "## Sample images", "",
+                  "Test-set images shipped in `samples/`, with what this model answers for them "
+                  f"(`tailwise predict --model models/{name} models/{name}/samples`, or over HTTP: "
+                  f"`curl -F image=@models/{name}/{samples[0]['file']} http://127.0.0.1:3000/classify`).", "",
+                  "| file | true class | predicted | probability | group |", "|---|---|---|---:|---|"]
+        lines += [f"| `{r['file']}` | {r['true']} | {r['predicted']} | {r['probability']:.3f} | {r['group']} |"
+                  for r in samples]
     parity = onnx_report.get("parity", {})
     lines += [
         "",
@@ -126,9 +162,9 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict) -> Path:
         "| file | sha256 |",
         "|---|---|",
     ]
-    for path in sorted(out_dir.iterdir()):
+    for path in sorted(out_dir.rglob("*")):
         if path.is_file() and path.name != "README.md" and not path.name.startswith("."):
-            lines.append(f"| `{path.name}` | `{sha256_file(path)}` |")
+            lines.append(f"| `{path.relative_to(out_dir)}` | `{sha256_file(path)}` |")
     readme = out_dir / "README.md"
     atomic_write_text(readme, "\n".join(lines) + "\n")
     return readme
