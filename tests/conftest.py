@@ -54,3 +54,54 @@ def cifar_archive(tmp_path):
         directory.mkdir(exist_ok=True)
         return write_cifar_archive(directory, **kwargs)
     return make
+
+
+# ------------------------------------------------------------------------------------------ exported model
+
+def export_tiny_model(out_dir, seed=0):
+    """Train a tiny uint8 [N, 1, 28, 28] classifier on 5 classes told apart by brightness (ant darkest ... eel
+    brightest; training counts 600..10, so many/medium/few groups) and export it with
+    export.onnx_export.export_classifier into ``out_dir`` (model.onnx, weights.safetensors, card.json)."""
+    import torch
+    from torch import nn
+
+    from export.onnx_export import export_classifier
+    from serving.artifact import build_metadata
+
+    def data(n, data_seed):
+        labels = torch.arange(n) % 5
+        noise = torch.randint(0, 50, (n, 1, 28, 28), generator=torch.Generator().manual_seed(data_seed))
+        return (noise + labels.view(-1, 1, 1, 1) * 40).to(torch.uint8), labels
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
+                                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc(self.features((x.float() / 255 - 0.3) / 0.35))
+
+    torch.manual_seed(seed)
+    model = Tiny()
+    images, labels = data(200, seed + 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    meta = build_metadata(class_names=["ant", "bee", "cat", "dog", "eel"], channels=1, height=28, width=28,
+                          resize_policy="resize", train_counts=[600, 300, 150, 40, 10],
+                          groups=["many", "medium", "few", "few", "few"],
+                          group_thresholds={"many_above": 500, "few_below": 200},
+                          dataset={"name": "toy", "index_sha256": None}, metrics={"top1": 0.9})
+    export_classifier(model.eval(), meta, out_dir, images[:16], data(32, seed + 2)[0])
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A real exported model folder, .../models/tiny (see export_tiny_model), made once per session."""
+    return export_tiny_model(tmp_path_factory.mktemp("exported") / "models" / "tiny")

@@ -1,0 +1,392 @@
+"""The BentoML service over real HTTP: answers agree with `tailwise predict`, every bad input gets a 4xx and the
+server goes on answering, a burst of concurrent requests all succeed; `tailwise serve`, `bentoml build`."""
+
+import io
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from serving.artifact import OnnxClassifier
+from serving.predict import predict_files
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_UPLOAD = 300_000  # TAILWISE_MAX_UPLOAD_BYTES of the test server
+BRIGHTNESS = [10, 60, 100, 140, 190, 240]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url, seconds=60, process=None):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} not ready after {seconds} s")
+
+
+def encode(image, fmt="PNG", **save_args):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def gray_png(level, size=(28, 28), seed=0):
+    noise = np.random.default_rng(seed).integers(0, 12, size[::-1])
+    return encode(Image.fromarray(np.clip(level + noise, 0, 255).astype(np.uint8)))
+
+
+def png_claiming(width, height):
+    """A PNG whose header claims width x height 8-bit gray pixels (the data is a stub)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def truncated_png():
+    data = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    return data[: len(data) // 2]
+
+
+@pytest.fixture(scope="module")
+def server_env(tiny_model_dir, tmp_path_factory):
+    """Environment of the module's server: a private BENTOML_HOME, no tracking, the tiny model, a small upload limit."""
+    return {"BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml_home")), "BENTOML_DO_NOT_TRACK": "true",
+            "TAILWISE_MODEL": str(tiny_model_dir), "TAILWISE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD)}
+
+
+@pytest.fixture(scope="module")
+def url(server_env):
+    """One real server for the module (bentoml.serve on a free port of 127.0.0.1), stopped at the end."""
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in server_env.items():
+            env.setenv(key, value)
+        import bentoml
+
+        port = free_port()
+        with bentoml.serve("serving.service:TailwiseClassifier", host="127.0.0.1", port=port, working_dir=str(REPO)):
+            base = f"http://127.0.0.1:{port}"
+            wait_ready(base)
+            yield base
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Image files of several formats, sizes and modes, one class-like brightness each."""
+    folder = tmp_path_factory.mktemp("images")
+    files = {f"gray{level}.png": gray_png(level, seed=level) for level in BRIGHTNESS}
+    files["rgb_64x48.jpg"] = encode(Image.fromarray(np.full((48, 64, 3), (200, 180, 90), np.uint8)), "JPEG")
+    files["rgba.png"] = encode(Image.fromarray(np.dstack([np.full((20, 30, 3), 120, np.uint8),
+                                                          np.full((20, 30), 128, np.uint8)]), "RGBA"))
+    files["palette.gif"] = encode(Image.fromarray(np.full((28, 28), 50, np.uint8)).convert("P"), "GIF")
+    files["sixteen_bit.png"] = encode(Image.fromarray(np.full((28, 28), 40000, np.uint16)))
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return sorted(folder.iterdir())
+
+
+def classify(url, files, data=None, route="/classify"):
+    return httpx.post(f"{url}{route}", files=files, data=data, timeout=60)
+
+
+def assert_serving(url):
+    """The server is alive and classifies a good image."""
+    response = classify(url, {"image": ("ok.png", gray_png(200))})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 3
+    assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
+
+
+def batch_sizes(url):
+    """(model calls, images) so far, from the server's tailwise_batch_size histogram."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(("tailwise_batch_size_count", "tailwise_batch_size_sum")):
+            values[line.split("{")[0].split(" ")[0]] = float(line.rsplit(" ", 1)[1])
+    return values.get("tailwise_batch_size_count", 0), values.get("tailwise_batch_size_sum", 0)
+
+
+def same_predictions(got, expected):
+    assert [(p["label"], p["index"], p["group"]) for p in got] == [
+        (p["label"], p["index"], p["group"]) for p in expected]
+    np.testing.assert_allclose([p["probability"] for p in got], [p["probability"] for p in expected],
+                               rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ torch-free
+
+def test_service_imports_no_torch(server_env):
+    code = ("import sys, serving.service; "
+            "bad = [m for m in ('torch', 'training', 'export') if m in sys.modules]; assert not bad, bad; "
+            "print(serving.service.MODEL_PATH.parent.name)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **server_env})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "tiny"
+
+
+# ------------------------------------------------------------------------------------------ answers
+
+def test_classify_agrees_with_tailwise_predict(url, tiny_model_dir, images):
+    import bentoml
+
+    expected = {record["path"]: record["predictions"]
+                for record in predict_files(OnnxClassifier(tiny_model_dir), [str(p) for p in images], top_k=3)}
+    assert len({predictions[0]["label"] for predictions in expected.values()}) >= 3  # a non-trivial comparison
+    with bentoml.SyncHTTPClient(url) as client:
+        for path in images:
+            answer = client.classify(image=path, top_k=3)
+            same_predictions(answer["predictions"], expected[str(path)])
+            assert answer["provider"] == "CPUExecutionProvider"
+        batch = client.classify_batch(images=images, top_k=3)
+    assert [r["index"] for r in batch["results"]] == list(range(len(images)))
+    for path, record in zip(images, batch["results"]):
+        assert record["error"] is None
+        same_predictions(record["predictions"], expected[str(path)])
+
+
+def test_top_k_and_groups(url):
+    answer = classify(url, {"image": ("a.png", gray_png(240))}, {"top_k": "5"}).json()
+    assert [p["label"] for p in answer["predictions"]][:1] == ["eel"]  # brightest = last class of the toy model
+    assert sorted(p["label"] for p in answer["predictions"]) == ["ant", "bee", "cat", "dog", "eel"]
+    groups = {p["label"]: p["group"] for p in answer["predictions"]}
+    assert groups == {"ant": "many", "bee": "medium", "cat": "few", "dog": "few", "eel": "few"}
+    assert sum(p["probability"] for p in answer["predictions"]) == pytest.approx(1.0)
+    assert len(classify(url, {"image": ("a.png", gray_png(240))}, {"top_k": "100"}).json()["predictions"]) == 5
+
+
+def test_classify_batch_reports_bad_files_and_classifies_the_others(url, images):
+    files = [("images", ("a.png", images[0].read_bytes())), ("images", ("b.png", b"not an image")),
+             ("images", ("c.png", b"")), ("images", ("d.png", images[1].read_bytes()))]
+    results = classify(url, files, route="/classify_batch").json()["results"]
+    assert [bool(r["predictions"]) for r in results] == [True, False, False, True]
+    assert "images[1]: not an image" in results[1]["error"] and "images[2]: empty file" in results[2]["error"]
+    single = classify(url, {"image": ("a.png", images[0].read_bytes())}).json()["predictions"]
+    same_predictions(results[0]["predictions"], single)
+
+
+def test_model_info(url, tiny_model_dir):
+    info = httpx.post(f"{url}/model_info", json={}, timeout=10).json()
+    assert info["model"] == "tiny"
+    assert info["class_names"] == ["ant", "bee", "cat", "dog", "eel"]
+    assert info["train_counts"] == [600, 300, 150, 40, 10]
+    assert info["groups"] == ["many", "medium", "few", "few", "few"]
+    assert info["metrics"] == {"top1": 0.9} and info["provider"] == "CPUExecutionProvider"
+    assert info["input"]["height"] == 28 and info["limits"]["max_upload_bytes"] == MAX_UPLOAD
+    assert info["batching"] is True and "tailwise_version" in info
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def chunked_multipart(field, size, boundary="tailwiseboundary"):
+    """A multipart body with one `size`-byte file, streamed without a Content-Length."""
+    yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"big.png\"\r\n"
+           "Content-Type: image/png\r\n\r\n").encode()
+    for start in range(0, size, 65536):
+        yield b"\x00" * min(65536, size - start)
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def one(image, name="a.png", **more):
+    """httpx.post arguments for a multipart request with the bytes `image` as the image file."""
+    return {"files": {"image": (name, image)}, **more}
+
+
+MULTIPART = {"content-type": "multipart/form-data; boundary=tailwiseboundary"}
+BAD_REQUESTS = {  # name: (route, () -> httpx.post keyword arguments, status, text the reply must contain)
+    "non-image bytes": ("/classify", lambda: one(b"name,label\nfoo.png,3\n"), 400,
+                        "image: not an image in a supported format"),
+    "postscript": ("/classify", lambda: one(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n", "a.eps"), 400,
+                   "not an image in a supported format"),
+    "truncated": ("/classify", lambda: one(truncated_png()), 400, "image: corrupt or truncated"),
+    "empty upload": ("/classify", lambda: one(b""), 400, "image: empty file"),
+    "100000x100000 header": ("/classify", lambda: one(png_claiming(100_000, 100_000)), 400,
+                             "image: too many pixels"),  # Pillow's own limit, at the header
+    "zero-filled 7100x7100": ("/classify", lambda: one(encode(Image.new("L", (7100, 7100)))), 400,
+                              "7100x7100 image has more than max_pixels=50000000"),
+    "float mode": ("/classify", lambda: one(encode(Image.fromarray(np.zeros((4, 4), np.float32)), "TIFF")), 400,
+                   "unsupported image mode 'F'"),
+    "oversized upload": ("/classify", lambda: one(b"\x00" * (MAX_UPLOAD + 1)), 413, f"over {MAX_UPLOAD} bytes"),
+    "oversized chunked upload": ("/classify", lambda: {"content": chunked_multipart("image", MAX_UPLOAD + 1000),
+                                                       "headers": MULTIPART}, 413, "TAILWISE_MAX_UPLOAD_BYTES"),
+    "wrong field name": ("/classify", lambda: {"files": {"file": ("a.png", gray_png(100))}}, 400,
+                         "unknown field 'file'; this API takes image (file), top_k"),
+    "no image": ("/classify", lambda: {"files": {"top_k": (None, "3")}}, 400, "Field required"),
+    "text instead of a file": ("/classify", lambda: {"files": {"image": (None, "http://127.0.0.1:9/x.png")}}, 400,
+                               "field 'image' must be a file upload"),
+    "file instead of top_k": ("/classify", lambda: {"files": {"image": ("a.png", gray_png(9)), "top_k": ("k", b"3")}},
+                              400, "field 'top_k' must be a plain value"),
+    "json body": ("/classify", lambda: {"json": {"image": "/etc/passwd"}}, 400, "send multipart/form-data"),
+    "malformed multipart": ("/classify", lambda: {"content": b"--x\r\ngarbage", "headers": MULTIPART}, 400,
+                            "multipart"),
+    "top_k 0": ("/classify", lambda: one(gray_png(9), data={"top_k": "0"}), 400, "top_k"),
+    "top_k 101": ("/classify", lambda: one(gray_png(9), data={"top_k": "101"}), 400, "top_k"),
+    "top_k text": ("/classify", lambda: one(gray_png(9), data={"top_k": "all"}), 400, "top_k"),
+    "65 files": ("/classify_batch", lambda: {"files": [("images", (f"{i}.png", b"x")) for i in range(65)]}, 400,
+                 "at most 64 items"),
+    "no files": ("/classify_batch", lambda: {"files": {"top_k": (None, "3")}}, 400, "Field required"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_a_4xx_and_the_server_goes_on(url, case):
+    route, arguments, status, text = BAD_REQUESTS[case]
+    response = httpx.post(f"{url}{route}", timeout=60, **arguments())
+    assert response.status_code == status, response.text
+    assert text.lower() in response.text.lower()
+    assert_serving(url)
+
+
+# ------------------------------------------------------------------------------------------ load
+
+@pytest.fixture
+def service_module(server_env, monkeypatch):
+    for key, value in server_env.items():
+        monkeypatch.setenv(key, value)
+    import serving.service
+
+    return serving.service
+
+
+def test_batcher_merges_queued_jobs_and_survives_errors(service_module):
+    """Jobs queued while a call runs go together (up to max_images), a larger job runs alone, every job gets
+    its own rows back, and a failing call fails only its own jobs."""
+    import asyncio
+    import threading
+
+    calls, release = [], threading.Event()
+
+    def run(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            release.wait(10)  # hold the first call so that the next jobs queue up
+        if (batch == 99).any():
+            raise RuntimeError("model failed")
+        return batch[:, 0, 0, 0].astype(np.float32) * 2
+
+    async def scenario():
+        batcher = service_module.Batcher(run, max_images=4)
+        first = asyncio.create_task(batcher(np.full((1, 1, 1, 1), 1)))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.create_task(batcher(np.full((n, 1, 1, 1), v))) for n, v in [(2, 2), (1, 3), (2, 4), (5, 5)]]
+        await asyncio.sleep(0.05)
+        release.set()
+        results = await asyncio.gather(first, *queued)
+        failing = await asyncio.gather(batcher(np.full((1, 1, 1, 1), 99)), return_exceptions=True)
+        return results, failing, await batcher(np.full((1, 1, 1, 1), 7))
+
+    results, failing, after = asyncio.run(scenario())
+    assert calls[:4] == [1, 3, 2, 5]  # [1], then [2 + 1] (4 would overflow), then [2], then the 5 alone
+    assert [r.tolist() for r in results] == [[2], [4, 4], [6], [8, 8], [10] * 5]
+    assert isinstance(failing[0], RuntimeError) and after.tolist() == [14]
+
+
+def test_burst_of_concurrent_requests_all_succeed_and_are_batched(url):
+    """256 requests from 64 threads at once; every 8th is a bad image and gets its own 400, the others their
+    answer. Adaptive batching must have merged some of them (bentoml's batch-size histogram)."""
+    good = {level: gray_png(level, seed=level) for level in BRIGHTNESS}
+    expected = {level: classify(url, {"image": ("x.png", data)}).json()["predictions"][0]["label"]
+                for level, data in good.items()}
+
+    def send(i):
+        level = BRIGHTNESS[i % len(BRIGHTNESS)]
+        data = b"broken" if i % 8 == 0 else good[level]
+        with httpx.Client(timeout=60) as client:
+            response = client.post(f"{url}/classify", files={"image": (f"{i}.png", data)})
+        return i, level, response.status_code, response.json()
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        answers = list(pool.map(send, range(256)))
+    for i, level, status, body in answers:
+        if i % 8 == 0:
+            assert status == 400 and "not an image" in str(body), (i, status, body)
+        else:
+            assert status == 200 and body["predictions"][0]["label"] == expected[level], (i, status, body)
+    calls, images = batch_sizes(url)
+    assert images - calls >= 20, (calls, images)  # requests were batched: fewer model calls than images
+    assert_serving(url)
+
+
+# ------------------------------------------------------------------------------------------ operations
+
+def test_health_metrics_and_openapi_docs(url):
+    assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+    assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
+    metrics = httpx.get(f"{url}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "bentoml_service_request_total" in metrics.text
+    assert "tailwise_batch_size" in metrics.text
+    page = httpx.get(f"{url}/docs", timeout=10, follow_redirects=True)
+    assert page.status_code == 200 and "swagger" in page.text.lower() and page.url.path == "/"
+    spec = httpx.get(f"{url}/docs.json", timeout=10).json()
+    assert {"/classify", "/classify_batch", "/model_info"} <= set(spec["paths"])
+    body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body
+    assert "image" in str(body["multipart/form-data"])
+
+
+def test_tailwise_serve_starts_the_service(server_env, tiny_model_dir):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir),
+                                "--port", str(port)], cwd=REPO, env={**os.environ, **server_env,
+                                                                     "TAILWISE_MODEL": "/nowhere"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, process=process)
+        assert httpx.post(f"{base}/model_info", json={}, timeout=10).json()["model"] == "tiny"  # --model wins
+        assert classify(base, {"image": ("a.png", gray_png(10))}).json()["predictions"][0]["label"] == "ant"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir / "nothing")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "nothing: no such model file" in result.stderr
+
+
+def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, tmp_path):
+    source = tmp_path / "src"
+    for name in ["bentofile.yaml", "tailwise/__init__.py", *(f"serving/{p.name}" for p in (REPO / "serving").glob(
+            "*.py"))]:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(REPO / name, source / name)
+    (source / "models" / "tiny").mkdir(parents=True)
+    for name in ("model.onnx", "card.json", "weights.safetensors"):
+        shutil.copyfile(tiny_model_dir / name, source / "models" / "tiny" / name)
+    env = {**os.environ, **server_env, "BENTOML_HOME": str(tmp_path / "home")}
+    env.pop("TAILWISE_MODEL")
+    result = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=source, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (bento,) = [p for p in (tmp_path / "home" / "bentos" / "tailwise").iterdir() if p.name != "latest"]
+    files = {str(p.relative_to(bento / "src")) for p in (bento / "src").rglob("*") if p.is_file()}
+    assert {"serving/service.py", "serving/artifact.py", "tailwise/__init__.py", "models/tiny/model.onnx"} <= files
+    assert "models/tiny/weights.safetensors" not in files  # serving needs model.onnx only
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime" in requirements and "torch" not in requirements
