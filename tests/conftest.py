@@ -1,8 +1,10 @@
 """Shared fixtures: small real datasets written to tmp_path."""
 
 import io
+import json
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,3 +107,22 @@ def export_tiny_model(out_dir, seed=0):
 def tiny_model_dir(tmp_path_factory):
     """A real exported model folder, .../models/tiny (see export_tiny_model), made once per session."""
     return export_tiny_model(tmp_path_factory.mktemp("exported") / "models" / "tiny")
+
+
+def write_recipe(tmp_path, archive, **sections) -> Path:
+    """A tiny recipe: ResNet-32 on a 10-class CIFAR-format archive at IF 10, a few steps per epoch."""
+    body = {
+        "data": {"dataset": "cifar10", "root": str(archive), "imbalance_factor": 10, "val_per_class": 5},
+        "model": {"arch": "resnet32", "proj_hidden": 64, "proj_dim": 32},
+        "stage1": {"epochs": 2, "batch_size": 32, "warmup_epochs": 1, "amp": False},
+        "stage2": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "redraw_every": 1, "ratio": 2},
+    }
+    for name, values in sections.items():
+        body[name].update(values)
+    lines = ['name = "tiny"', 'device = "cpu"']
+    for name, values in body.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path = tmp_path / "tiny.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path

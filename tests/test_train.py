@@ -17,26 +17,9 @@ from tailwise.cli import main
 from training import checkpoint
 from training.config import load_config
 
+from conftest import write_recipe
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_recipe(tmp_path, archive, **sections) -> Path:
-    """A tiny recipe: ResNet-32 on a 10-class CIFAR-format archive at IF 10, a few steps per epoch."""
-    body = {
-        "data": {"dataset": "cifar10", "root": str(archive), "imbalance_factor": 10, "val_per_class": 5},
-        "model": {"arch": "resnet32", "proj_hidden": 64, "proj_dim": 32},
-        "stage1": {"epochs": 2, "batch_size": 32, "warmup_epochs": 1, "amp": False},
-        "stage2": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "redraw_every": 1, "ratio": 2},
-    }
-    for name, values in sections.items():
-        body[name].update(values)
-    lines = ['name = "tiny"', 'device = "cpu"']
-    for name, values in body.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path = tmp_path / "tiny.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture
@@ -155,3 +138,17 @@ def test_torchrun_two_cpu_processes(tiny, tmp_path):
     line = json.loads((run / "stage1_metrics.jsonl").read_text().splitlines()[0])
     # both processes' images are counted: one epoch covers the LT set once (drop_last batches)
     assert line["images"] == (card2["data"]["num_train"] // 32) * 32
+
+
+def test_freeze_encoder_trains_only_the_classifier(tmp_path, cifar_archive):
+    """cRT-style stage 2: frozen encoder (weights and BatchNorm statistics), class-balanced sampling."""
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
+    recipe = write_recipe(tmp_path, archive, stage1={"method": "supervised", "loss": "ce", "epochs": 1},
+                          stage2={"sampler": "none", "freeze_encoder": True, "class_balanced": True, "epochs": 1})
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(recipe), "--out", str(run), "--no-progress"]) == 0
+    w1 = checkpoint.load_weights(checkpoint.load_card(run, stage=1))
+    w2 = checkpoint.load_weights(checkpoint.load_card(run, stage=2))
+    encoder_keys = [k for k in w1 if k.startswith("encoder.")]
+    assert any("running_mean" in k for k in encoder_keys)
+    assert all(torch.equal(w1[k], w2[k]) for k in encoder_keys)

@@ -1,0 +1,42 @@
+"""The accuracy-table runner on tiny data: methods are configs, results are kept as JSON, re-runs fill gaps."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import write_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def runner(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "accuracy.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
+    recipe = write_recipe(tmp_path, archive)
+    common = ["--recipe", str(recipe), "--imbalance-factor", "10", "--budget", "2", "--results", str(tmp_path / "res")]
+    run = ["run", *common, "--seeds", "0", "--methods", "ce,bns-kdpp,bns-kdpp-la", "--workdir", str(tmp_path / "w"),
+           "--no-progress", "--device", "cpu"]
+    first = runner(*run, cwd=REPO)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    folder = tmp_path / "res" / "tiny-if10-b2"
+    assert sorted(p.name for p in folder.glob("*.json")) == ["bns-kdpp-s0.json", "ce-s0.json"]
+    ce = json.loads((folder / "ce-s0.json").read_text())
+    bns = json.loads((folder / "bns-kdpp-s0.json").read_text())
+    # the same budget in image passes: CE 2 passes of the LT set; BNS 3/4 of it in two-view stage 1 + stage 2
+    assert ce["config"]["stage1"]["epochs"] == 2 and not ce["config"]["stage2"]["enabled"]
+    assert bns["config"]["stage1"]["method"] == "bns" and bns["config"]["stage2"]["sampler"] == "kdpp"
+    assert 0 <= ce["test"]["top1"] <= 1
+    assert bns["test"]["logit_adjusted"]["tau"] == bns["logit_adjustment_tau"]   # tau picked on validation
+    second = runner(*run, cwd=REPO)               # nothing left to do: no training
+    assert second.returncode == 0 and "==" not in second.stdout
+    table = runner("table", *common, cwd=REPO)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    ce_row = next(line for line in lines if line.startswith("| CE |"))
+    assert ce_row.split("|")[2].strip() == "1" and f"{100 * ce['test']['top1']:.1f}" in ce_row
+    assert "Not run yet:" in table.stdout and "ldam-drw" in table.stdout
