@@ -71,13 +71,10 @@ def sample_kdpp(p: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     det(S_Y) with |Y| >= 2 is 0 and the k-DPP is undefined) -> a uniform k-subset, which is the limit of
     the k-DPP as all p -> 1 together and exact for k = 1.
     """
-    p = _check_probabilities(p)
+    p, k, trivial = _checked(p, k)
+    if trivial is not None:
+        return trivial
     n = p.size
-    k = _check_k(k, n)
-    if k == 0:
-        return np.empty(0, dtype=np.int64)
-    if k == n:
-        return np.arange(n, dtype=np.int64)
     d = kernel_diagonal(p)
     if not d.any():
         return sample_random(p, k, rng)
@@ -130,13 +127,10 @@ def sample_paper_alg1(p: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
     polynomials a k-DPP needs (Kulesza & Taskar, Alg. 8) and uses lambda/(lambda+1), the marginal of an
     L-ensemble, and step 3 maximises instead of sampling proportionally to the squared norms.
     """
-    p = _check_probabilities(p)
+    p, k, trivial = _checked(p, k)
+    if trivial is not None:
+        return trivial
     n = p.size
-    k = _check_k(k, n)
-    if k == 0:
-        return np.empty(0, dtype=np.int64)
-    if k == n:
-        return np.arange(n, dtype=np.int64)
     eigvals, eigvecs = np.linalg.eigh(kernel_matrix(p))
     order = np.argsort(-eigvals, kind="stable")
     keep_probability = np.clip(eigvals[order], 0.0, None) / (np.clip(eigvals[order], 0.0, None) + 1.0)
@@ -225,6 +219,14 @@ def _check_probabilities(p: np.ndarray) -> np.ndarray:
     if p.size and not (p.min() >= 0.0 and p.max() <= 1.0):  # NaN fails both comparisons
         raise ValueError("p must hold probabilities in [0, 1] (found NaN, inf or values outside)")
     return p
+
+
+def _checked(p: np.ndarray, k: int) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """Validated p and k, plus the answer when it needs no sampling (k = 0: nothing; k = N: everything)."""
+    p = _check_probabilities(p)
+    k = _check_k(k, p.size)
+    trivial = np.empty(0, dtype=np.int64) if k == 0 else np.arange(p.size, dtype=np.int64) if k == p.size else None
+    return p, k, trivial
 
 
 def _check_k(k: int, n: int) -> int:
