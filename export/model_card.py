@@ -75,7 +75,6 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
     build = data["build_args"]
     la = card.get("logit_adjustment") or {}
     adjusted = test.get("logit_adjusted")
-    served = adjusted if la.get("tau") else test
     training = card.get("training") or {}
     s1, s2 = cfg["stage1"], cfg["stage2"]
     recipe = (f"stage 1: {s1['method']}" + (f" ({s1['loss_form']} form, tau {s1['tau']})" if s1["method"] == "bns"

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 import struct
 import tarfile
 from pathlib import Path

@@ -177,7 +177,6 @@ def load_resume(card: dict) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def load_classifier(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     """The final classifier of a run folder (or a classifier card/weights file), in eval mode, and its card."""
-    from training.networks import Classifier
 
     card = load_card(path)
     if card.get("kind") != "classifier":
