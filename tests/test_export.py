@@ -222,6 +222,7 @@ def test_tailwise_export_end_to_end(tmp_path, cifar_archive):
     """`tailwise export` on a real checkpoint written by training.checkpoint, data rebuilt from its card."""
     checkpoint = pytest.importorskip("training.checkpoint")
     from training.data import build_lt_data
+    from training.config import load_config
     from training.networks import Classifier
     from tailwise.cli import main
 
@@ -234,7 +235,7 @@ def test_tailwise_export_end_to_end(tmp_path, cifar_archive):
     model.eval()
     run = tmp_path / "run"
     checkpoint.save_checkpoint(run, 2, model, {"epoch": 1, "kind": "classifier", "finished": True,
-                                               "config": {"name": "t", "model": {"arch": "resnet32"}},
+                                               "config": load_config(None, ["name='t'"]),
                                                "data": data.card(), "test": {"top1": 0.1}})
     out = tmp_path / "models" / "cifar"
     assert main(["export", str(run), "--out", str(out), "--parity-images", "40"]) == 0
@@ -244,3 +245,5 @@ def test_tailwise_export_end_to_end(tmp_path, cifar_archive):
     assert meta["metrics"] == {"top1": 0.1}
     card = json.loads((out / "card.json").read_text())
     assert card["export"]["parity"]["n_images"] == 40 and "accuracy" in card["export"]["parity"]
+    readme = (out / "README.md").read_text()   # the model card lists every file with its sha256
+    assert "tailwise train --config t" in readme and card["training"]["weights_sha256"] in readme
