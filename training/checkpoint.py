@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from tailwise import UserError, __version__
+from training.fileio import atomic_path, atomic_write_text  # noqa: F401 (atomic_write_text re-exported)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -29,38 +29,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _atomic_target(path: Path):
-    """A temp file in the target's folder (so os.replace is atomic); returns its path."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> str:
     """Save tensors as safetensors atomically; returns the file's sha256."""
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return digest
 
 

@@ -4,11 +4,11 @@ numpy and matplotlib only (no torch), so it evaluates logits from a torch model 
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from training.fileio import atomic_path
 
 GROUPS = ("many", "medium", "few")
 
@@ -99,15 +99,9 @@ def evaluate_logits(logits: np.ndarray, labels: np.ndarray, counts: list[int], g
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temp file next to `path`, then os.replace it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Call write(tmp_path) on a temp file next to `path`, then move it into place."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def _plot_per_class(report: dict, class_names: list[str], title: str, path: Path) -> None:
