@@ -1,0 +1,98 @@
+"""The shipped model: files match their sha256, the card's test numbers reproduce on the real Fashion-MNIST
+test set, ONNX agrees with torch, and the sample images are classified as the card says."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "models" / "fmnist-lt-bns-ipdpp"
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def readme_table(heading: str) -> list[list[str]]:
+    """Rows (cells without backticks) of the first table under `heading` in the model card."""
+    section = (MODEL / "README.md").read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")][2:]
+    return [[c.strip().strip("`") for c in r.strip("|").split("|")] for r in rows]
+
+
+def test_files_match_their_sha256():
+    from training.checkpoint import sha256_file
+
+    rows = readme_table("## Files")
+    listed = {name: digest for name, digest in rows}
+    assert {"model.onnx", "weights.safetensors", "card.json"} <= set(listed)
+    for name, digest in listed.items():
+        assert sha256_file(MODEL / name) == digest, name
+    card = json.loads((MODEL / "card.json").read_text())["training"]
+    assert card["weights_sha256"] == listed["weights.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    if not FMNIST.exists():
+        pytest.skip("real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    from training.data import build_lt_data
+
+    card = json.loads((MODEL / "card.json").read_text())["training"]
+    data = build_lt_data(**card["data"]["build_args"])
+    assert data.index_sha256 == card["data"]["index_sha256"]
+    return card, data
+
+
+def _pct(x):
+    return round(100 * x, 2)
+
+
+def test_card_numbers_reproduce_on_the_real_test_set(test_set):
+    from safetensors.torch import load_file
+
+    from training.checkpoint import build_classifier
+    from training.metrics import evaluate_logits
+
+    card, data = test_set
+    model = build_classifier(card)
+    model.load_state_dict(load_file(str(MODEL / "weights.safetensors")))
+    model.eval()
+    images = data.test_source.images
+    with torch.no_grad():
+        logits = torch.cat([model(images[i:i + 1000]) for i in range(0, len(images), 1000)]).numpy()
+    labels = data.test_source.labels
+    report = evaluate_logits(logits, labels, data.counts, data.groups)
+    for key in ("top1", "many", "medium", "few", "mean_per_class"):
+        assert _pct(report[key]) == _pct(card["test"][key]), key
+    assert [_pct(a) for a in report["per_class"]] == [_pct(a) for a in card["test"]["per_class"]]
+    # the card's printed table says the same
+    printed = readme_table("## Test metrics")[0]
+    assert printed[1:5] == [f"{100 * card['test'][k]:.2f}" for k in ("top1", "many", "medium", "few")]
+
+    # the ONNX file (what `predict` and the service run) agrees with torch
+    from serving.artifact import OnnxClassifier
+
+    onnx = OnnxClassifier(MODEL / "model.onnx")
+    onnx_logits = np.concatenate([onnx.predict_arrays(images[i:i + 1000].numpy()) for i in range(0, len(images), 1000)])
+    assert np.abs(onnx_logits - logits).max() < 1e-3
+    assert (onnx_logits.argmax(1) == logits.argmax(1)).mean() >= 0.9995
+
+
+def test_samples_are_classified_as_the_card_says(tmp_path):
+    from tailwise.cli import main
+
+    rows = readme_table("## Sample images")
+    assert len(rows) >= 10
+    out = tmp_path / "pred.jsonl"
+    assert main(["predict", "--model", str(MODEL), str(MODEL / "samples"), "--output", str(out), "--top-k", "1"]) == 0
+    predicted = {Path(r["path"]).name: r["predictions"][0]["label"] for r in map(json.loads, out.read_text().splitlines())}
+    for file, _true, label, _prob, _group in rows:
+        assert predicted[Path(file).name] == label, file
+
+
+def test_default_model_is_the_shipped_one(monkeypatch):
+    from serving.artifact import default_model_path
+
+    monkeypatch.delenv("TAILWISE_MODEL", raising=False)
+    assert Path(default_model_path()).resolve() == (MODEL / "model.onnx").resolve()
