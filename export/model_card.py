@@ -124,12 +124,16 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
         f"(the adjustment travels in the model's metadata). NLL {test.get('nll', float('nan')):.4f}, "
         f"ECE {test.get('ece', float('nan')):.4f} (plain logits).",
         "",
-        "| class | group | training images | test accuracy % |",
-        "|---|---|---:|---:|",
     ]
+    adjusted_per_class = (adjusted or {}).get("per_class")
+    if adjusted_per_class:
+        lines += ["| class | group | training images | test accuracy % | logit-adjusted % |", "|---|---|---:|---:|---:|"]
+    else:
+        lines += ["| class | group | training images | test accuracy % |", "|---|---|---:|---:|"]
     for c, cname in enumerate(data["class_names"]):
         acc = test.get("per_class", [None] * len(data["class_names"]))[c]
-        lines.append(f"| {cname} | {data['groups'][c]} | {data['counts'][c]} | {_pct(acc)} |")
+        extra = f" {_pct(adjusted_per_class[c])} |" if adjusted_per_class else ""
+        lines.append(f"| {cname} | {data['groups'][c]} | {data['counts'][c]} | {_pct(acc)} |{extra}")
     if (out_dir / "per_class.png").exists():
         lines += ["", "![per-class test accuracy against training count](per_class.png)"]
     if samples:

@@ -392,7 +392,8 @@ def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool
                                                   "per_class", "nll", "ece")}
         if "logit_adjusted" in result:
             stored["test"]["logit_adjusted"] = {k: result["logit_adjusted"][k]
-                                                for k in ("top1", "many", "medium", "few", "mean_per_class", "tau")}
+                                                for k in ("top1", "many", "medium", "few", "mean_per_class", "per_class",
+                                                          "tau")}
         checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
         print(format_report(result, data.class_names), flush=True)
     return result
