@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,16 @@ def test_freeze_encoder_trains_only_the_classifier(tmp_path, cifar_archive):
     encoder_keys = [k for k in w1 if k.startswith("encoder.")]
     assert any("running_mean" in k for k in encoder_keys)
     assert all(torch.equal(w1[k], w2[k]) for k in encoder_keys)
+
+
+def test_epoch_order_uniform_and_class_balanced():
+    from training.engine import epoch_order
+
+    labels = np.array([0] * 90 + [1] * 9 + [2])
+    indices = np.arange(100)
+    uniform = epoch_order(indices, labels, seed=0, epoch=3)
+    assert sorted(uniform) == list(indices) and np.array_equal(uniform, epoch_order(indices, labels, 0, 3))
+    assert not np.array_equal(uniform, epoch_order(indices, labels, 0, 4))
+    balanced = epoch_order(indices, labels, 0, 0, class_balanced=True, num_samples=30000)
+    per_class = np.bincount(labels[balanced], minlength=3)
+    assert np.all(np.abs(per_class - 10000) < 400) and set(balanced) == set(indices)

@@ -100,8 +100,10 @@ def epoch_order(indices: np.ndarray, labels: np.ndarray, seed: int, epoch: int, 
     item_labels = labels[indices]
     classes = np.unique(item_labels)
     by_class = [indices[item_labels == c] for c in classes]
+    sizes = np.array([len(members) for members in by_class])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     picks = rng.integers(len(classes), size=num_samples)
-    return np.array([by_class[c][rng.integers(len(by_class[c]))] for c in picks], dtype=np.int64)
+    return np.concatenate(by_class)[starts[picks] + rng.integers(sizes[picks])].astype(np.int64)
 
 
 def rank_batches(order: np.ndarray, batch_size: int, d: Dist, drop_last: bool = True) -> list[np.ndarray]:
