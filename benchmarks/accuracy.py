@@ -120,18 +120,20 @@ def table(args) -> str:
     folder = results_dir(args)
     rows = [f"Recipe {Path(args.recipe).stem}, IF {args.imbalance_factor:g}, budget {args.budget} passes over the "
             "LT set; final-epoch test accuracy % (mean +- std over seeds)", "",
-            "| method | seeds | overall | many | medium | few |", "|---|---:|---:|---:|---:|---:|"]
+            "| method | seeds | overall | many | medium | few | image passes |", "|---|---:|---:|---:|---:|---:|---:|"]
     missing = []
     for name, spec in methods.items():
         found = sorted(folder.glob(f"{spec.get('run', name)}-s*.json"))
-        tests = []
+        tests, passes = [], []
         for path in found:
-            test = json.loads(path.read_text())["test"]
-            tests.append(test.get(spec["report"]) if "report" in spec else test)
+            result = json.loads(path.read_text())
+            tests.append(result["test"].get(spec["report"]) if "report" in spec else result["test"])
+            passes.append(result["image_passes"])
         tests = [t for t in tests if t]
         if not tests:
             missing.append(name)
         cells = [_fmt([t[k] for t in tests if t.get(k) is not None]) for k in ("top1", "many", "medium", "few")]
+        cells.append(f"{statistics.mean(passes):,.0f}" if passes else "-")
         rows.append(f"| {spec['label']} | {len(tests)} | " + " | ".join(cells) + " |")
     if missing:
         rows += ["", f"Not run yet: {', '.join(missing)}."]
