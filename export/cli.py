@@ -48,22 +48,20 @@ def parse_variants(text: str) -> tuple[str, ...]:
 def metadata_from_card(card: dict) -> dict:
     """The ONNX metadata (serving.artifact.build_metadata) of a classifier checkpoint card."""
     from serving.artifact import build_metadata
+    from training.data import group_thresholds
 
     data = card["data"]
     build = data.get("build_args", {})
     dataset = build.get("dataset", data.get("name"))
     counts = data["counts"]
-    large = len(counts) >= 100  # the defaults of training.data.groups_from_counts
-    many = build.get("many_threshold")
-    few = build.get("few_threshold")
+    many, few = group_thresholds(len(counts), build.get("many_threshold"), build.get("few_threshold"))
     height, width = data["image_size"]
     la = card.get("logit_adjustment")
     return build_metadata(
         class_names=data["class_names"], channels=data["channels"], height=height, width=width,
         resize_policy="resize" if dataset in ARRAY_DATASETS else "shorter-center-crop",
         train_counts=counts, groups=data["groups"],
-        group_thresholds={"many_above": (100 if large else 500) if many is None else many,
-                          "few_below": (20 if large else 200) if few is None else few},
+        group_thresholds={"many_above": many, "few_below": few},
         dataset={"name": dataset, "index_sha256": data.get("index_sha256")},
         weights_sha256=card.get("weights_sha256"),
         metrics=card.get("test") or {},  # training writes the final test report under "test"

@@ -179,15 +179,18 @@ def index_sha256(indices: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(indices, dtype="<i8").tobytes()).hexdigest()
 
 
-def groups_from_counts(counts, many_threshold=None, few_threshold=None) -> list[str]:
-    """'many' (count > many_threshold), 'few' (count < few_threshold) or 'medium' for each class.
-
-    Defaults: with 100+ classes many > 100, few < 20 (OLTR); otherwise many > 500, few < 200 (the paper's
-    CIFAR-10 code).
-    """
-    large = len(counts) >= 100
+def group_thresholds(num_classes: int, many_threshold=None, few_threshold=None) -> tuple[int, int]:
+    """(many, few): many means count > many, few means count < few. Defaults: with 100+ classes 100 and 20
+    (OLTR); otherwise 500 and 200 (the paper's CIFAR-10 code)."""
+    large = num_classes >= 100
     many = (100 if large else 500) if many_threshold is None else many_threshold
     few = (20 if large else 200) if few_threshold is None else few_threshold
+    return many, few
+
+
+def groups_from_counts(counts, many_threshold=None, few_threshold=None) -> list[str]:
+    """'many' (count > many), 'few' (count < few) or 'medium' for each class; thresholds: group_thresholds."""
+    many, few = group_thresholds(len(counts), many_threshold, few_threshold)
     if few > many:
         raise UserError(f"--few-threshold ({few}) must not exceed --many-threshold ({many})")
     return ["many" if n > many else "few" if n < few else "medium" for n in counts]
