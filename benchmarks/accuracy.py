@@ -9,12 +9,15 @@ Fashion-MNIST-LT). All get the same budget in image passes: `--budget B` is B pa
 Numbers are final-epoch test results; the only tuned choice (post-hoc logit-adjustment tau) is made on the
 validation split. Each finished run is kept as JSON under benchmarks/results/; `run` only fills the gaps and
 resumes interrupted runs from their checkpoints, so the table can be completed over several sessions and
-machines. `table` prints mean +- std over the seeds found.
+machines. Several `run` processes may share the work: each claims a run with a lock file in the workdir and
+skips runs another live process holds. `table` prints mean +- std over the seeds found.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import shutil
 import statistics
@@ -77,15 +80,39 @@ def image_passes(run_dir: Path, cfg: dict) -> int:
     return total
 
 
-def run_one(name: str, spec: dict, args, seed: int) -> Path | None:
-    from training import checkpoint
-    from training.train import run
+@contextlib.contextmanager
+def claim(lock_path: Path):
+    """Yield True if this process now holds the lock on `lock_path` (released when the process ends)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
+
+def run_one(name: str, spec: dict, args, seed: int) -> Path | None:
     out = results_dir(args) / f"{name}-s{seed}.json"
     if out.exists() or "run" in spec:
         return None
-    cfg = method_config(name, spec, args, seed)
     run_dir = Path(args.workdir) / results_dir(args).name / f"{name}-s{seed}"
+    with claim(run_dir.with_name(run_dir.name + ".lock")) as mine:
+        if not mine:
+            print(f"-- {name} seed {seed}: another process is running it, skipped", flush=True)
+            return None
+        if out.exists():                  # finished by another process while we waited for the lock
+            return None
+        return _train_and_record(name, spec, args, seed, run_dir, out)
+
+
+def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out: Path) -> Path:
+    from training import checkpoint
+    from training.fileio import atomic_write_text
+    from training.train import run
+
+    cfg = method_config(name, spec, args, seed)
     print(f"== {name} seed {seed}: stage1 {cfg['stage1']['epochs']} ep"
           + (f", stage2 {cfg['stage2']['epochs']} ep" if cfg["stage2"]["enabled"] else "") + f" -> {run_dir}",
           flush=True)
@@ -101,8 +128,8 @@ def run_one(name: str, spec: dict, args, seed: int) -> Path | None:
         "logit_adjustment_tau": (card.get("logit_adjustment") or {}).get("tau"), "config": cfg,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     shutil.copy(run_dir / "eval" / "per_class.png", out.with_suffix(".png"))
+    atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")   # last: its presence means done
     return out
 
 

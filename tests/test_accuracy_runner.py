@@ -40,3 +40,21 @@ def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
     ce_row = next(line for line in lines if line.startswith("| CE |"))
     assert ce_row.split("|")[2].strip() == "1" and f"{100 * ce['test']['top1']:.1f}" in ce_row
     assert "Not run yet:" in table.stdout and "ldam-drw" in table.stdout
+
+
+def test_runner_skips_a_run_another_process_holds(tmp_path, cifar_archive):
+    import fcntl
+
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
+    recipe = write_recipe(tmp_path, archive)
+    lock = tmp_path / "w" / "tiny-if10-b2" / "ce-s0.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)       # as a second `run` process would hold it
+        held = runner("run", "--recipe", str(recipe), "--imbalance-factor", "10", "--budget", "2", "--results",
+                      str(tmp_path / "res"), "--seeds", "0", "--methods", "ce", "--workdir", str(tmp_path / "w"),
+                      "--no-progress", "--device", "cpu", cwd=REPO)
+    assert held.returncode == 0, held.stderr[-3000:]
+    assert "another process is running it, skipped" in held.stdout
+    assert not (tmp_path / "res" / "tiny-if10-b2" / "ce-s0.json").exists()
+    assert not (tmp_path / "w" / "tiny-if10-b2" / "ce-s0").exists()
