@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import os
 import json
 import shutil
 import statistics
@@ -126,6 +127,7 @@ def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out
         "tailwise_version": card["tailwise_version"], "index_sha256": card["data"]["index_sha256"],
         "final_epoch": card["epoch"], "val": card["metrics"], "test": card["test"],
         "logit_adjustment_tau": (card.get("logit_adjustment") or {}).get("tau"), "config": cfg,
+        "classes": {key: card["data"][key] for key in ("class_names", "counts", "groups")},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(run_dir / "eval" / "per_class.png", out.with_suffix(".png"))
@@ -142,29 +144,109 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(pct):.1f} +- {statistics.stdev(pct):.1f}"
 
 
-def table(args) -> str:
-    methods = load_methods()
-    folder = results_dir(args)
-    rows = [f"Recipe {Path(args.recipe).stem}, IF {args.imbalance_factor:g}, budget {args.budget} passes over the "
-            "LT set; final-epoch test accuracy % (mean +- std over seeds)", "",
-            "| method | seeds | overall | many | medium | few | image passes |", "|---|---:|---:|---:|---:|---:|---:|"]
-    missing = []
+def collect(args) -> list[dict]:
+    """One entry per methods.toml row: its label and the test reports of every seed found."""
+    methods, folder, rows = load_methods(), results_dir(args), []
     for name, spec in methods.items():
-        found = sorted(folder.glob(f"{spec.get('run', name)}-s*.json"))
-        tests, passes = [], []
-        for path in found:
+        tests, passes, classes = [], [], None
+        for path in sorted(folder.glob(f"{spec.get('run', name)}-s*.json")):
             result = json.loads(path.read_text())
-            tests.append(result["test"].get(spec["report"]) if "report" in spec else result["test"])
-            passes.append(result["image_passes"])
-        tests = [t for t in tests if t]
-        if not tests:
-            missing.append(name)
+            test = result["test"].get(spec["report"]) if "report" in spec else result["test"]
+            if test:
+                tests.append(test)
+                passes.append(result["image_passes"])
+                classes = classes or result.get("classes")
+        rows.append({"name": name, "label": spec["label"], "reference": spec.get("reference", False),
+                     "tests": tests, "passes": passes, "classes": classes})
+    return rows
+
+
+def _mean(row: dict, key: str) -> float:
+    return statistics.mean(t[key] for t in row["tests"])
+
+
+def _std(row: dict, key: str) -> float:
+    return statistics.stdev(t[key] for t in row["tests"]) if len(row["tests"]) > 1 else float("nan")
+
+
+def winners(rows: list[dict]) -> list[str]:
+    """Sentences naming the best long-tailed method overall and on the few-shot classes, and by how much.
+    The reference row (trained on balanced data) is not a contender."""
+    contenders = [r for r in rows if r["tests"] and not r["reference"]]
+    if len(contenders) < 2:
+        return []
+    by_name = {r["name"]: r for r in contenders}
+    lines = []
+    for key, what in (("top1", "overall"), ("few", "on the few-shot classes")):
+        ranked = sorted(contenders, key=lambda r: _mean(r, key), reverse=True)
+        best = ranked[0]
+        ties = [r for r in ranked[1:] if abs(_mean(r, key) - _mean(best, key)) < 5e-4]
+        runner_up = next((r for r in ranked[1:] if r not in ties), None)
+        name = best["label"] + "".join(f" (tied with {r['label']})" for r in ties)
+        text = f"- Best {what}: **{name}**, {100 * _mean(best, key):.1f} %"
+        if runner_up:
+            text += (f", {100 * (_mean(best, key) - _mean(runner_up, key)):.1f} points above the next, "
+                     f"{runner_up['label']} ({100 * _mean(runner_up, key):.1f} %)")
+        if "ce" in by_name and best["name"] != "ce":
+            text += f", and {100 * (_mean(best, key) - _mean(by_name['ce'], key)):+.1f} points against CE"
+        spread = [_std(r, key) for r in [best, runner_up] if r]
+        if all(s == s for s in spread):             # not NaN: at least two seeds each
+            text += " (std over seeds " + " and ".join(f"{100 * s:.1f}" for s in spread) + ")"
+        lines.append(text + ".")
+    return lines
+
+
+def plot_best(rows: list[dict], path: Path) -> Path | None:
+    """Per-class test accuracy (mean over seeds) against training images per class, for the best method
+    overall, the best on few-shot classes, and CE."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    contenders = [r for r in rows if r["tests"] and r["classes"] and not r["reference"]]
+    if not contenders:
+        return None
+    picks = [max(contenders, key=lambda r: _mean(r, "top1")), max(contenders, key=lambda r: _mean(r, "few"))]
+    picks += [r for r in contenders if r["name"] == "ce"]
+    seen = [r for i, r in enumerate(picks) if r not in picks[:i]]
+    counts, names = seen[0]["classes"]["counts"], seen[0]["classes"]["class_names"]
+    order = sorted(range(len(counts)), key=lambda c: -counts[c])          # head class first
+    fig = Figure(figsize=(9, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(seen)
+    for i, row in enumerate(seen):
+        acc = [statistics.mean(t["per_class"][c] for t in row["tests"]) for c in order]
+        ax.bar([x + (i - (len(seen) - 1) / 2) * width for x in range(len(order))], acc, width,
+               label=f"{row['label']} (overall {100 * _mean(row, 'top1'):.1f} %, {len(row['tests'])} seed(s))")
+    ax.set_xticks(range(len(order)), [f"{names[c]}\n{counts[c]}" for c in order], fontsize=7)
+    ax.set_ylim(0, 1.0)
+    ax.set_xlabel("class, with its training images (head class left)")
+    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def table(args, rows: list[dict] | None = None) -> str:
+    rows = collect(args) if rows is None else rows
+    lines = [f"Recipe {Path(args.recipe).stem}, IF {args.imbalance_factor:g}, budget {args.budget} passes over the "
+             "LT set; final-epoch test accuracy % (mean +- std over seeds)", "",
+             "| method | seeds | overall | many | medium | few | image passes |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        tests = row["tests"]
         cells = [_fmt([t[k] for t in tests if t.get(k) is not None]) for k in ("top1", "many", "medium", "few")]
-        cells.append(f"{statistics.mean(passes):,.0f}" if passes else "-")
-        rows.append(f"| {spec['label']} | {len(tests)} | " + " | ".join(cells) + " |")
+        cells.append(f"{statistics.mean(row['passes']):,.0f}" if row["passes"] else "-")
+        lines.append(f"| {row['label']} | {len(tests)} | " + " | ".join(cells) + " |")
+    missing = [row["name"] for row in rows if not row["tests"]]
     if missing:
-        rows += ["", f"Not run yet: {', '.join(missing)}."]
-    return "\n".join(rows)
+        lines += ["", f"Not run yet: {', '.join(missing)}."]
+    found = winners(rows)
+    if found:
+        lines += ["", *found]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -188,7 +270,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
     if args.command == "table":
-        text = table(args)
+        rows = collect(args)
+        text = table(args, rows)
+        if args.readme:
+            readme = Path(args.readme)
+            plot = plot_best(rows, results_dir(args) / "best_per_class.png")
+            if plot:
+                rel = Path(os.path.relpath(plot.resolve(), readme.resolve().parent)).as_posix()
+                text += f"\n\n![Per-class accuracy of the best methods]({rel})"
         print(text)
         if args.readme:
             readme = Path(args.readme)

@@ -34,8 +34,21 @@ def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
     assert bns["test"]["logit_adjusted"]["tau"] == bns["logit_adjustment_tau"]   # tau picked on validation
     second = runner(*run, cwd=REPO)               # nothing left to do: no training
     assert second.returncode == 0 and "==" not in second.stdout
-    table = runner("table", *common, cwd=REPO)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- accuracy-table:begin -->\nstale\n<!-- accuracy-table:end -->\noutro\n")
+    table = runner("table", *common, "--readme", str(readme), cwd=REPO)
     assert table.returncode == 0, table.stderr
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text
+    assert "| CE |" in text and (folder / "best_per_class.png").stat().st_size > 0
+    # the winner sentence names the row(s) with the highest mean test accuracy, read from the JSON
+    overall = {"CE": ce["test"]["top1"], "BNS + IP-DPP (kdpp)": bns["test"]["top1"],
+               "BNS + IP-DPP + post-hoc logit adjustment": bns["test"]["logit_adjusted"]["top1"]}
+    best_line = next(line for line in table.stdout.splitlines() if line.startswith("- Best overall:"))
+    top = max(overall.values())
+    for label, value in overall.items():
+        assert (label in best_line.split(" %")[0]) == (abs(value - top) < 5e-4), (label, best_line)
+    assert f"{100 * top:.1f} %" in best_line
     lines = table.stdout.splitlines()
     ce_row = next(line for line in lines if line.startswith("| CE |"))
     assert ce_row.split("|")[2].strip() == "1" and f"{100 * ce['test']['top1']:.1f}" in ce_row
