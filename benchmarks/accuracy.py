@@ -31,7 +31,6 @@ HERE = Path(__file__).resolve().parent
 METHODS_FILE = HERE / "methods.toml"
 RESULTS = HERE / "results"
 STAGE1_SHARE = 0.75
-TABLE_BEGIN, TABLE_END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
 
 
 def load_methods() -> dict:
@@ -249,6 +248,17 @@ def table(args, rows: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
+def write_readme(readme: Path, key: str, text: str) -> None:
+    """Replace what lies between this table's markers in `readme` (each results folder has its own pair)."""
+    begin, end = f"<!-- accuracy-table:{key}:begin -->", f"<!-- accuracy-table:{key}:end -->"
+    current = readme.read_text()
+    before, found, rest = current.partition(begin)
+    middle, found_end, after = rest.partition(end)
+    if not found or not found_end:
+        raise SystemExit(f"error: {readme} has no '{begin}' ... '{end}' pair; add both where the table goes")
+    readme.write_text(f"{before}{begin}\n{text}\n{end}{after}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,10 +290,7 @@ def main(argv=None) -> int:
                 text += f"\n\n![Per-class accuracy of the best methods]({rel})"
         print(text)
         if args.readme:
-            readme = Path(args.readme)
-            before, _, rest = readme.read_text().partition(TABLE_BEGIN)
-            _, _, after = rest.partition(TABLE_END)
-            readme.write_text(f"{before}{TABLE_BEGIN}\n{text}\n{TABLE_END}{after}")
+            write_readme(Path(args.readme), results_dir(args).name, text)
         return 0
     methods = load_methods()
     names = list(methods) if args.methods == "all" else args.methods.split(",")

@@ -35,7 +35,7 @@ def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
     second = runner(*run, cwd=REPO)               # nothing left to do: no training
     assert second.returncode == 0 and "==" not in second.stdout
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- accuracy-table:begin -->\nstale\n<!-- accuracy-table:end -->\noutro\n")
+    readme.write_text("intro\n<!-- accuracy-table:tiny-if10-b2:begin -->\nstale\n<!-- accuracy-table:tiny-if10-b2:end -->\noutro\n")
     table = runner("table", *common, "--readme", str(readme), cwd=REPO)
     assert table.returncode == 0, table.stderr
     text = readme.read_text()
@@ -52,6 +52,11 @@ def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
     lines = table.stdout.splitlines()
     ce_row = next(line for line in lines if line.startswith("| CE |"))
     assert ce_row.split("|")[2].strip() == "1" and f"{100 * ce['test']['top1']:.1f}" in ce_row
+    other = tmp_path / "OTHER.md"
+    other.write_text("no markers here\n")
+    refused = runner("table", *common, "--readme", str(other), cwd=REPO)
+    assert refused.returncode != 0 and "accuracy-table:tiny-if10-b2:begin" in refused.stderr
+    assert other.read_text() == "no markers here\n"
     assert "Not run yet:" in table.stdout and "ldam-drw" in table.stdout
 
 
