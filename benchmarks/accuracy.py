@@ -10,7 +10,9 @@ Numbers are final-epoch test results; the only tuned choice (post-hoc logit-adju
 validation split. Each finished run is kept as JSON under benchmarks/results/; `run` only fills the gaps and
 resumes interrupted runs from their checkpoints, so the table can be completed over several sessions and
 machines. Several `run` processes may share the work: each claims a run with a lock file in the workdir and
-skips runs another live process holds. `table` prints mean +- std over the seeds found.
+skips runs another live process holds. `table` prints mean +- std over the seeds found and names the best
+method overall and on the few-shot classes; with `--readme` it also plots the best methods' per-class accuracy
+and replaces the table between its markers (`<!-- accuracy-table:<results folder>:begin/end -->`).
 """
 
 from __future__ import annotations
