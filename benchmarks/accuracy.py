@@ -159,15 +159,22 @@ def collect(args) -> list[dict]:
                 classes = classes or result.get("classes")
         rows.append({"name": name, "label": spec["label"], "reference": spec.get("reference", False),
                      "tests": tests, "passes": passes, "classes": classes})
+    lt = next((r["classes"] for r in rows if r["classes"] and not r["reference"]), None)
+    for row in rows:          # a balanced reference has only "many" classes: score it on the LT rows' groups
+        if lt and row["reference"] and row["classes"] and row["classes"]["groups"] != lt["groups"]:
+            row["tests"] = [{**t, **{g: statistics.mean(t["per_class"][c] for c, x in enumerate(lt["groups"]) if x == g)
+                                     for g in set(lt["groups"])}} for t in row["tests"]]
+            row["regrouped"] = True
     return rows
 
 
 def _mean(row: dict, key: str) -> float:
-    return statistics.mean(t[key] for t in row["tests"])
+    """Mean over seeds, in percent (computed as `_fmt` does, so the prose rounds as the table does)."""
+    return statistics.mean(100 * t[key] for t in row["tests"])
 
 
 def _std(row: dict, key: str) -> float:
-    return statistics.stdev(t[key] for t in row["tests"]) if len(row["tests"]) > 1 else float("nan")
+    return statistics.stdev(100 * t[key] for t in row["tests"]) if len(row["tests"]) > 1 else float("nan")
 
 
 def winners(rows: list[dict]) -> list[str]:
@@ -181,18 +188,18 @@ def winners(rows: list[dict]) -> list[str]:
     for key, what in (("top1", "overall"), ("few", "on the few-shot classes")):
         ranked = sorted(contenders, key=lambda r: _mean(r, key), reverse=True)
         best = ranked[0]
-        ties = [r for r in ranked[1:] if abs(_mean(r, key) - _mean(best, key)) < 5e-4]
+        ties = [r for r in ranked[1:] if abs(_mean(r, key) - _mean(best, key)) < 0.05]
         runner_up = next((r for r in ranked[1:] if r not in ties), None)
         name = best["label"] + "".join(f" (tied with {r['label']})" for r in ties)
-        text = f"- Best {what}: **{name}**, {100 * _mean(best, key):.1f} %"
+        text = f"- Best {what}: **{name}**, {_mean(best, key):.1f} %"
         if runner_up:
-            text += (f", {100 * (_mean(best, key) - _mean(runner_up, key)):.1f} points above the next, "
-                     f"{runner_up['label']} ({100 * _mean(runner_up, key):.1f} %)")
+            text += (f", {_mean(best, key) - _mean(runner_up, key):.1f} points above the next, "
+                     f"{runner_up['label']} ({_mean(runner_up, key):.1f} %)")
         if "ce" in by_name and best["name"] != "ce":
-            text += f", and {100 * (_mean(best, key) - _mean(by_name['ce'], key)):+.1f} points against CE"
+            text += f", and {_mean(best, key) - _mean(by_name['ce'], key):+.1f} points against CE"
         spread = [_std(r, key) for r in [best, runner_up] if r]
         if all(s == s for s in spread):             # not NaN: at least two seeds each
-            text += " (std over seeds " + " and ".join(f"{100 * s:.1f}" for s in spread) + ")"
+            text += " (std over seeds " + " and ".join(f"{s:.1f}" for s in spread) + ")"
         lines.append(text + ".")
     return lines
 
@@ -218,7 +225,7 @@ def plot_best(rows: list[dict], path: Path) -> Path | None:
     for i, row in enumerate(seen):
         acc = [statistics.mean(t["per_class"][c] for t in row["tests"]) for c in order]
         ax.bar([x + (i - (len(seen) - 1) / 2) * width for x in range(len(order))], acc, width,
-               label=f"{row['label']} (overall {100 * _mean(row, 'top1'):.1f} %, {len(row['tests'])} seed(s))")
+               label=f"{row['label']} (overall {_mean(row, 'top1'):.1f} %, {len(row['tests'])} seed(s))")
     ax.set_xticks(range(len(order)), [f"{names[c]}\n{counts[c]}" for c in order], fontsize=7)
     ax.set_ylim(0, 1.0)
     ax.set_xlabel("class, with its training images (head class left)")
@@ -241,6 +248,10 @@ def table(args, rows: list[dict] | None = None) -> str:
         cells = [_fmt([t[k] for t in tests if t.get(k) is not None]) for k in ("top1", "many", "medium", "few")]
         cells.append(f"{statistics.mean(row['passes']):,.0f}" if row["passes"] else "-")
         lines.append(f"| {row['label']} | {len(tests)} | " + " | ".join(cells) + " |")
+    regrouped = [row["label"] for row in rows if row.get("regrouped")]
+    if regrouped:
+        lines += ["", f"{', '.join(regrouped)}: many / medium / few are the means over the classes that are many / "
+                  "medium / few in the LT set (its own training set is balanced)."]
     missing = [row["name"] for row in rows if not row["tests"]]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}."]

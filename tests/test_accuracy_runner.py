@@ -1,5 +1,6 @@
 """The accuracy-table runner on tiny data: methods are configs, results are kept as JSON, re-runs fill gaps."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -76,3 +77,44 @@ def test_runner_skips_a_run_another_process_holds(tmp_path, cifar_archive):
     assert "another process is running it, skipped" in held.stdout
     assert not (tmp_path / "res" / "tiny-if10-b2" / "ce-s0.json").exists()
     assert not (tmp_path / "w" / "tiny-if10-b2" / "ce-s0").exists()
+
+
+def _load_runner_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accuracy_runner", REPO / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_scores_the_balanced_reference_on_lt_groups_and_never_names_it_best(tmp_path):
+    accuracy = _load_runner_module()
+    args = argparse.Namespace(results=str(tmp_path), recipe="tiny", imbalance_factor=100, budget=4)
+    folder = accuracy.results_dir(args)
+    folder.mkdir(parents=True)
+    names = ["a", "b", "c", "d"]
+
+    def write(stem, per_class, counts, groups):
+        test = {"top1": sum(per_class) / 4, "per_class": per_class,
+                **{g: sum(a for a, x in zip(per_class, groups) if x == g) / groups.count(g) for g in set(groups)}}
+        (folder / f"{stem}.json").write_text(json.dumps({"test": test, "image_passes": 100, "classes": {
+            "class_names": names, "counts": counts, "groups": groups}}))
+
+    lt_groups = ["many", "many", "medium", "few"]
+    write("ce-s0", [0.9, 0.8, 0.4, 0.1], [100, 50, 20, 5], lt_groups)
+    write("ce-s1", [0.9, 0.7, 0.5, 0.3], [100, 50, 20, 5], lt_groups)
+    write("bsce-s0", [0.8, 0.7, 0.6, 0.5], [100, 50, 20, 5], lt_groups)
+    write("la-s0", [0.8, 0.7, 0.6, 0.5], [100, 50, 20, 5], lt_groups)          # the same loss: a tie
+    write("balanced-ce-s0", [0.95, 0.9, 0.9, 0.85], [100] * 4, ["many"] * 4)
+    rows = {r["name"]: r for r in accuracy.collect(args)}
+    ref = rows["balanced-ce"]["tests"][0]
+    assert ref["many"] == (0.95 + 0.9) / 2 and ref["medium"] == 0.9 and ref["few"] == 0.85
+    text = accuracy.table(args)
+    assert "| CE | 2 | 57.5 +- 3.5 | 82.5 +- 3.5 | 45.0 +- 7.1 | 20.0 +- 14.1 | 100 |" in text
+    assert "many / medium / few are the means over the classes that are many / medium / few in the LT set" in text
+    best = [line for line in text.splitlines() if line.startswith("- Best")]
+    tied = "**Logit-adjusted loss (tau = 1) (tied with Balanced Softmax)**"
+    assert best[0].startswith(f"- Best overall: {tied}, 65.0 %, 7.5 points above the next, CE (57.5 %)")
+    assert best[1].startswith(f"- Best on the few-shot classes: {tied}, 50.0 %, 30.0 points above the next, CE (20.0 %)")
+    assert "Upper bound" not in "".join(best)
