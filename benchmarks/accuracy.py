@@ -198,8 +198,10 @@ def winners(rows: list[dict]) -> list[str]:
         if "ce" in by_name and best["name"] != "ce":
             text += f", and {_mean(best, key) - _mean(by_name['ce'], key):+.1f} points against CE"
         spread = [_std(r, key) for r in [best, runner_up] if r]
-        if all(s == s for s in spread):             # not NaN: at least two seeds each
+        if runner_up and all(s == s for s in spread):      # not NaN: at least two seeds each
             text += " (std over seeds " + " and ".join(f"{s:.1f}" for s in spread) + ")"
+            if _mean(best, key) - _mean(runner_up, key) < max(spread):
+                text += "; the gap to the next is smaller than the spread over seeds, so not a clear win"
         lines.append(text + ".")
     return lines
 

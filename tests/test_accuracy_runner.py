@@ -118,3 +118,18 @@ def test_table_scores_the_balanced_reference_on_lt_groups_and_never_names_it_bes
     assert best[0].startswith(f"- Best overall: {tied}, 65.0 %, 7.5 points above the next, CE (57.5 %)")
     assert best[1].startswith(f"- Best on the few-shot classes: {tied}, 50.0 %, 30.0 points above the next, CE (20.0 %)")
     assert "Upper bound" not in "".join(best)
+
+
+def test_winner_within_seed_spread_is_not_called_clear():
+    accuracy = _load_runner_module()
+
+    def row(name, label, tops):
+        return {"name": name, "label": label, "reference": False,
+                "tests": [{"top1": t, "few": t} for t in tops], "passes": [1] * len(tops), "classes": None}
+
+    close = accuracy.winners([row("ce", "CE", [0.50, 0.60, 0.55]), row("la", "LA", [0.50, 0.70, 0.60])])
+    assert close[0].startswith("- Best overall: **LA**, 60.0 %, 5.0 points above the next, CE (55.0 %)")
+    assert close[0].endswith("(std over seeds 10.0 and 5.0); the gap to the next is smaller than the spread "
+                             "over seeds, so not a clear win.")
+    clear = accuracy.winners([row("ce", "CE", [0.50, 0.52]), row("la", "LA", [0.70, 0.72])])
+    assert clear[0].endswith("(std over seeds 1.4 and 1.4).")
