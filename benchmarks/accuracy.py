@@ -180,12 +180,15 @@ def _std(row: dict, key: str) -> float:
 def winners(rows: list[dict]) -> list[str]:
     """Sentences naming the best long-tailed method overall and on the few-shot classes, and by how much.
     The reference row (trained on balanced data) is not a contender."""
-    contenders = [r for r in rows if r["tests"] and not r["reference"]]
-    if len(contenders) < 2:
-        return []
-    by_name = {r["name"]: r for r in contenders}
     lines = []
     for key, what in (("top1", "overall"), ("few", "on the few-shot classes")):
+        contenders = [r for r in rows if r["tests"] and not r["reference"]
+                      and all(t.get(key) is not None for t in r["tests"])]
+        if len(contenders) < 2:
+            if key == "few" and lines:
+                lines.append("- No few-shot winner: no class is few-shot at this imbalance factor.")
+            continue
+        by_name = {r["name"]: r for r in contenders}
         ranked = sorted(contenders, key=lambda r: _mean(r, key), reverse=True)
         best = ranked[0]
         ties = [r for r in ranked[1:] if abs(_mean(r, key) - _mean(best, key)) < 0.05]
@@ -215,7 +218,9 @@ def plot_best(rows: list[dict], path: Path) -> Path | None:
     contenders = [r for r in rows if r["tests"] and r["classes"] and not r["reference"]]
     if not contenders:
         return None
-    picks = [max(contenders, key=lambda r: _mean(r, "top1")), max(contenders, key=lambda r: _mean(r, "few"))]
+    picks = [max(contenders, key=lambda r: _mean(r, "top1"))]
+    with_few = [r for r in contenders if all(t.get("few") is not None for t in r["tests"])]
+    picks += [max(with_few, key=lambda r: _mean(r, "few"))] if with_few else []
     picks += [r for r in contenders if r["name"] == "ce"]
     seen = [r for i, r in enumerate(picks) if r not in picks[:i]]
     counts, names = seen[0]["classes"]["counts"], seen[0]["classes"]["class_names"]

@@ -133,3 +133,12 @@ def test_winner_within_seed_spread_is_not_called_clear():
                              "over seeds, so not a clear win.")
     clear = accuracy.winners([row("ce", "CE", [0.50, 0.52]), row("la", "LA", [0.70, 0.72])])
     assert clear[0].endswith("(std over seeds 1.4 and 1.4).")
+
+
+def test_no_few_shot_winner_when_no_class_is_few_shot():
+    accuracy = _load_runner_module()
+    rows = [{"name": n, "label": n.upper(), "reference": False, "passes": [1], "classes": None,
+             "tests": [{"top1": t, "many": t, "medium": None, "few": None}]} for n, t in (("ce", 0.8), ("la", 0.7))]
+    lines = accuracy.winners(rows)
+    assert lines[0].startswith("- Best overall: **CE**, 80.0 %, 10.0 points above the next, LA (70.0 %)")
+    assert lines[1] == "- No few-shot winner: no class is few-shot at this imbalance factor."
