@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import os
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -147,6 +147,8 @@ def _fmt(values: list[float]) -> str:
 
 def collect(args) -> list[dict]:
     """One entry per methods.toml row: its label and the test reports of every seed found."""
+    from training.metrics import group_means
+
     methods, folder, rows = load_methods(), results_dir(args), []
     for name, spec in methods.items():
         tests, passes, classes = [], [], None
@@ -162,8 +164,7 @@ def collect(args) -> list[dict]:
     lt = next((r["classes"] for r in rows if r["classes"] and not r["reference"]), None)
     for row in rows:          # a balanced reference has only "many" classes: score it on the LT rows' groups
         if lt and row["reference"] and row["classes"] and row["classes"]["groups"] != lt["groups"]:
-            row["tests"] = [{**t, **{g: statistics.mean(t["per_class"][c] for c, x in enumerate(lt["groups"]) if x == g)
-                                     for g in set(lt["groups"])}} for t in row["tests"]]
+            row["tests"] = [{**t, **group_means(t["per_class"], lt["groups"])} for t in row["tests"]]
             row["regrouped"] = True
     return rows
 
@@ -177,13 +178,17 @@ def _std(row: dict, key: str) -> float:
     return statistics.stdev(100 * t[key] for t in row["tests"]) if len(row["tests"]) > 1 else float("nan")
 
 
+def _contenders(rows: list[dict], key: str) -> list[dict]:
+    """Rows that compete on `key`: not the reference, and every seed has a value for it."""
+    return [r for r in rows if r["tests"] and not r["reference"] and all(t.get(key) is not None for t in r["tests"])]
+
+
 def winners(rows: list[dict]) -> list[str]:
     """Sentences naming the best long-tailed method overall and on the few-shot classes, and by how much.
     The reference row (trained on balanced data) is not a contender."""
     lines = []
     for key, what in (("top1", "overall"), ("few", "on the few-shot classes")):
-        contenders = [r for r in rows if r["tests"] and not r["reference"]
-                      and all(t.get(key) is not None for t in r["tests"])]
+        contenders = _contenders(rows, key)
         if len(contenders) < 2:
             if key == "few" and lines:
                 lines.append("- No few-shot winner: no class is few-shot at this imbalance factor.")
@@ -215,13 +220,13 @@ def plot_best(rows: list[dict], path: Path) -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    contenders = [r for r in rows if r["tests"] and r["classes"] and not r["reference"]]
-    if not contenders:
+    picks = []
+    for key in ("top1", "few"):
+        contenders = [r for r in _contenders(rows, key) if r["classes"]]
+        picks += [max(contenders, key=lambda r: _mean(r, key))] if contenders else []
+    if not picks:
         return None
-    picks = [max(contenders, key=lambda r: _mean(r, "top1"))]
-    with_few = [r for r in contenders if all(t.get("few") is not None for t in r["tests"])]
-    picks += [max(with_few, key=lambda r: _mean(r, "few"))] if with_few else []
-    picks += [r for r in contenders if r["name"] == "ce"]
+    picks += [r for r in _contenders(rows, "top1") if r["classes"] and r["name"] == "ce"]
     seen = [r for i, r in enumerate(picks) if r not in picks[:i]]
     counts, names = seen[0]["classes"]["counts"], seen[0]["classes"]["class_names"]
     order = sorted(range(len(counts)), key=lambda c: -counts[c])          # head class first
@@ -270,13 +275,15 @@ def table(args, rows: list[dict] | None = None) -> str:
 
 def write_readme(readme: Path, key: str, text: str) -> None:
     """Replace what lies between this table's markers in `readme` (each results folder has its own pair)."""
+    from training.fileio import atomic_write_text
+
     begin, end = f"<!-- accuracy-table:{key}:begin -->", f"<!-- accuracy-table:{key}:end -->"
     current = readme.read_text()
     before, found, rest = current.partition(begin)
     middle, found_end, after = rest.partition(end)
     if not found or not found_end:
         raise SystemExit(f"error: {readme} has no '{begin}' ... '{end}' pair; add both where the table goes")
-    readme.write_text(f"{before}{begin}\n{text}\n{end}{after}")
+    atomic_write_text(readme, f"{before}{begin}\n{text}\n{end}{after}")
 
 
 def main(argv=None) -> int:

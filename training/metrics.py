@@ -59,6 +59,16 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, num_
     return float(ece)
 
 
+def _mean_of(per_class: list, classes) -> float | None:
+    accs = [per_class[c] for c in classes if per_class[c] is not None]
+    return float(np.mean(accs)) if accs else None
+
+
+def group_means(per_class: list, groups: list[str]) -> dict:
+    """{'many', 'medium', 'few'}: the mean per-class accuracy of each group's classes (None if it has none)."""
+    return {g: _mean_of(per_class, [c for c, x in enumerate(groups) if x == g]) for g in GROUPS}
+
+
 def evaluate_logits(logits: np.ndarray, labels: np.ndarray, counts: list[int], groups: list[str],
                     num_bins: int = 15) -> dict:
     """Evaluate N x C logits against N integer labels; `counts` / `groups` are per-class training counts and
@@ -77,15 +87,11 @@ def evaluate_logits(logits: np.ndarray, labels: np.ndarray, counts: list[int], g
     support = confusion.sum(axis=1)
     per_class = [float(confusion[c, c] / support[c]) if support[c] else None for c in range(num_classes)]
 
-    def mean_of(classes):
-        accs = [per_class[c] for c in classes if per_class[c] is not None]
-        return float(np.mean(accs)) if accs else None
-
     report = {
         "num_samples": int(num_samples),
         "top1": float(correct.mean()),
-        **{g: mean_of([c for c in range(num_classes) if groups[c] == g]) for g in GROUPS},
-        "mean_per_class": mean_of(range(num_classes)),
+        **group_means(per_class, groups),
+        "mean_per_class": _mean_of(per_class, range(num_classes)),
         "per_class": per_class,
         "per_class_support": [int(s) for s in support],
         "confusion": confusion.tolist(),
