@@ -24,7 +24,7 @@ def register(subparsers) -> None:
         description="Train a named recipe (training/recipes/*.toml) or a TOML file. Every config field can be "
                     "overridden with --set section.key=value. Under torchrun, each process trains its share "
                     "(DistributedDataParallel; nccl on CUDA, gloo on CPU).")
-    train.add_argument("--config", required=True, help="recipe name or path to a TOML file")
+    train.add_argument("--config", help="recipe name or path to a TOML file (default: the built-in defaults)")
     train.add_argument("--stage", type=int, choices=(1, 2), help="train only this stage (default: both)")
     train.add_argument("--epochs", type=int, help="epochs of the selected stage(s)")
     train.add_argument("--out", help="run folder (default runs/<config name>)")
@@ -37,10 +37,13 @@ def register(subparsers) -> None:
     train.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser(
-        "evaluate", help="score a run's final classifier on the test set (JSON report and per-class plot)")
-    evaluate.add_argument("run", help="run folder or checkpoint card")
-    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    evaluate.add_argument("--out", help="report folder (default <run>/eval)")
+        "evaluate", help="score a run or an exported model on the test set: plain and served (logit-adjusted) numbers",
+        description="Score a run's final classifier (torch) or an exported model folder (its model.onnx, with "
+                    "onnxruntime, on the data its card.json names) on the test set. Prints plain-logit and served "
+                    "numbers side by side: served is what `tailwise predict` and the service return.")
+    evaluate.add_argument("run", help="run folder, checkpoint card, or exported model folder (models/NAME)")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="for a run (torch)")
+    evaluate.add_argument("--out", help="report folder (default <run>/eval; an exported model: none unless given)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -133,18 +136,22 @@ def run_train(args) -> int:
 def run_evaluate(args) -> int:
     from pathlib import Path
 
-    from training import engine
-    from training.metrics import format_report
-    from training.train import evaluate_run
+    from training.exported import is_exported_model
+    from training.metrics import format_evaluation
 
-    report = evaluate_run(Path(args.run), engine.resolve_device(args.device),
-                          out_dir=Path(args.out) if args.out else None)
-    if args.json:
-        print(json.dumps(report, indent=2))
+    path, out = Path(args.run), Path(args.out) if args.out else None
+    if is_exported_model(path):
+        from training.exported import evaluate_exported
+
+        report, class_names = evaluate_exported(path, out_dir=out)
     else:
+        from training import engine
         from training.checkpoint import load_card
+        from training.train import evaluate_run
 
-        print(format_report(report, load_card(args.run)["data"]["class_names"]))
+        report = evaluate_run(path, engine.resolve_device(args.device), out_dir=out)
+        class_names = load_card(path)["data"]["class_names"]
+    print(json.dumps(report, indent=2) if args.json else format_evaluation(report, class_names))
     return 0
 
 

@@ -216,13 +216,15 @@ def fit(stage: Stage, run_dir: Path, seed: int, d: Dist, start_epoch: int = 0, p
                                        optimizer=stage.optimizer,
                                        extra_tensors=stage.extra_state() if stage.extra_state else None)
             print(f"stage {stage.number} epoch {epoch + 1}/{epochs}: "
-                  + ", ".join(f"{k}={_short(v)}" for k, v in last.items() if k != "epoch"), flush=True)
+                  + ", ".join(f"{k}={_short(v, k)}" for k, v in last.items() if k != "epoch"), flush=True)
         if d.world > 1:
             dist.barrier()
     return last
 
 
-def _short(value):
+def _short(value, key: str = ""):
+    if key.startswith("val_"):   # accuracies: percent, as a person reads them
+        return "n/a" if value is None else f"{100 * value:.2f}%"
     return f"{value:.4g}" if isinstance(value, float) else value
 
 

@@ -9,7 +9,9 @@ model's probabilities on un-augmented images. The final classifier is scored on 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ from tailwise import UserError
 from training import checkpoint, engine
 from training.augment import BatchAugment
 from training.data import LTData, build_lt_data
-from training.metrics import evaluate_logits, format_report, save_report
+from training.config import reproduce_command, validate_config
+from training.metrics import evaluate_logits, format_evaluation, save_report
 from training.networks import Classifier, ContrastiveModel
 
 LA_TAU_GRID = tuple(round(0.25 * i, 2) for i in range(9))   # post-hoc logit adjustment: 0, 0.25, ..., 2
@@ -357,21 +360,105 @@ def training_record(run_dir: Path, device: torch.device, d: engine.Dist) -> dict
             "total_seconds": round(sum(seconds.values()), 1)}
 
 
+def _stage_card(run_dir: Path, stage: int) -> dict | None:
+    path = run_dir / f"stage{stage}.json"
+    return checkpoint.load_card(path) if path.exists() else None
+
+
+def check_start(cfg: dict, run_dir: Path, stages: tuple[int, ...], resume: bool) -> bool:
+    """Refuse a start that cannot work, before any data loads; True when --resume finds nothing left to do."""
+    todo = [s for s in stages if s == 1 or cfg["stage2"]["enabled"]]
+    cards = {s: _stage_card(run_dir, s) for s in (1, 2)}
+    if resume and not any(cards.values()):
+        raise UserError(f"{run_dir}: nothing to resume (no stage1.json or stage2.json checkpoint card there); "
+                        "drop --resume to start a new run")
+    if not resume:
+        for s in todo:
+            if cards[s]:
+                raise UserError(f"{run_dir / f'stage{s}.json'} exists: pass --resume to continue this run, "
+                                "or choose another --out")
+    if 2 in todo and 1 not in stages and not (cards[1] and cards[1].get("finished")):
+        raise UserError(f"{run_dir}: stage 2 needs a finished stage 1 there (stage1.json "
+                        + (f"is at epoch {cards[1]['epoch']}/{cards[1]['epochs']}" if cards[1] else "is missing")
+                        + "); train it first with --stage 1")
+    if not (resume and todo and all(cards[s] and cards[s].get("finished") for s in todo)):
+        return False
+    final = cards[max(todo)]
+    return final.get("kind") != "classifier" or "test" in final   # killed while scoring: score it now
+
+
+def _stage_record(cfg: dict, run_dir: Path, stage: int, stages: tuple[int, ...], epochs: int) -> dict:
+    """What a stage's card records of how it was trained: epochs run, recipe, the command that repeats it."""
+    return {"epochs": epochs, "recipe": cfg["name"],
+            "command": reproduce_command(cfg, str(run_dir), stage=stage if stages == (stage,) else None)}
+
+
+def _record_stage(cfg: dict, run_dir: Path, stage: int, stages: tuple[int, ...]) -> None:
+    """Add `trained` ({"1": record, "2": record}) to a finished stage card that lacks its own record."""
+    path = run_dir / f"stage{stage}.json"
+    stored = json.loads(path.read_text())
+    if not stored.get("finished") or str(stage) in stored.get("trained", {}):
+        return
+    trained = dict(json.loads((run_dir / "stage1.json").read_text()).get("trained", {})) if stage == 2 else {}
+    trained[str(stage)] = _stage_record(cfg, run_dir, stage, stages, stored["epoch"])
+    stored["trained"] = trained
+    checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
+
+
+def _with_stage1_as_trained(cfg: dict, run_dir: Path) -> dict:
+    """cfg with the model and stage1 sections of the run's stage-1 card: stage 2 builds on what was trained."""
+    card1 = checkpoint.load_card(run_dir / "stage1.json")
+    trained = {k: card1["config"][k] for k in ("model", "stage1")}
+    differs = [f"{section}.{k}" for section in trained for k in trained[section]
+               if cfg[section].get(k) != trained[section][k]]
+    if differs:
+        print(f"tailwise: stage 2 builds on {run_dir / 'stage1.json'}, trained with its own "
+              + ", ".join(f"{f}={json.dumps(card1['config'][f.split('.')[0]][f.split('.')[1]])}" for f in differs[:4])
+              + (" ..." if len(differs) > 4 else "") + " (recorded as such)", flush=True)
+    return dict(cfg, **copy.deepcopy(trained))
+
+
 def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool = False, progress: bool = True) -> dict:
-    """Train the configured stages, then (on rank 0) choose logit adjustment on validation and score the test set."""
+    """Train the configured stages, then (on rank 0) choose logit adjustment on validation and score the test set.
+
+    The config is validated and the run folder checked before any data loads; a start that fails before its
+    first checkpoint leaves no run folder behind. With `resume` on a finished run nothing is retrained or
+    re-scored (the stored test report is returned)."""
+    validate_config(cfg)
+    if check_start(cfg, run_dir, stages, resume):
+        final = checkpoint.load_card(run_dir)
+        print(f"tailwise: {run_dir} is already finished (stage {final['stage']}: epoch {final['epoch']}/"
+              f"{final['epochs']}); nothing to train. Its test report is in {run_dir / 'eval'}; "
+              f"`tailwise evaluate {run_dir}` scores it again.", flush=True)
+        return final.get("test", {})
     device = engine.resolve_device(cfg["device"])
     d = engine.init_distributed(device)
     engine.seed_everything(cfg["seed"] + d.rank)
     data = data_from_config(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _train_and_score(cfg, data, run_dir, device, d, stages, resume, progress)
+    except BaseException:
+        if created and d.main and not list(run_dir.glob("stage*.json")):  # nothing to resume from: leave no folder
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train_and_score(cfg, data, run_dir, device, d, stages, resume, progress) -> dict:
     if d.main:
         print(f"tailwise: {cfg['name']} on {device} ({d.world} process(es)), {data.name}: "
               f"{len(data.train_idx)} train / {len(data.val_idx)} val / {len(data.test_source)} test, "
               f"index sha256 {data.index_sha256[:16]}", flush=True)
     if 1 in stages:
         train_stage1(cfg, data, run_dir, device, d, resume, progress)
+        if d.main:
+            _record_stage(cfg, run_dir, 1, stages)
     if 2 in stages and cfg["stage2"]["enabled"]:
+        cfg = _with_stage1_as_trained(cfg, run_dir)
         train_stage2(cfg, data, run_dir, device, d, resume, progress)
+        if d.main:
+            _record_stage(cfg, run_dir, 2, stages)
     if d.world > 1:
         torch.distributed.barrier()
     result: dict = {}
@@ -395,5 +482,5 @@ def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool
                                                 for k in ("top1", "many", "medium", "few", "mean_per_class", "per_class",
                                                           "tau")}
         checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
-        print(format_report(result, data.class_names), flush=True)
+        print(format_evaluation(result, data.class_names), flush=True)
     return result
