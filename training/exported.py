@@ -20,19 +20,21 @@ METADATA_KEY = "tailwise"   # serving/artifact.py's key of the metadata property
 
 
 def is_exported_model(path: Path) -> bool:
-    return path.is_dir() and (path / "model.onnx").is_file()
+    """An exported model folder (models/NAME with model.onnx) or one of its .onnx files (e.g. model.int8.onnx)."""
+    return (path.is_dir() and (path / "model.onnx").is_file()) or (path.suffix == ".onnx" and path.is_file())
 
 
-def _read(model_dir: Path):
+def _read(model_file: Path):
     import onnxruntime as ort
 
+    model_dir = model_file.parent
     try:
-        session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own error types
-        raise UserError(f"{model_dir / 'model.onnx'}: onnxruntime cannot load this model ({exc})") from None
+        raise UserError(f"{model_file}: onnxruntime cannot load this model ({exc})") from None
     meta_text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     if not meta_text:
-        raise UserError(f"{model_dir / 'model.onnx'}: no tailwise metadata (not exported by tailwise export)")
+        raise UserError(f"{model_file}: no tailwise metadata (not exported by tailwise export)")
     try:
         card = json.loads((model_dir / "card.json").read_text())
         build_args = card["training"]["data"]["build_args"]
@@ -42,11 +44,14 @@ def _read(model_dir: Path):
     return session, json.loads(meta_text), card, build_args
 
 
-def evaluate_exported(model_dir: Path, out_dir: Path | None = None, data: LTData | None = None) -> tuple[dict, list]:
-    """(report, class_names) of model_dir/model.onnx on its test set: plain logits, plus "logit_adjusted" (the
-    served answers) when the model carries a logit adjustment. Writes report.json + per_class.png to out_dir."""
-    model_dir = Path(model_dir)
-    session, meta, card, build_args = _read(model_dir)
+def evaluate_exported(model: Path, out_dir: Path | None = None, data: LTData | None = None) -> tuple[dict, list]:
+    """(report, class_names) of an exported model (a folder's model.onnx, or a given .onnx file beside its
+    card.json) on its test set: plain logits, plus "logit_adjusted" (the served answers) when the model carries a
+    logit adjustment. Writes report.json + per_class.png to out_dir when given."""
+    model = Path(model)
+    model_file = model / "model.onnx" if model.is_dir() else model
+    model_dir = model_file.parent
+    session, meta, card, build_args = _read(model_file)
     if data is None:
         data = build_lt_data(**build_args)
     expected = (meta.get("dataset") or {}).get("index_sha256")
@@ -68,7 +73,7 @@ def evaluate_exported(model_dir: Path, out_dir: Path | None = None, data: LTData
     if la:  # exactly serving.artifact.OnnxClassifier.adjusted_logits
         adjusted = logits - np.float32(la["tau"]) * np.asarray(la["log_prior"], dtype=np.float32)
         report["logit_adjusted"] = dict(evaluate_logits(adjusted, labels, data.counts, data.groups), tau=la["tau"])
-    report["model"] = str(model_dir)
+    report["model"] = str(model_file)
     if out_dir is not None:
-        save_report(report, out_dir, data.class_names, title=f"{model_dir.name} (exported, onnxruntime)")
+        save_report(report, out_dir, data.class_names, title=f"{model_dir.name}/{model_file.name} (onnxruntime)")
     return report, data.class_names
