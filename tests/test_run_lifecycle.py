@@ -175,3 +175,14 @@ def test_a_failed_start_leaves_no_run_folder_and_one_line(tmp_path, capsys):
               "--set", "stage1.lr=1e30", "--no-progress"])
     with pytest.raises(UserError):
         main(["train", "--config", "no-such-recipe", "--debug"])
+
+
+def test_people_read_percent(exported_run, capsys):
+    from training.engine import _short
+
+    _, run, _ = exported_run
+    assert _short(0.0889, "val_top1") == "8.89%" and _short(None, "val_many") == "n/a"
+    capsys.readouterr()
+    assert main(["probe", str(run), "--per-class", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "overall (top-1)" in out and out.count(" %") >= 2 and "0." not in out

@@ -182,6 +182,12 @@ def run_probe(args) -> int:
         weights = load_weights(card)
         model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
     report = linear_probe(model, data, engine.resolve_device(args.device), per_class=args.per_class, seed=args.seed)
-    summary = {k: report[k] for k in ("top1", "many", "medium", "few", "mean_per_class")}
-    print(json.dumps(report if args.json else summary, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"linear probe of the {'randomly initialised' if args.random_init else 'stage-1'} encoder, test set:")
+    for label, key in (("overall (top-1)", "top1"), ("mean per class", "mean_per_class"), ("many", "many"),
+                       ("medium", "medium"), ("few", "few")):
+        value = report[key]
+        print(f"  {label:<16} " + ("n/a" if value is None else f"{100 * value:6.2f} %"))
     return 0
