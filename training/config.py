@@ -21,7 +21,7 @@ DEFAULTS: dict = {
     "device": "auto",          # auto | cpu | cuda
     "data": {
         "dataset": "fmnist", "root": "", "imbalance_factor": 100.0, "profile": "exp", "val_per_class": 100,
-        "val_seed": 0, "train_split": "", "val_split": "", "test_split": "", "image_size": 0,
+        "val_seed": 0, "train_split": "", "val_split": "", "test_split": "", "image_size": 0, "holdout_kept": True,
     },
     "model": {"arch": "resnet32", "proj_hidden": 2048, "proj_dim": 128},
     # Stage 1: representation. method "bns" (contrastive, this paper) or "supervised" (a classifier trained

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tailwise import UserError
 from training import checkpoint, engine
 from training.augment import BatchAugment
-from training.data import LTData, build_lt_data
+from training.data import LTData, build_lt_data, rebuild_lt_data
 from training.metrics import evaluate_logits, format_report, save_report
 from training.networks import Classifier, ContrastiveModel
 
@@ -320,7 +320,7 @@ def evaluate_run(run_dir: Path, device: torch.device, data: LTData | None = None
     """Score a run's final classifier on the test set; write report.json + per_class.png; return the report."""
     model, card = checkpoint.load_classifier(run_dir)
     if data is None:
-        data = build_lt_data(**card["data"]["build_args"])
+        data = rebuild_lt_data(card["data"]["build_args"])
     model.to(device)
     images = engine.DeviceImages(data.test_source, device)
     logits = predict_logits(model, images, np.arange(len(data.test_source))).cpu()
