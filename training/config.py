@@ -25,12 +25,13 @@ DEFAULTS: dict = {
     },
     "model": {"arch": "resnet32", "proj_hidden": 2048, "proj_dim": 128},
     # Stage 1: representation. method "bns" (contrastive, this paper) or "supervised" (a classifier trained
-    # with `loss`: the baselines and the CE-encoder ablation).
+    # with `loss`: the baselines and the CE-encoder ablation). With method "bns", sup_loss (ce | la | bsce |
+    # ldam-drw, or "none") adds a linear classifier on the encoder trained jointly, weighted by sup_weight.
     "stage1": {
         "method": "bns", "loss_form": "released", "tau": 0.5, "m": 2, "loss": "ce", "ldam_drw_start": 0.8,
         "epochs": 200, "batch_size": 512, "lr": 1e-3, "lr_scale_batch": 256, "weight_decay": 0.05,
         "betas": [0.9, 0.95], "warmup_epochs": 10, "aug": "simclr", "aug_strength": 1.0, "amp": True,
-        "class_balanced": False,
+        "class_balanced": False, "sup_loss": "none", "sup_weight": 1.0,
     },
     # Stage 2: the boundary-corrected classifier re-trained on the IP-DPP subset.
     "stage2": {
