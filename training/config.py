@@ -32,6 +32,7 @@ DEFAULTS: dict = {
         "epochs": 200, "batch_size": 512, "lr": 1e-3, "lr_scale_batch": 256, "weight_decay": 0.05,
         "betas": [0.9, 0.95], "warmup_epochs": 10, "aug": "simclr", "aug_strength": 1.0, "amp": True,
         "class_balanced": False, "sup_loss": "none", "sup_weight": 1.0,
+        "probe_every": 0,      # BNS: linear probe of the encoder on validation every this many epochs (0: never)
     },
     # Stage 2: the boundary-corrected classifier re-trained on the IP-DPP subset.
     "stage2": {

@@ -195,7 +195,13 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
             return loss
 
         def on_epoch_end(epoch):
-            return _val_metrics(model, data, images) if joint else {}
+            metrics = _val_metrics(model, data, images) if joint else {}
+            if s["probe_every"] and (epoch + 1) % s["probe_every"] == 0 and len(data.val_idx):
+                from training.probe import linear_probe
+
+                probe = linear_probe(model, data, device, on="val")     # encoder quality, on validation
+                metrics.update({f"val_probe_{k}": probe[k] for k in ("top1", "many", "medium", "few")})
+            return metrics
     else:
         criterion = supervised_criterion(s["loss"], data.counts, s["epochs"], s["ldam_drw_start"], device)
 
