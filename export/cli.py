@@ -123,7 +123,7 @@ def run_export(args) -> int:
 
     from export.onnx_export import ExportParityError, export_classifier
     from training.checkpoint import load_classifier
-    from training.data import build_lt_data
+    from training.data import rebuild_lt_data
 
     variants = parse_variants(args.variants)
     if args.parity_images < 1:
@@ -132,7 +132,7 @@ def run_export(args) -> int:
     check_out(out, args.force)  # before the slow part
     model, card = load_classifier(args.checkpoint)
     meta = metadata_from_card(card)
-    data = build_lt_data(**card["data"]["build_args"])
+    data = rebuild_lt_data(card["data"]["build_args"])
     if data.index_sha256 != card["data"].get("index_sha256"):
         raise UserError(f"{args.checkpoint}: the data rebuilt from its card ({data.build_args.get('root')}) is not "
                         f"the data it was trained on (index sha256 {data.index_sha256[:12]}... vs "

@@ -36,10 +36,10 @@ def test_files_match_their_sha256():
 def test_set():
     if not FMNIST.exists():
         pytest.skip("real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from training.data import build_lt_data
+    from training.data import rebuild_lt_data
 
     card = json.loads((MODEL / "card.json").read_text())["training"]
-    data = build_lt_data(**card["data"]["build_args"])
+    data = rebuild_lt_data(card["data"]["build_args"])
     assert data.index_sha256 == card["data"]["index_sha256"]
     return card, data
 

@@ -69,6 +69,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--profile", choices=("exp", "step", "none"), default="exp", help="default exp")
     group.add_argument("--val-per-class", type=int, default=100, help="validation images per class (default 100)")
     group.add_argument("--val-seed", type=int, default=0, help="seed of the validation draw (default 0)")
+    group.add_argument("--no-holdout-kept", dest="holdout_kept", action="store_false",
+                       help="LT benchmarks: keep the literature's LDAM subset exactly (then a class kept whole, "
+                            "the head, has no validation images)")
     group.add_argument("--many-threshold", type=int, help="many: count > this (default 100 with 100+ classes, else 500)")
     group.add_argument("--few-threshold", type=int, help="few: count < this (default 20 with 100+ classes, else 200)")
     group.add_argument("--train-split", help="splits: 'relative/path label' file of the training images")
@@ -85,7 +88,7 @@ def data_from_args(args):
         args.dataset, root=args.root, imbalance_factor=args.imbalance_factor, profile=args.profile,
         val_per_class=args.val_per_class, val_seed=args.val_seed, many_threshold=args.many_threshold,
         few_threshold=args.few_threshold, train_split=args.train_split, val_split=args.val_split,
-        test_split=args.test_split, image_size=args.image_size)
+        test_split=args.test_split, image_size=args.image_size, holdout_kept=args.holdout_kept)
 
 
 def run_data(args) -> int:
@@ -159,7 +162,7 @@ def run_probe(args) -> int:
     from training import engine
     from training.checkpoint import load_card, load_weights
     from training.config import load_config
-    from training.data import build_lt_data
+    from training.data import rebuild_lt_data
     from training.networks import ContrastiveModel
     from training.probe import linear_probe
     from tailwise import UserError
@@ -168,7 +171,7 @@ def run_probe(args) -> int:
         raise UserError("give a run folder or --random-init CONFIG (one of them)")
     if args.run:
         card = load_card(args.run, stage=1)
-        cfg, data = card["config"], build_lt_data(**card["data"]["build_args"])
+        cfg, data = card["config"], rebuild_lt_data(card["data"]["build_args"])
     else:
         cfg = load_config(args.random_init)
         from training.train import data_from_config

@@ -27,16 +27,18 @@ DEFAULTS: dict = {
     "device": "auto",          # auto | cpu | cuda
     "data": {
         "dataset": "fmnist", "root": "", "imbalance_factor": 100.0, "profile": "exp", "val_per_class": 100,
-        "val_seed": 0, "train_split": "", "val_split": "", "test_split": "", "image_size": 0,
+        "val_seed": 0, "train_split": "", "val_split": "", "test_split": "", "image_size": 0, "holdout_kept": True,
     },
     "model": {"arch": "resnet32", "proj_hidden": 2048, "proj_dim": 128},
     # Stage 1: representation. method "bns" (contrastive, this paper) or "supervised" (a classifier trained
-    # with `loss`: the baselines and the CE-encoder ablation).
+    # with `loss`: the baselines and the CE-encoder ablation). With method "bns", sup_loss (ce | la | bsce |
+    # ldam-drw, or "none") adds a linear classifier on the encoder trained jointly, weighted by sup_weight.
     "stage1": {
         "method": "bns", "loss_form": "released", "tau": 0.5, "m": 2, "loss": "ce", "ldam_drw_start": 0.8,
         "epochs": 200, "batch_size": 512, "lr": 1e-3, "lr_scale_batch": 256, "weight_decay": 0.05,
         "betas": [0.9, 0.95], "warmup_epochs": 10, "aug": "simclr", "aug_strength": 1.0, "amp": True,
-        "class_balanced": False,
+        "class_balanced": False, "sup_loss": "none", "sup_weight": 1.0,
+        "probe_every": 0,      # BNS: linear probe of the encoder on validation every this many epochs (0: never)
     },
     # Stage 2: the boundary-corrected classifier re-trained on the IP-DPP subset.
     "stage2": {
@@ -80,6 +82,9 @@ RULES: dict[str, tuple | Range] = {
     "stage1.tau": ABOVE_0,
     "stage1.m": AT_LEAST_1,
     "stage1.loss": LOSSES,
+    "stage1.sup_loss": ("none", *LOSSES),
+    "stage1.sup_weight": AT_LEAST_0,
+    "stage1.probe_every": AT_LEAST_0,         # 0: never
     "stage1.ldam_drw_start": FRACTION,
     "stage1.aug": AUGS,
     "stage2.sampler": ("kdpp", "paper-alg1", "random", "none"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tailwise import UserError
-from training.data import LTData, build_lt_data
+from training.data import LTData, rebuild_lt_data
 from training.metrics import evaluate_logits, save_report
 
 METADATA_KEY = "tailwise"   # serving/artifact.py's key of the metadata property
@@ -53,7 +53,7 @@ def evaluate_exported(model: Path, out_dir: Path | None = None, data: LTData | N
     model_dir = model_file.parent
     session, meta, card, build_args = _read(model_file)
     if data is None:
-        data = build_lt_data(**build_args)
+        data = rebuild_lt_data(build_args)
     expected = (meta.get("dataset") or {}).get("index_sha256")
     if expected and data.index_sha256 != expected:
         raise UserError(f"{model_dir}: the data rebuilt from card.json (root {build_args.get('root')}) is not the "

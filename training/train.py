@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from tailwise import UserError
 from training import checkpoint, engine
 from training.augment import BatchAugment
-from training.data import LTData, build_lt_data
 from training.config import reproduce_command, validate_config
+from training.data import LTData, build_lt_data, rebuild_lt_data
 from training.metrics import evaluate_logits, format_evaluation, save_report
 from training.networks import Classifier, ContrastiveModel
 
@@ -53,9 +53,14 @@ def predict_logits(model: torch.nn.Module, images: engine.DeviceImages, indices:
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
-    out = [model(images(indices[i:i + batch_size])).float() for i in range(0, len(indices), batch_size)]
+    out = [_logits(model(images(indices[i:i + batch_size]))).float() for i in range(0, len(indices), batch_size)]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def _logits(output) -> torch.Tensor:
+    """A classifier's logits; a jointly trained contrastive model returns (embeddings, logits)."""
+    return output[1] if isinstance(output, tuple) else output
 
 
 def _card_base(cfg: dict, data: LTData, kind: str, head: str = "linear") -> dict:
@@ -146,9 +151,11 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
         _check_same_data(card0, data)
         return card0.get("metrics", {})
     num_classes = len(data.class_names)
+    joint = s["method"] == "bns" and s["sup_loss"] != "none"
     if s["method"] == "bns":
-        model, kind, head = ContrastiveModel(cfg["model"]["arch"], data.channels, data.mean, data.std,
-                                             cfg["model"]["proj_hidden"], cfg["model"]["proj_dim"]), "contrastive", "none"
+        model = ContrastiveModel(cfg["model"]["arch"], data.channels, data.mean, data.std, cfg["model"]["proj_hidden"],
+                                 cfg["model"]["proj_dim"], num_classes=num_classes if joint else 0)
+        kind, head = "contrastive", "linear" if joint else "none"
     elif s["method"] == "supervised":
         head = "cosine" if s["loss"] == "ldam-drw" else "linear"
         model, kind = Classifier(cfg["model"]["arch"], data.channels, num_classes, data.mean, data.std, head=head), "classifier"
@@ -170,20 +177,34 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     if kind == "contrastive":
         from training import losses
 
+        sup = supervised_criterion(s["sup_loss"], data.counts, s["epochs"], s["ldam_drw_start"], device) if joint else None
+
         def step_fn(x, y, epoch):
             g = generator(epoch)
             views = torch.cat([aug(x, g), aug(x, g)])
             labels2 = torch.cat([y, y])
             with autocast(device, s["amp"]):
-                z = net(views)
-            z = F.normalize(z.float(), dim=1)
+                out = net(views)
+            z = F.normalize((out[0] if joint else out).float(), dim=1)
             if s["loss_form"] == "released":
-                return losses.bns_loss_released(z, labels2, tau=s["tau"])
-            if s["loss_form"] == "paper":
+                loss = losses.bns_loss_released(z, labels2, tau=s["tau"])
+            elif s["loss_form"] == "paper":
                 half = len(x)
-                return losses.bns_loss_paper(z[:half], z[half:], y, tau=s["tau"], m=s["m"], generator=g)
-            raise UserError(f"stage1.loss_form {s['loss_form']!r}: expected released or paper")
-        on_epoch_end = None
+                loss = losses.bns_loss_paper(z[:half], z[half:], y, tau=s["tau"], m=s["m"], generator=g)
+            else:
+                raise UserError(f"stage1.loss_form {s['loss_form']!r}: expected released or paper")
+            if joint:    # the classifier on the encoder features learns from both views, with a balanced loss
+                loss = loss + s["sup_weight"] * sup(out[1].float(), labels2, epoch)
+            return loss
+
+        def on_epoch_end(epoch):
+            metrics = _val_metrics(model, data, images) if joint else {}
+            if s["probe_every"] and (epoch + 1) % s["probe_every"] == 0 and len(data.val_idx):
+                from training.probe import linear_probe
+
+                probe = linear_probe(model, data, device, on="val")     # encoder quality, on validation
+                metrics.update({f"val_probe_{k}": probe[k] for k in ("top1", "many", "medium", "few")})
+            return metrics
     else:
         criterion = supervised_criterion(s["loss"], data.counts, s["epochs"], s["ldam_drw_start"], device)
 
@@ -224,6 +245,8 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     stage1_weights = checkpoint.load_weights(card1)
     if card1["kind"] == "classifier" and not s["reinit_classifier"]:
         model.load_state_dict(stage1_weights)
+    elif not s["reinit_classifier"] and "fc.weight" in stage1_weights:     # BNS trained jointly with a classifier
+        model.load_state_dict({k: v for k, v in stage1_weights.items() if k.split(".")[0] in ("normalize", "encoder", "fc")})
     else:
         model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in stage1_weights.items()
                                        if k.startswith("encoder.")})
@@ -250,11 +273,15 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     net = _wrap_ddp(model, d, device)
     images = engine.DeviceImages(data.train_source, device)
     aug = BatchAugment(data.channels, tuple(data.image_size), strength=s["aug_strength"], kind=s["aug"])
-    criterion = supervised_criterion(s["loss"], data.counts, s["epochs"], cfg["stage1"]["ldam_drw_start"], device)
     if s["sampler"] == "none":
-        pool_size = len(data.train_idx)
+        pool_counts = list(data.counts)
     else:
-        pool_size = int(sum(class_targets(data.counts, s["ratio"])))
+        pool_counts = class_targets(data.counts, s["ratio"])
+    pool_size = int(sum(pool_counts))
+    if s["class_balanced"]:
+        pool_counts = [1] * len(pool_counts)
+    # a balanced loss (la, bsce, ldam-drw) corrects for the class frequencies of what stage 2 trains on
+    criterion = supervised_criterion(s["loss"], pool_counts, s["epochs"], cfg["stage1"]["ldam_drw_start"], device)
     steps = max(1, pool_size // s["batch_size"])
 
     def on_epoch_start(epoch):
@@ -323,7 +350,7 @@ def evaluate_run(run_dir: Path, device: torch.device, data: LTData | None = None
     """Score a run's final classifier on the test set; write report.json + per_class.png; return the report."""
     model, card = checkpoint.load_classifier(run_dir)
     if data is None:
-        data = build_lt_data(**card["data"]["build_args"])
+        data = rebuild_lt_data(card["data"]["build_args"])
     model.to(device)
     images = engine.DeviceImages(data.test_source, device)
     logits = predict_logits(model, images, np.arange(len(data.test_source))).cpu()
