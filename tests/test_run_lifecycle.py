@@ -121,11 +121,13 @@ def test_resume_a_finished_run_does_nothing_and_says_so(exported_run, tmp_path, 
     assert (copy / "stage2.json").read_bytes() == before
 
 
-def test_resume_without_a_run_is_an_error(tmp_path, capsys):
+def test_resume_without_a_run_is_an_error(exported_run, tmp_path, capsys):
+    recipe = exported_run[0]
     for run in (tmp_path / "missing", tmp_path / "empty"):
         if run.name == "empty":
             run.mkdir()
-        assert main(["train", "--config", "fmnist-lt-r32", "--out", str(run), "--resume"]) == 2
+        assert main(["train", "--config", str(recipe), "--out", str(run), "--resume", "--stage", "1", "--epochs", "1",
+                     "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "nothing to resume" in err and str(run) in err
     assert not (tmp_path / "missing").exists()

@@ -118,6 +118,7 @@ def run_data(args) -> int:
 def run_train(args) -> int:
     from pathlib import Path
 
+    from tailwise import UserError
     from training.config import load_config
     from training.train import run
 
@@ -131,6 +132,9 @@ def run_train(args) -> int:
         overrides.append(f"seed={args.seed}")
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.out or Path("runs") / cfg["name"])
+    if args.resume and not any((run_dir / f"stage{s}.json").exists() for s in (1, 2)):
+        raise UserError(f"{run_dir}: nothing to resume (no stage1.json or stage2.json checkpoint card there); "
+                        "drop --resume to start a new run")
     run(cfg, run_dir, stages=stages, resume=args.resume, progress=not args.no_progress)
     print(f"run folder: {run_dir}")
     return 0

@@ -396,9 +396,6 @@ def check_start(cfg: dict, run_dir: Path, stages: tuple[int, ...], resume: bool)
     """Refuse a start that cannot work, before any data loads; True when --resume finds nothing left to do."""
     todo = [s for s in stages if s == 1 or cfg["stage2"]["enabled"]]
     cards = {s: _stage_card(run_dir, s) for s in (1, 2)}
-    if resume and not any(cards.values()):
-        raise UserError(f"{run_dir}: nothing to resume (no stage1.json or stage2.json checkpoint card there); "
-                        "drop --resume to start a new run")
     if not resume:
         for s in todo:
             if cards[s]:
