@@ -6,6 +6,7 @@ in the folder (their sha256), so the card never disagrees with what ships.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def trained_stages(card: dict, run_name: str) -> tuple[str, list[str]]:
     cfg, records = card["config"], card.get("trained") or {}
     s1, s2 = cfg["stage1"], cfg["stage2"]
     epochs1 = records.get("1", {}).get("epochs", card["epoch"] if card["stage"] == 1 else s1["epochs"])
+    stage1_card = Path(card.get("_dir", "")) / "stage1.json"
+    if "1" not in records and card["stage"] == 2 and "_dir" in card and stage1_card.exists():
+        epochs1 = json.loads(stage1_card.read_text())["epoch"]   # a card from before per-stage records
     recipe = (f"stage 1: {s1['method']}" + (f" ({s1['loss_form']} form, tau {s1['tau']})" if s1["method"] == "bns"
                                              else f" ({s1['loss']})")
               + f", {epochs1} epochs, batch {s1['batch_size']}")

@@ -94,7 +94,7 @@ RULES: dict[str, tuple | Range] = {
     "stage2.aug": AUGS,
 }
 for _stage in ("stage1", "stage2"):   # the optimisation fields both stages share
-    RULES.update({f"{_stage}.epochs": AT_LEAST_1, f"{_stage}.batch_size": AT_LEAST_1, f"{_stage}.lr": ABOVE_0,
+    RULES.update({f"{_stage}.epochs": AT_LEAST_1, f"{_stage}.batch_size": AT_LEAST_1, f"{_stage}.lr": AT_LEAST_0,
                   f"{_stage}.lr_scale_batch": AT_LEAST_0, f"{_stage}.weight_decay": AT_LEAST_0,
                   f"{_stage}.betas": Range(0, 1, high_open=True), f"{_stage}.warmup_epochs": AT_LEAST_0,
                   f"{_stage}.aug_strength": AT_LEAST_0})
