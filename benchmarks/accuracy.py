@@ -5,7 +5,8 @@
 
 Every method is a config in benchmarks/methods.toml over the base recipe (fmnist-lt-r32: ResNet-32 on
 Fashion-MNIST-LT). All get the same budget in image passes: `--budget B` is B passes over the LT training set
-(a BNS epoch counts two passes, one per view); two-stage methods spend 3/4 of it in stage 1 and 1/4 in stage 2.
+(a BNS epoch counts two passes, one per view); two-stage methods spend 3/4 of it (in whole epochs) in stage 1
+and what is left in stage 2, at least one epoch.
 Numbers are final-epoch test results; the only tuned choice (post-hoc logit-adjustment tau) is made on the
 validation split. Each finished run is kept as JSON under benchmarks/results/; `run` only fills the gaps and
 resumes interrupted runs from their checkpoints, so the table can be completed over several sessions and
@@ -73,9 +74,9 @@ def method_config(name: str, spec: dict, args, seed: int) -> dict:
     share1 = STAGE1_SHARE if s2["enabled"] else 1.0
     s1["epochs"] = max(1, round(share1 * passes / (views * n_train)))
     s1["warmup_epochs"] = max(1, round(0.05 * s1["epochs"]))
-    if s2["enabled"]:
+    if s2["enabled"]:       # stage 2 gets what stage 1's whole epochs left of the budget (at least one epoch)
         pool = n_train if s2["sampler"] == "none" else sum(class_targets(data.counts, s2["ratio"]))
-        s2["epochs"] = max(1, round((1 - share1) * passes / pool))
+        s2["epochs"] = max(1, round((passes - views * n_train * s1["epochs"]) / pool))
         s2["warmup_epochs"] = max(0, round(0.05 * s2["epochs"]))
     return cfg
 
