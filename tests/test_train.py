@@ -184,3 +184,17 @@ def test_bns_joint_with_balanced_loss_then_la_stage2(tmp_path, cifar_archive):
     # stage 2 (at lr 0 here) started from the stage-1 classifier rather than a new one
     w2 = checkpoint.load_weights(card2)
     assert torch.equal(w2["fc.weight"], w1["fc.weight"]) and torch.equal(w2["fc.bias"], w1["fc.bias"])
+
+
+def test_train_without_config_uses_the_default_recipe(tmp_path, cifar_archive):
+    """No --config: the `tailwise` recipe (LA-loss encoder, then IP-DPP with the LA loss, classifier kept)."""
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "1", "--no-progress", "--device", "cpu",
+                 "--set", "data.dataset='cifar10'", "--set", f"data.root='{archive}'", "--set", "data.imbalance_factor=10",
+                 "--set", "data.val_per_class=5", "--set", "stage1.batch_size=32", "--set", "stage2.batch_size=16"]) == 0
+    card = checkpoint.load_card(run)
+    cfg = card["config"]
+    assert cfg["name"] == "tailwise" and card["stage"] == 2 and card["finished"]
+    assert (cfg["stage1"]["method"], cfg["stage1"]["loss"]) == ("supervised", "la")
+    assert (cfg["stage2"]["sampler"], cfg["stage2"]["loss"], cfg["stage2"]["reinit_classifier"]) == ("kdpp", "la", False)

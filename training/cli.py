@@ -24,7 +24,8 @@ def register(subparsers) -> None:
         description="Train a named recipe (training/recipes/*.toml) or a TOML file. Every config field can be "
                     "overridden with --set section.key=value. Under torchrun, each process trains its share "
                     "(DistributedDataParallel; nccl on CUDA, gloo on CPU).")
-    train.add_argument("--config", help="recipe name or path to a TOML file (default: the built-in defaults)")
+    train.add_argument("--config", help="recipe name or path to a TOML file (default: tailwise, the recipe that "
+                                        "won on validation; see the README)")
     train.add_argument("--stage", type=int, choices=(1, 2), help="train only this stage (default: both)")
     train.add_argument("--epochs", type=int, help="epochs of the selected stage(s)")
     train.add_argument("--out", help="run folder (default runs/<config name>)")
@@ -119,7 +120,7 @@ def run_train(args) -> int:
     from pathlib import Path
 
     from tailwise import UserError
-    from training.config import load_config
+    from training.config import DEFAULT_RECIPE, load_config
     from training.train import run
 
     overrides = list(args.overrides)
@@ -130,7 +131,7 @@ def run_train(args) -> int:
         overrides.append(f"device='{args.device}'")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
     run_dir = Path(args.out or Path("runs") / cfg["name"])
     if args.resume and not any((run_dir / f"stage{s}.json").exists() for s in (1, 2)):
         raise UserError(f"{run_dir}: nothing to resume (no stage1.json or stage2.json checkpoint card there); "

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from tailwise import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "tailwise"    # what `tailwise train` trains when no --config is named (chosen on validation)
 
 DEFAULTS: dict = {
     "name": "run",
