@@ -141,7 +141,7 @@ def test_sigkill_then_resume_on_cuda(tmp_path, fmnist_root):
                "--device", "cuda", "--no-progress")
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         if (run / "stage1.json").exists() and checkpoint.load_card(run)["epoch"] >= 2:
             break
@@ -151,7 +151,7 @@ def test_sigkill_then_resume_on_cuda(tmp_path, fmnist_root):
     proc.wait()
     killed_at = checkpoint.load_card(run)["epoch"]
     assert 2 <= killed_at < 30
-    done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     card = checkpoint.load_card(run)
     assert card["epoch"] == 30 and card["finished"] and card["config"]["device"] == "cuda"
@@ -185,13 +185,13 @@ def test_torchrun_nccl_one_process(tmp_path, fmnist_root):
     snippet = tmp_path / "nccl_check.py"
     snippet.write_text(NCCL_SNIPPET)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(torchrun + [str(snippet)], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(torchrun + [str(snippet)], cwd=REPO, capture_output=True, text=True, timeout=150, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "nccl nccl 1 3.0 True" in done.stdout
     # the training CLI under torchrun on CUDA (one process: the same loop, rank 0 of 1)
     run = tmp_path / "run"
     cmd = torchrun + ["-m", "tailwise.cli", "train", "--config", str(cuda_recipe(tmp_path, fmnist_root)),
                       "--out", str(run), "--epochs", "1", "--device", "cuda", "--no-progress"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=150, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "on cuda:0 (1 process(es))" in done.stdout
