@@ -49,7 +49,7 @@ FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10
                 "t10k-labels-idx1-ubyte.gz")
 MODEL_NAME = "fmnist-lt-r32-cuda"
 CUDA_TESTS = ["tests/test_cuda.py", "tests/test_engine.py"]   # listed: collecting tests/ would import bentoml
-RESERVE_S = 15            # kept back from the budget for the final packing
+RESERVE_S = 25            # kept back from the budget for the final packing
 BUDGETS = (200, 100, 50, 20, 10, 4)
 # The dry run: the same steps at a size a 2-core CPU does in seconds (on a tiny Fashion-MNIST-format fixture).
 DRY_SETS = ["stage1.epochs=1", "stage2.epochs=1", "stage1.batch_size=32", "stage2.batch_size=16",
@@ -125,17 +125,17 @@ class Session:
     def pack(self, with_state: bool = True) -> None:
         """Refresh the files in --out; each is replaced atomically."""
         with self.lock:
-            _tar(self.out / "gpu_results.tar.gz", self.work, [self.results])
+            _tar(self.out / "gpu_results.tar.gz", self.work, sorted(self.results.rglob("*")))
             if with_state:
-                kept, dropped = [], []
-                budget = self.args.state_mib * 2**20
+                kept, room = [], self.args.state_mib * 2**20
                 for folder in self.unfinished_runs():
-                    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-                    (kept if size <= budget else dropped).append(folder)
-                    budget -= size if size <= budget else 0
+                    files = resume_files(folder)
+                    size = sum(f.stat().st_size for f in files)
+                    if size > room:
+                        print(f"state: no room left under --state-mib for {folder.relative_to(self.work)}")
+                        continue
+                    kept, room = kept + files, room - size
                 _tar(self.out / "gpu_state.tar.gz", self.work, kept)
-                if dropped:
-                    print(f"state: no room under --state-mib for {[str(p.relative_to(self.work)) for p in dropped]}")
             write_json(self.out / "gpu_summary.json", {"updated": now_utc(), "steps": self.records()})
 
     def unfinished_runs(self) -> list[Path]:
@@ -212,22 +212,28 @@ class Session:
         return proc.returncode if self.wait([proc], timeout) else None
 
 
-def _tar(path: Path, base: Path, folders: list[Path]) -> None:
-    """gzip tarball of `folders` (paths relative to `base`), skipping temp files and files that vanish while
-    it is written; written beside `path` and moved into place."""
+def resume_files(run_dir: Path) -> list[Path]:
+    """The files a run folder needs to resume: all but the optimizer state of a stage that has finished."""
+    finished = {p.stem for p in run_dir.glob("stage?.json") if json.loads(p.read_text()).get("finished")}
+    return [f for f in sorted(run_dir.rglob("*")) if f.is_file()
+            and not (f.name.endswith(".resume.safetensors") and f.name.split("-")[0] in finished)]
+
+
+def _tar(path: Path, base: Path, files: list[Path]) -> None:
+    """gzip tarball of `files` (named relative to `base`), skipping temp files and files that vanish while it
+    is written; written beside `path` and moved into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tarfile.open(tmp, "w:gz", compresslevel=3) as tar:
-        for folder in folders:
-            for file in sorted(folder.rglob("*")):
-                if not file.is_file() or file.name.endswith(".tmp") or file.suffix == ".lock":
-                    continue
-                try:
-                    data = file.read_bytes()
-                except FileNotFoundError:
-                    continue
-                info = tarfile.TarInfo(str(file.relative_to(base)))
-                info.size, info.mtime, info.mode = len(data), int(file.stat().st_mtime), 0o644
-                tar.addfile(info, io.BytesIO(data))
+        for file in files:
+            if not file.is_file() or file.name.endswith(".tmp") or file.suffix == ".lock":
+                continue
+            try:
+                data, mtime = file.read_bytes(), file.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            info = tarfile.TarInfo(str(file.relative_to(base)))
+            info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
+            tar.addfile(info, io.BytesIO(data))
     os.replace(tmp, path)
 
 
@@ -375,7 +381,7 @@ def choose_budget(s: Session, left: float) -> tuple[int, str]:
 
 
 def step_accuracy(s: Session, timeout: float) -> dict:
-    budget, why = choose_budget(s, timeout)
+    budget, why = choose_budget(s, timeout - 45)     # the workers stop 30 s early, for the table
     seeds = s.args.acc_seeds
     s.log(f"accuracy: budget {budget} ({why}), seeds {seeds}, {s.args.workers} worker(s)")
     results = s.results / "accuracy"
@@ -510,6 +516,9 @@ def main(argv=None) -> int:
             s.log(f"== {step.name}: {result['status']} in {seconds:.0f}s"
                   + (f" ({result['note']})" if result.get("note") else ""))
             s.pack()
+            if step.name == "env" and result["status"] == "failed" and not args.dry_run:
+                s.log("no usable GPU: the other steps are not started")
+                break
     except KeyboardInterrupt as exc:
         s.log(f"interrupted ({exc}): packing what is finished")
         s.stop(s.procs)

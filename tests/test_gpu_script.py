@@ -91,23 +91,31 @@ def test_dry_run_layout_and_continuation(tmp_path):
 
 
 def test_unfinished_runs_travel_in_the_state(tmp_path):
-    """A recipe stopped at its cap: its checkpoint goes into gpu_state.tar.gz and comes back with --state;
-    finished accuracy runs stay out of it."""
+    """A recipe stopped in stage 2: its checkpoints (without stage 1's optimizer state, no longer needed) go into
+    gpu_state.tar.gz and come back with --state; finished accuracy runs stay out of it."""
     args = gpu_run.parse_args(["--data", "x", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w1")])
     s = gpu_run.Session(args)
-    (s.state / "recipe").mkdir()
-    (s.state / "recipe" / "stage1.json").write_text("{}")
+    recipe = s.state / "recipe"
+    recipe.mkdir()
+    (recipe / "stage1.json").write_text('{"finished": true}')
+    (recipe / "stage2.json").write_text('{"finished": false}')
+    for name in ("stage1-e0100.safetensors", "stage1-e0100.resume.safetensors", "stage2-e0003.safetensors",
+                 "stage2-e0003.resume.safetensors"):
+        (recipe / name).write_bytes(b"weights")
+    table = s.state / "accuracy" / "fmnist-lt-r32-if100-b200"
     for name in ("ce-s0", "ce-s1"):
-        (s.state / "accuracy" / "fmnist-lt-r32-if100-b200" / name).mkdir(parents=True)
-        (s.state / "accuracy" / "fmnist-lt-r32-if100-b200" / name / "stage1.json").write_text("{}")
+        (table / name).mkdir(parents=True)
+        (table / name / "stage1.json").write_text("{}")
     gpu_run.write_json(s.results / "accuracy" / "fmnist-lt-r32-if100-b200" / "ce-s0.json", {})
     gpu_run.write_json(s.results / "steps" / "recipe.json", {"status": "partial"})
     s.pack()
     with tarfile.open(s.out / "gpu_state.tar.gz") as tar:
-        assert sorted(tar.getnames()) == ["state/accuracy/fmnist-lt-r32-if100-b200/ce-s1/stage1.json",
-                                          "state/recipe/stage1.json"]
+        assert sorted(tar.getnames()) == [
+            "state/accuracy/fmnist-lt-r32-if100-b200/ce-s1/stage1.json", "state/recipe/stage1-e0100.safetensors",
+            "state/recipe/stage1.json", "state/recipe/stage2-e0003.resume.safetensors",
+            "state/recipe/stage2-e0003.safetensors", "state/recipe/stage2.json"]
     again = gpu_run.Session(gpu_run.parse_args(["--data", "x", "--out", str(tmp_path / "out2"),
                                                 "--work", str(tmp_path / "w2")]))
     again.restore(s.out)
-    assert (again.state / "recipe" / "stage1.json").exists()
+    assert (again.state / "recipe" / "stage2-e0003.resume.safetensors").read_bytes() == b"weights"
     assert again.record("recipe")["status"] == "partial"
