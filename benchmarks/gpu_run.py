@@ -445,11 +445,12 @@ def resolve_data(s: Session) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="folder with the four Fashion-MNIST .gz files")
-    p.add_argument("--out", default=os.environ.get("OUT") or "runs/gpu/out",
+    p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "runs" / "gpu" / "out"),
                    help="output folder (default $OUT, else runs/gpu/out)")
     p.add_argument("--state", default=os.environ.get("GPU_STATE"),
                    help="files of a previous --out to continue from (default $GPU_STATE)")
-    p.add_argument("--work", default="runs/gpu/work", help="local working folder (default runs/gpu/work)")
+    p.add_argument("--work", default=str(REPO / "runs" / "gpu" / "work"),
+                   help="local working folder (default runs/gpu/work)")
     p.add_argument("--minutes", type=float, default=8.0, help="total budget in minutes (default 8)")
     p.add_argument("--steps", default=",".join(STEP_FUNCTIONS), help="comma list of steps to consider (default all)")
     p.add_argument("--redo", default="", help="comma list of steps to run again even if finished or failed")

@@ -5,7 +5,7 @@
 #   benchmarks/gpu_run.sh --data data/fashion-mnist --out "$OUT" [--state gpu-state] [--minutes 8]
 #   benchmarks/gpu_run.sh --dry-run --data FIXTURE --out /tmp/out --imbalance-factor 10    # CPU, tiny
 set -euo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true
 PY="${PYTHON:-python3}"
-exec "$PY" benchmarks/gpu_run.py --python "$PY" "$@"
+exec "$PY" "$REPO/benchmarks/gpu_run.py" --python "$PY" "$@"
