@@ -195,13 +195,13 @@ class Session:
         return True
 
     def stop(self, procs: list) -> None:
+        """SIGTERM each process group, then SIGKILL whatever is left of them (children included)."""
         for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
             for p in procs:
-                if p.poll() is None:
-                    try:
-                        os.killpg(p.pid, sig)
-                    except ProcessLookupError:
-                        pass
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
             end = time.monotonic() + grace
             while time.monotonic() < end and any(p.poll() is None for p in procs):
                 time.sleep(0.1)
