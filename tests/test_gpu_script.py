@@ -119,3 +119,11 @@ def test_unfinished_runs_travel_in_the_state(tmp_path):
     again.restore(s.out)
     assert (again.state / "recipe" / "stage2-e0003.resume.safetensors").read_bytes() == b"weights"
     assert again.record("recipe")["status"] == "partial"
+
+
+def test_a_step_past_its_cap_is_stopped(tmp_path):
+    s = gpu_run.Session(gpu_run.parse_args(["--data", "x", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")]))
+    assert s.run(["sleep", "30"], 0.5, "[sleep]") is None                # None: stopped at its cap
+    assert s.run([sys.executable, "-c", "print('hello')"], 30, "[py]") == 0
+    log = (s.out / "gpu_run.log").read_text()
+    assert "time cap reached" in log and "[py] hello" in log
