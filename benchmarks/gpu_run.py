@@ -97,6 +97,8 @@ class Session:
         self.python = args.python
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                         PYTHONUNBUFFERED="1", BENTOML_DO_NOT_TRACK="true", TQDM_DISABLE="1")
+        if args.dry_run:      # CPU only, also on a machine with a GPU (the CUDA tests then skip)
+            self.env["CUDA_VISIBLE_DEVICES"] = ""
 
     # ------------------------------------------------------------------ log, time
     def left(self) -> float:
