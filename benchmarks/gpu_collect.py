@@ -72,8 +72,10 @@ def main(argv=None) -> int:
         for row in (json.loads((res / "bench_stage1.json").read_text())["rows"]
                     if (res / "bench_stage1.json").exists() else []):
             frac = f"{100 * row['ce_fraction_of_peak']:.1f} %" if row.get("ce_fraction_of_peak") else "-"
-            print(f"bench row: | {row['device']}, batch {row['batch']} | {row['ce_images_per_s']:.0f} | "
-                  f"{row['bns_images_per_s']:.0f} | {row['bns_over_ce']:.2f} | {row.get('ce_tflops', '-')} | {frac} |")
+            amp = ", bf16" if row["device_type"] == "cuda" else ""
+            print(f"README bench row: | {row['device']}, batch {row['batch']}{amp} | {row['ce_images_per_s']:.0f} | "
+                  f"{row['bns_images_per_s']:.0f} | {row['bns_over_ce']:.2f} | {frac} ({row.get('ce_tflops', '-')} "
+                  "TFLOP/s) |")
 
         model = next((p for p in (res / "models").glob("*") if (p / "model.onnx").exists()), None) \
             if (res / "models").exists() else None
