@@ -8,6 +8,7 @@ Steps (each skipped when a previous run finished it; see --state):
   env         python, torch, GPU name and memory, nvidia-smi                       -> env.json
   cuda-tests  pytest -m cuda tests/test_cuda.py tests/test_engine.py               -> cuda-tests.xml / .txt
   bench       stage-1 throughput, BNS vs CE, fraction of bf16 peak                 -> bench_stage1.json
+  (bench-compile, only when named in --steps: the same with torch.compile          -> bench_stage1_compile.json)
   recipe      fmnist-lt-r32 (100 BNS epochs, then IP-DPP) trained, evaluated, exported
                                                                                    -> recipe/, models/<name>/
   accuracy    the accuracy table at the largest budget that fits (200 is the goal), --workers processes
@@ -64,8 +65,9 @@ class Step:
     min_left_s: float   # not started with less than this left of the whole budget
 
 
-STEPS = (Step("env", 60, 5), Step("cuda-tests", 270, 60), Step("bench", 120, 30), Step("recipe", 360, 60),
-         Step("accuracy", 1e9, 60))
+STEPS = (Step("env", 60, 5), Step("cuda-tests", 270, 60), Step("bench", 120, 30), Step("bench-compile", 180, 60),
+         Step("recipe", 360, 60), Step("accuracy", 1e9, 60))
+DEFAULT_STEPS = "env,cuda-tests,bench,recipe,accuracy"     # bench-compile only when asked for
 
 
 def now_utc() -> str:
@@ -156,8 +158,8 @@ class Session:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def records(self) -> dict:
-        return {step.name: {k: v for k, v in self.record(step.name).items() if k in ("status", "seconds", "note")}
-                for step in STEPS}
+        records = {step.name: self.record(step.name) for step in STEPS}
+        return {name: {k: v for k, v in r.items() if k in ("status", "seconds", "note")} for name, r in records.items() if r}
 
     # ------------------------------------------------------------------ subprocesses
     def start(self, cmd: list[str], tag: str, env: dict | None = None, stdout_file: Path | None = None):
@@ -280,11 +282,12 @@ def step_cuda_tests(s: Session, timeout: float) -> dict:
     return {"status": "done" if rc == 0 and ran else "failed", "returncode": rc, "summary": summary}
 
 
-def step_bench(s: Session, timeout: float) -> dict:
-    out = s.results / "bench_stage1.json"
+def step_bench(s: Session, timeout: float, compile: bool = False) -> dict:
+    out = s.results / f"bench_stage1{'_compile' if compile else ''}.json"
     sizes = ["--devices", "cpu", "--batch", "8", "--steps", "1", "--warmup", "1"] if s.args.dry_run else \
         ["--devices", "cuda", "--batch", "512", "4096", "--steps", "20", "--warmup", "5"]
-    rc = s.run([s.python, "benchmarks/bench_stage1.py", *sizes, "--json", str(out)], timeout, "[bench]")
+    cmd = [s.python, "benchmarks/bench_stage1.py", *sizes, "--json", str(out), *(["--compile"] if compile else [])]
+    rc = s.run(cmd, timeout, "[bench]")
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     status = "done" if rc == 0 else "partial" if rc is None and rows else "failed"
     return {"status": status, "returncode": rc, "rows": rows}
@@ -417,7 +420,8 @@ def step_accuracy(s: Session, timeout: float) -> dict:
             "image_passes_per_second": speeds, "results": str(folder.relative_to(s.results))}
 
 
-STEP_FUNCTIONS = {"env": step_env, "cuda-tests": step_cuda_tests, "bench": step_bench, "recipe": step_recipe,
+STEP_FUNCTIONS = {"env": step_env, "cuda-tests": step_cuda_tests, "bench": step_bench,
+                  "bench-compile": lambda s, timeout: step_bench(s, timeout, compile=True), "recipe": step_recipe,
                   "accuracy": step_accuracy}
 
 
@@ -454,7 +458,8 @@ def parse_args(argv=None):
     p.add_argument("--work", default=str(REPO / "runs" / "gpu" / "work"),
                    help="local working folder (default runs/gpu/work)")
     p.add_argument("--minutes", type=float, default=8.0, help="total budget in minutes (default 8)")
-    p.add_argument("--steps", default=",".join(STEP_FUNCTIONS), help="comma list of steps to consider (default all)")
+    p.add_argument("--steps", default=DEFAULT_STEPS, help=f"comma list of steps to run (default {DEFAULT_STEPS}; "
+                   "bench-compile, the same bench with torch.compile, only when named)")
     p.add_argument("--redo", default="", help="comma list of steps to run again even if finished or failed")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, same steps and output layout")
     p.add_argument("--recipe", default="fmnist-lt-r32")
@@ -485,6 +490,7 @@ def main(argv=None) -> int:
           f"out {s.out}, work {s.work}, state {args.state or '-'}")
 
     def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)      # one is enough (timeout(1) sends two): now pack
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
     wanted, redo = set(args.steps.split(",")), set(filter(None, args.redo.split(",")))
