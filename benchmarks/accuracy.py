@@ -43,7 +43,7 @@ def load_methods() -> dict:
 def results_dir(args) -> Path:
     """benchmarks/results/<recipe>-if<IF>-b<budget>; "-ldamsubset" when the head keeps its validation images
     (`--set data.holdout_kept=false`: the literature's subset, as the tables before that option were run)."""
-    from training.config import load_config
+    from tailwise.training.config import load_config
 
     name = f"{Path(args.recipe).stem}-if{args.imbalance_factor:g}-b{args.budget}"
     named = [o for o in getattr(args, "overrides", []) if o.startswith("data.holdout_kept")]
@@ -54,9 +54,9 @@ def results_dir(args) -> Path:
 
 def method_config(name: str, spec: dict, args, seed: int) -> dict:
     """The full config of one table row: base recipe + --set + the method's fields + epochs from the budget."""
-    from training.config import load_config
-    from training.ipdpp import class_targets
-    from training.train import data_from_config
+    from tailwise.training.config import load_config
+    from tailwise.training.ipdpp import class_targets
+    from tailwise.training.train import data_from_config
 
     overrides = [f"data.imbalance_factor={args.imbalance_factor}", *args.overrides, f"seed={seed}",
                  f"device='{args.device}'", f"name='{name}-s{seed}'"]
@@ -109,8 +109,8 @@ def stage1_key(cfg: dict) -> str:
 def shared_stage1(cfg: dict, args, run_dir: Path) -> None:
     """Train (or wait for another process to train) the stage 1 this row shares with every row of the same
     `stage1_key`, then place its finished checkpoint in `run_dir`, so the row trains only its stage 2."""
-    from training import checkpoint
-    from training.train import run
+    from tailwise.training import checkpoint
+    from tailwise.training.train import run
 
     s1 = cfg["stage1"]
     what = s1["method"] if s1["method"] == "bns" else s1["loss"]
@@ -162,9 +162,9 @@ def run_one(name: str, spec: dict, args, seed: int) -> Path | None:
 
 
 def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out: Path) -> Path:
-    from training import checkpoint
-    from training.fileio import atomic_write_text
-    from training.train import run
+    from tailwise.training import checkpoint
+    from tailwise._core import atomic_write_text
+    from tailwise.training.train import run
 
     cfg = method_config(name, spec, args, seed)
     print(f"== {name} seed {seed}: stage1 {cfg['stage1']['epochs']} ep"
@@ -202,7 +202,7 @@ def _fmt(values: list[float]) -> str:
 
 def collect(args) -> list[dict]:
     """One entry per methods.toml row: its label and the test reports of every seed found."""
-    from training.metrics import group_means
+    from tailwise.training.metrics import group_means
 
     methods, folder, rows = load_methods(), results_dir(args), []
     for name, spec in methods.items():
@@ -334,7 +334,7 @@ def table(args, rows: list[dict] | None = None) -> str:
 
 def write_readme(readme: Path, key: str, text: str) -> None:
     """Replace what lies between this table's markers in `readme` (each results folder has its own pair)."""
-    from training.fileio import atomic_write_text
+    from tailwise._core import atomic_write_text
 
     begin, end = f"<!-- accuracy-table:{key}:begin -->", f"<!-- accuracy-table:{key}:end -->"
     current = readme.read_text()

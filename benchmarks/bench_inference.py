@@ -24,13 +24,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 
-from serving.artifact import OnnxClassifier, build_metadata  # noqa: E402
+from tailwise.serving.artifact import OnnxClassifier, build_metadata  # noqa: E402
 
 
 def resnet32(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """training.networks' ResNet-32 classifier, or a stand-in of the same shape where that is not available."""
     try:
-        from training.networks import Classifier
+        from tailwise.training.networks import Classifier
     except ImportError:
         return _StandInResNet32(in_channels, num_classes)
     return Classifier("resnet32", in_channels, num_classes, [0.286] * in_channels, [0.353] * in_channels)
@@ -65,7 +65,7 @@ class _StandInResNet32(nn.Module):
 
 def torch_from_export(model_dir: Path) -> nn.Module:
     """The torch model of an export folder: training.checkpoint.build_classifier(card) + weights.safetensors."""
-    from training.checkpoint import build_classifier
+    from tailwise.training.checkpoint import build_classifier
 
     card = json.loads((model_dir / "card.json").read_text())["training"]
     model = build_classifier(card)
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             model_dir, name = args.model, str(args.model)
             model = torch_from_export(model_dir)
         else:
-            from export.onnx_export import export_classifier
+            from tailwise.export.onnx_export import export_classifier
 
             model, model_dir, name = resnet32().eval(), Path(tmp), "ResNet-32 (random weights), 1x28x28, 10 classes"
             meta = build_metadata(class_names=[str(c) for c in range(10)], channels=1, height=28, width=28,

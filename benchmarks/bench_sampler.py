@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training.ipdpp import kernel_diagonal, kernel_matrix, sample_kdpp, sample_paper_alg1  # noqa: E402
+from tailwise.training.ipdpp import kernel_diagonal, kernel_matrix, sample_kdpp, sample_paper_alg1  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

@@ -38,8 +38,8 @@ def export_resnet32(out_dir: Path) -> Path:
     import torch
 
     from bench_inference import resnet32
-    from export.onnx_export import export_classifier
-    from serving.artifact import build_metadata
+    from tailwise.export.onnx_export import export_classifier
+    from tailwise.serving.artifact import build_metadata
 
     torch.manual_seed(0)
     meta = build_metadata(class_names=[str(c) for c in range(10)], channels=1, height=28, width=28,
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
             os.environ["TAILWISE_BATCHING"] = batching
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            with bentoml.serve("serving.service:TailwiseClassifier", host="127.0.0.1", port=port,
+            with bentoml.serve("tailwise.serving.service:TailwiseClassifier", host="127.0.0.1", port=port,
                                working_dir=str(REPO)):
                 deadline = time.monotonic() + 120
                 while True:

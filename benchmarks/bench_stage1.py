@@ -25,10 +25,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from training.augment import BatchAugment
-from training.engine import to_device
-from training.losses import bns_loss_released
-from training.networks import Classifier, ContrastiveModel, param_groups
+from tailwise.training.augment import BatchAugment
+from tailwise.training.engine import to_device
+from tailwise.training.losses import bns_loss_released
+from tailwise.training.networks import Classifier, ContrastiveModel, param_groups
 
 
 # Dense bf16 tensor-core peak (TFLOP/s, no sparsity) from the vendors' data sheets, matched in this order.
@@ -140,7 +140,7 @@ def main() -> None:
             print(f"| {label} | {batch} | {r['ce']:.0f} | {r['bns']:.0f} | {r['bns'] / r['ce']:.2f} | {tflops} | {frac} |",
                   flush=True)
             if args.json:   # after every row, so a cut-off run keeps what it measured
-                from training.fileio import atomic_write_text
+                from tailwise._core import atomic_write_text
 
                 atomic_write_text(args.json, json.dumps({"rows": rows}, indent=2) + "\n")
 

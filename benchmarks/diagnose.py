@@ -24,12 +24,12 @@ def diagnose(run_dir: Path) -> dict:
     import numpy as np
     import torch
 
-    from training import checkpoint, engine
-    from training.data import rebuild_lt_data
-    from training.networks import ContrastiveModel
-    from training.probe import linear_probe
-    from training.train import predict_logits
-    from training.metrics import evaluate_logits
+    from tailwise.training import checkpoint, engine
+    from tailwise.training.data import rebuild_lt_data
+    from tailwise.training.networks import ContrastiveModel
+    from tailwise.training.probe import linear_probe
+    from tailwise.training.train import predict_logits
+    from tailwise.training.metrics import evaluate_logits
 
     card1 = checkpoint.load_card(run_dir, stage=1)
     cfg, data = card1["config"], rebuild_lt_data(card1["data"]["build_args"])

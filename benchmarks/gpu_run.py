@@ -373,7 +373,7 @@ def choose_budget(s: Session, left: float) -> tuple[int, str]:
     rows = [r for r in s.record("bench").get("rows", []) if r["device_type"] == "cuda" and r["batch"] == 512]
     if not rows:
         return BUDGETS[0], "no throughput measured: the goal"
-    from training.data import build_lt_data
+    from tailwise.training.data import build_lt_data
 
     n_lt = len(build_lt_data("fmnist", root=s.data_root, imbalance_factor=s.args.imbalance_factor).train_idx)
     runs = len(expected_runs(s, s.args.acc_seeds[:1]))

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--root", help="Fashion-MNIST folder (default /usr/share/datasets/fashion-mnist)")
     args = parser.parse_args(argv)
 
-    from training.data import FMNIST_CLASSES, FMNIST_ROOT, load_fmnist, lt_counts
+    from tailwise.training.data import FMNIST_CLASSES, FMNIST_ROOT, load_fmnist, lt_counts
 
     out = Path(args.out)
     if out.exists():

@@ -97,8 +97,8 @@ def staged_folder(out: Path, force: bool = False):
 
 def metadata_from_card(card: dict) -> dict:
     """The ONNX metadata (serving.artifact.build_metadata) of a classifier checkpoint card."""
-    from serving.artifact import build_metadata
-    from training.data import group_thresholds
+    from tailwise.serving.artifact import build_metadata
+    from tailwise.training.data import group_thresholds
 
     data = card["data"]
     build = data.get("build_args", {})
@@ -121,9 +121,9 @@ def metadata_from_card(card: dict) -> dict:
 def run_export(args) -> int:
     import numpy as np
 
-    from export.onnx_export import ExportParityError, export_classifier
-    from training.checkpoint import load_classifier
-    from training.data import rebuild_lt_data
+    from tailwise.export.onnx_export import ExportParityError, export_classifier
+    from tailwise.training.checkpoint import load_classifier
+    from tailwise.training.data import rebuild_lt_data
 
     variants = parse_variants(args.variants)
     if args.parity_images < 1:
@@ -145,7 +145,7 @@ def run_export(args) -> int:
     parity_images = data.train_source.load(parity_idx)
     sample_images = data.train_source.load(sample_idx) if len(sample_idx) else parity_images
     weights_file = Path(card["_dir"]) / card["weights"] if "_dir" in card and "weights" in card else None
-    from export.model_card import write_model_card, write_samples
+    from tailwise.export.model_card import write_model_card, write_samples
 
     try:
         with staged_folder(out, args.force) as staging:

@@ -10,12 +10,12 @@ import json
 import shutil
 from pathlib import Path
 
-from training.checkpoint import atomic_write_text, sha256_file
+from tailwise._core import atomic_write_text, sha256_file
 
 
 def reproduce_command(cfg: dict, run_name: str, stage: int | None = None) -> str:
     """`tailwise train` for this config into runs/<run_name> (training.config.reproduce_command)."""
-    from training.config import reproduce_command as command
+    from tailwise.training.config import reproduce_command as command
 
     return command(cfg, f"runs/{run_name}", stage)
 
@@ -59,7 +59,7 @@ def write_samples(out_dir: Path, data, per_class: int) -> list[dict]:
     import numpy as np
     from PIL import Image
 
-    from serving.artifact import OnnxClassifier, load_image
+    from tailwise.serving.artifact import OnnxClassifier, load_image
 
     if data.test_source is None:
         return []

@@ -15,7 +15,6 @@ passes, model.onnx last: a failed export leaves out_dir as it was (in particular
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,8 @@ import onnxruntime as ort
 import torch
 from safetensors.torch import save_file
 
-from serving.artifact import INPUT_NAME, OUTPUT_NAME, validate_metadata, write_metadata
+from tailwise._core import sha256_file
+from tailwise.serving.artifact import INPUT_NAME, OUTPUT_NAME, validate_metadata, write_metadata
 
 PARITY_ATOL = 1e-4  # max |logit difference| allowed between onnxruntime and torch
 VARIANTS = ("fp16", "int8")
@@ -101,7 +101,7 @@ def export_classifier(model: torch.nn.Module, meta: dict, out_dir: str | os.Path
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                       str(tmp / "weights.safetensors"))
             os.chmod(tmp / "weights.safetensors", 0o644)  # safetensors creates it owner-only
-        meta = validate_metadata(dict(meta, weights_sha256=_sha256(tmp / "weights.safetensors")))
+        meta = validate_metadata(dict(meta, weights_sha256=sha256_file(tmp / "weights.safetensors")))
         write_metadata(proto, meta)
         onnx.save(proto, str(tmp / "model.onnx"))
 
@@ -258,10 +258,3 @@ def _to_int8(fp32_path: Path, tmp: Path, calibration: torch.Tensor) -> tuple[onn
         f"onnxruntime static quantization, QDQ, per-channel int8 weights, uint8 activations, MinMax calibration "
         f"on {len(calibration)} images")
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

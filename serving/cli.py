@@ -46,8 +46,8 @@ def register(subparsers) -> None:
 
 
 def run_predict_command(args) -> int:
-    from serving.artifact import DEFAULT_MAX_PIXELS
-    from serving.predict import run_predict
+    from tailwise.serving.artifact import DEFAULT_MAX_PIXELS
+    from tailwise.serving.predict import run_predict
 
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
     return run_predict(args.inputs, model=args.model, top_k=args.top_k, batch_size=args.batch_size, fmt=args.format,
@@ -55,12 +55,12 @@ def run_predict_command(args) -> int:
 
 
 def run_serve_command(args) -> int:
-    """Check the model, then run `bentoml serve serving.service:TailwiseClassifier` with TAILWISE_MODEL set."""
+    """Check the model, then run `bentoml serve tailwise.serving.service:TailwiseClassifier` with TAILWISE_MODEL set."""
     import os
     import subprocess
     import sys
 
-    from serving.artifact import REPO_ROOT, default_model_path, read_metadata, resolve_model_path
+    from tailwise.serving.artifact import REPO_ROOT, default_model_path, read_metadata, resolve_model_path
     from tailwise import UserError
 
     if not 0 < args.port < 65536:
@@ -69,8 +69,8 @@ def run_serve_command(args) -> int:
     meta = read_metadata(path)  # fail here, with the path, rather than in the server's worker
     print(f"tailwise serve: model {path} ({meta['num_classes']} classes) on http://{args.host}:{args.port}",
           file=sys.stderr)
-    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:TailwiseClassifier", "--host", args.host,
-               "--port", str(args.port), "--working-dir", str(REPO_ROOT)]
+    command = [sys.executable, "-m", "bentoml", "serve", "tailwise.serving.service:TailwiseClassifier",
+               "--host", args.host, "--port", str(args.port), "--working-dir", str(REPO_ROOT)]
     try:
         return subprocess.call(command, env={**os.environ, "TAILWISE_MODEL": str(path)})
     except KeyboardInterrupt:

@@ -26,10 +26,10 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
-from serving.artifact import DEFAULT_MAX_PIXELS, ImageError, OnnxClassifier, default_model_path, load_image
+from tailwise.serving.artifact import DEFAULT_MAX_PIXELS, ImageError, OnnxClassifier, default_model_path, load_image
 from tailwise import UserError
+from tailwise._core import IMAGE_EXTENSIONS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FORMATS = ("jsonl", "csv")
 
 

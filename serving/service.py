@@ -50,7 +50,7 @@ from starlette.formparsers import MultiPartException
 from starlette.responses import RedirectResponse
 from starlette.routing import Route
 
-from serving.artifact import ImageError, OnnxClassifier, default_model_path, load_image, resolve_model_path
+from tailwise.serving.artifact import ImageError, OnnxClassifier, default_model_path, load_image, resolve_model_path
 from tailwise import UserError, __version__
 
 

@@ -1,6 +1,23 @@
-"""tailwise: long-tailed image classification (BNS + IP-DPP), ONNX export and serving."""
+"""tailwise: long-tailed image classification (BNS + IP-DPP), ONNX export and serving.
 
+The repository keeps `training/`, `export/` and `serving/` as top-level folders; they are the subpackages
+`tailwise.training`, `tailwise.export` and `tailwise.serving`. A wheel installs them inside `tailwise/`
+(pyproject.toml's package-dir); a source tree (a checkout on PYTHONPATH, a Bento) finds them through
+`__path__` below; an editable install through either.
+"""
+
+import os as _os
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 from importlib.metadata import PackageNotFoundError, version as _version
+
+_HERE = _os.path.dirname(_os.path.abspath(__file__))
+_ROOT = _os.path.dirname(_HERE)
+# A source tree (a checkout, a Bento): the layer folders sit next to this one, not inside it as in a wheel. The
+# repository root goes on __path__ after this folder, so `tailwise.serving` is <root>/serving (only the folders
+# that are there: a Bento carries serving/ alone).
+if (not _os.path.isdir(_os.path.join(_HERE, "serving"))
+        and _os.path.isfile(_os.path.join(_ROOT, "serving", "__init__.py"))):
+    __path__.append(_ROOT)
 
 try:
     __version__ = _version("tailwise")
@@ -13,6 +30,37 @@ except PackageNotFoundError:  # a source tree or a Bento that is not installed: 
     __version__ = _match.group(1) if _match else "0.0.0+unknown"
 
 
+__all__ = ["Classifier", "ImageError", "UserError", "__version__", "export", "load", "train"]
+
+
+def __getattr__(name: str):
+    """The API, imported on first use: `import tailwise` imports neither numpy, onnxruntime nor torch.
+    `tailwise.export` is the (callable) subpackage, the same object whichever way it was imported first."""
+    if name == "export":
+        import importlib
+
+        return importlib.import_module("tailwise.export")
+    if name in ("load", "train", "Classifier"):
+        from tailwise import _api
+
+        return getattr(_api, name)
+    if name == "ImageError":
+        from tailwise._core import ImageError
+
+        return ImageError
+    raise AttributeError(f"module 'tailwise' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
 class UserError(Exception):
     """An error the user can fix (missing or corrupt file, bad option). The CLI prints it without a traceback;
     the message must name the offending path or option."""
+
+
+if _TYPE_CHECKING:  # for type checkers and IDEs only: the lazy names above, with their signatures
+    from tailwise import export  # noqa: F401
+    from tailwise._api import Classifier, load, train  # noqa: F401
+    from tailwise._core import ImageError  # noqa: F401

@@ -67,8 +67,8 @@ def export_tiny_model(out_dir, seed=0):
     import torch
     from torch import nn
 
-    from export.onnx_export import export_classifier
-    from serving.artifact import build_metadata
+    from tailwise.export.onnx_export import export_classifier
+    from tailwise.serving.artifact import build_metadata
 
     def data(n, data_seed):
         labels = torch.arange(n) % 5

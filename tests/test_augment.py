@@ -3,7 +3,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from tailwise import UserError
-from training.augment import (
+from tailwise.training.augment import (
     BatchAugment,
     adjust_contrast,
     adjust_hue,

@@ -9,7 +9,7 @@ import pytest
 
 from tailwise import UserError
 from tailwise.cli import main
-from training.config import DEFAULTS, RULES, load_config, recipe_names, validate_config
+from tailwise.training.config import DEFAULTS, RULES, load_config, recipe_names, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_validate_config_checks_a_dict_given_directly():
 
 
 def test_rules_name_real_fields_and_match_the_code():
-    from training import augment, data, ipdpp, networks
+    from tailwise.training import augment, data, ipdpp, networks
 
     for field in RULES:
         node = DEFAULTS

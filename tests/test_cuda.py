@@ -60,8 +60,8 @@ def _cli(*args):
 
 
 def test_autocast_is_bf16_and_weights_channels_last():
-    from training import engine, train
-    from training.networks import Classifier
+    from tailwise.training import engine, train
+    from tailwise.training.networks import Classifier
 
     device = torch.device("cuda")
     model = engine.to_device(Classifier("resnet32", 1, 10, (0.5,), (0.25,)), device)
@@ -75,7 +75,7 @@ def test_autocast_is_bf16_and_weights_channels_last():
 
 
 def test_both_stages_learn_on_cuda_in_bf16(cuda_run):
-    from training import checkpoint
+    from tailwise.training import checkpoint
 
     card1, card2 = checkpoint.load_card(cuda_run, stage=1), checkpoint.load_card(cuda_run, stage=2)
     assert card1["kind"] == "contrastive" and card1["finished"] and card2["finished"]
@@ -90,10 +90,10 @@ def test_both_stages_learn_on_cuda_in_bf16(cuda_run):
 
 
 def test_ipdpp_redraw_from_cuda_probabilities(cuda_run):
-    from training import checkpoint, engine
-    from training.data import build_lt_data
-    from training.ipdpp import class_targets, select_subset
-    from training.train import predict_logits
+    from tailwise.training import checkpoint, engine
+    from tailwise.training.data import build_lt_data
+    from tailwise.training.ipdpp import class_targets, select_subset
+    from tailwise.training.train import predict_logits
 
     card2 = checkpoint.load_card(cuda_run, stage=2)
     redraws = [json.loads(x) for x in (cuda_run / "stage2_redraws.jsonl").read_text().splitlines()]
@@ -133,7 +133,7 @@ def test_export_cuda_trained_checkpoint_parity(cuda_run, tmp_path):
 
 def test_sigkill_then_resume_on_cuda(tmp_path, fmnist_root):
     """Kill a CUDA training process mid-run; --resume continues from its last checkpoint, still on CUDA."""
-    from training import checkpoint
+    from tailwise.training import checkpoint
 
     recipe = cuda_recipe(tmp_path, fmnist_root, stage1={"batch_size": 32})
     run = tmp_path / "run"
@@ -161,8 +161,8 @@ def test_sigkill_then_resume_on_cuda(tmp_path, fmnist_root):
 
 NCCL_SNIPPET = """
 import torch, torch.distributed as dist
-from training import engine
-from training.networks import Classifier
+from tailwise.training import engine
+from tailwise.training.networks import Classifier
 device = engine.resolve_device("cuda")
 torch.cuda.set_device(device)
 dist.init_process_group("nccl")

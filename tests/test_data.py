@@ -16,7 +16,7 @@ from PIL import Image
 
 from tailwise import UserError
 from tailwise.cli import main as tailwise_main
-from training.data import build_lt_data, groups_from_counts, ldam_select, lt_counts
+from tailwise.training.data import build_lt_data, groups_from_counts, ldam_select, lt_counts
 
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").exists(),

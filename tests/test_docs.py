@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tailwise.cli import build_parser
-from training.config import load_config, recipe_names
+from tailwise.training.config import load_config, recipe_names
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

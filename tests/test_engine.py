@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import engine
+from tailwise.training import engine
 
 
 def nan_after(steps: int, device: str, run_dir):

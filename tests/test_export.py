@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from export.cli import metadata_from_card, parse_variants
-from export.onnx_export import ExportParityError, export_classifier
-from serving.artifact import OnnxClassifier, build_metadata, read_metadata
+from tailwise.export.cli import metadata_from_card, parse_variants
+from tailwise.export.onnx_export import ExportParityError, export_classifier
+from tailwise.serving.artifact import OnnxClassifier, build_metadata, read_metadata
 from tailwise import UserError
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel"]
@@ -220,10 +220,10 @@ def test_parse_variants():
 
 def test_tailwise_export_end_to_end(tmp_path, cifar_archive):
     """`tailwise export` on a real checkpoint written by training.checkpoint, data rebuilt from its card."""
-    checkpoint = pytest.importorskip("training.checkpoint")
-    from training.data import build_lt_data
-    from training.config import load_config
-    from training.networks import Classifier
+    checkpoint = pytest.importorskip("tailwise.training.checkpoint")
+    from tailwise.training.data import build_lt_data
+    from tailwise.training.config import load_config
+    from tailwise.training.networks import Classifier
     from tailwise.cli import main
 
     archive, _, _ = cifar_archive(per_class=40)

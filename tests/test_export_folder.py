@@ -2,7 +2,7 @@
 
 import pytest
 
-from export.cli import staged_folder
+from tailwise.export.cli import staged_folder
 from tailwise import UserError
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tailwise import UserError
-from training.ipdpp import (
+from tailwise.training.ipdpp import (
     SAMPLERS,
     class_targets,
     kernel_diagonal,

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import (
+from tailwise.training.losses import (
     LDAMLoss,
     balanced_softmax_ce,
     bns_loss_paper,

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from training.metrics import evaluate_logits, format_report, save_report
+from tailwise.training.metrics import evaluate_logits, format_report, save_report
 
 # 3 classes, 6 test samples. Predictions (argmax): 0, 0, 1, 1, 2, 0.
 LOGITS = np.array([

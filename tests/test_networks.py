@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from tailwise import UserError
-from training.networks import (
+from tailwise.training.networks import (
     ARCHS,
     Classifier,
     ContrastiveModel,

@@ -14,9 +14,9 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from serving.artifact import (ImageError, OnnxClassifier, build_metadata, default_model_path, load_image,
+from tailwise.serving.artifact import (ImageError, OnnxClassifier, build_metadata, default_model_path, load_image,
                               read_metadata, write_metadata)
-from serving.predict import expand_inputs, parse_shard, select_shard
+from tailwise.serving.predict import expand_inputs, parse_shard, select_shard
 from tailwise import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,8 +61,9 @@ def tailwise(*args, cwd=REPO):
 # ------------------------------------------------------------------------------------------ torch-free
 
 def test_serving_does_not_import_torch():
-    code = ("import sys, serving.artifact, serving.predict, serving.cli; "
-            "bad = [m for m in ('torch', 'training', 'export') if m in sys.modules]; "
+    code = ("import sys, tailwise.serving.artifact, tailwise.serving.predict, tailwise.serving.cli; "
+            "bad = [m for m in ('torch', 'tailwise.training', 'tailwise.export', 'training', 'export', 'serving') "
+            "if m in sys.modules]; "
             "assert not bad, bad")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -411,7 +412,7 @@ def test_predict_errors_name_the_option(tmp_path, identity_model):
 def test_predict_matches_torch_on_png_files(tmp_path):
     """The exported model, fed PNG files through `tailwise predict`, gives the torch model's top-1."""
     import torch
-    from export.onnx_export import export_classifier
+    from tailwise.export.onnx_export import export_classifier
 
     class Normalize(torch.nn.Module):
         def forward(self, x):

@@ -13,8 +13,8 @@ import pytest
 
 from tailwise import UserError
 from tailwise.cli import main
-from training import checkpoint
-from training.config import load_config
+from tailwise.training import checkpoint
+from tailwise.training.config import load_config
 
 from conftest import write_recipe
 
@@ -93,8 +93,8 @@ def test_evaluate_prints_plain_and_served_for_a_run_and_an_exported_model(export
     served_top1 = from_model.get("logit_adjusted", from_model)["top1"]
     assert served_top1 == pytest.approx(from_run["logit_adjusted"]["top1"])
     # served = what predict returns: the service's own classifier on the same test images
-    from serving.artifact import OnnxClassifier
-    from training.data import build_lt_data
+    from tailwise.serving.artifact import OnnxClassifier
+    from tailwise.training.data import build_lt_data
 
     data = build_lt_data(**card["data"]["build_args"])
     classifier = OnnxClassifier(model)
@@ -182,7 +182,7 @@ def test_a_failed_start_leaves_no_run_folder_and_one_line(tmp_path, capsys):
 
 
 def test_people_read_percent(exported_run, capsys):
-    from training.engine import _short
+    from tailwise.training.engine import _short
 
     _, run, _ = exported_run
     assert _short(0.0889, "val_top1") == "8.89%" and _short(None, "val_many") == "n/a"

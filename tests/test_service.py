@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.artifact import OnnxClassifier
-from serving.predict import predict_files
+from tailwise.serving.artifact import OnnxClassifier
+from tailwise.serving.predict import predict_files
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_UPLOAD = 300_000  # TAILWISE_MAX_UPLOAD_BYTES of the test server
@@ -87,7 +87,7 @@ def url(server_env):
         import bentoml
 
         port = free_port()
-        with bentoml.serve("serving.service:TailwiseClassifier", host="127.0.0.1", port=port, working_dir=str(REPO)):
+        with bentoml.serve("tailwise.serving.service:TailwiseClassifier", host="127.0.0.1", port=port, working_dir=str(REPO)):
             base = f"http://127.0.0.1:{port}"
             wait_ready(base)
             yield base
@@ -139,9 +139,10 @@ def same_predictions(got, expected):
 # ------------------------------------------------------------------------------------------ torch-free
 
 def test_service_imports_no_torch(server_env):
-    code = ("import sys, serving.service; "
-            "bad = [m for m in ('torch', 'training', 'export') if m in sys.modules]; assert not bad, bad; "
-            "print(serving.service.MODEL_PATH.parent.name)")
+    code = ("import sys; from tailwise.serving import service; "
+            "bad = [m for m in ('torch', 'tailwise.training', 'tailwise.export', 'training', 'export', 'serving') "
+            "if m in sys.modules]; assert not bad, bad; "
+            "print(service.MODEL_PATH.parent.name)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, **server_env})
     assert result.returncode == 0, result.stderr
@@ -266,9 +267,9 @@ def test_bad_input_gets_a_4xx_and_the_server_goes_on(url, case):
 def service_module(server_env, monkeypatch):
     for key, value in server_env.items():
         monkeypatch.setenv(key, value)
-    import serving.service
+    from tailwise.serving import service
 
-    return serving.service
+    return service
 
 
 def test_batcher_merges_queued_jobs_and_survives_errors(service_module):
@@ -374,8 +375,8 @@ def test_tailwise_serve_starts_the_service(server_env, tiny_model_dir):
 
 def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, tmp_path):
     source = tmp_path / "src"
-    for name in ["bentofile.yaml", "tailwise/__init__.py", *(f"serving/{p.name}" for p in (REPO / "serving").glob(
-            "*.py"))]:
+    for name in ["bentofile.yaml", "pyproject.toml", "tailwise/__init__.py", "tailwise/_core.py",
+                 *(f"serving/{p.name}" for p in (REPO / "serving").glob("*.py"))]:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / name, source / name)
     (source / "models" / "tiny").mkdir(parents=True)
@@ -388,7 +389,17 @@ def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, t
     assert result.returncode == 0, result.stdout + result.stderr
     (bento,) = [p for p in (tmp_path / "home" / "bentos" / "tailwise").iterdir() if p.name != "latest"]
     files = {str(p.relative_to(bento / "src")) for p in (bento / "src").rglob("*") if p.is_file()}
-    assert {"serving/service.py", "serving/artifact.py", "tailwise/__init__.py", "models/tiny/model.onnx"} <= files
+    assert {"serving/service.py", "serving/artifact.py", "tailwise/__init__.py", "tailwise/_core.py",
+            "models/tiny/model.onnx"} <= files
+    # the Bento's own source tree serves: tailwise.serving is its serving/ folder, and no torch comes along
+    code = ("import sys; from tailwise.serving import service; assert 'torch' not in sys.modules; "
+            "print(service.__file__); print(service.MODEL_PATH)")
+    env.pop("PYTHONPATH", None)
+    run = subprocess.run([sys.executable, "-c", code], cwd=bento / "src", capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(bento / "src" / "serving" / "service.py"),
+                                  str(bento / "src" / "models" / "tiny" / "model.onnx")]
     assert "models/tiny/weights.safetensors" not in files  # serving needs model.onnx only
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements

@@ -21,7 +21,7 @@ def readme_table(heading: str) -> list[list[str]]:
 
 
 def test_files_match_their_sha256():
-    from training.checkpoint import sha256_file
+    from tailwise.training.checkpoint import sha256_file
 
     rows = readme_table("## Files")
     listed = {name: digest for name, digest in rows}
@@ -36,7 +36,7 @@ def test_files_match_their_sha256():
 def test_set():
     if not FMNIST.exists():
         pytest.skip("real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from training.data import rebuild_lt_data
+    from tailwise.training.data import rebuild_lt_data
 
     card = json.loads((MODEL / "card.json").read_text())["training"]
     data = rebuild_lt_data(card["data"]["build_args"])
@@ -51,8 +51,8 @@ def _pct(x):
 def test_card_numbers_reproduce_on_the_real_test_set(test_set):
     from safetensors.torch import load_file
 
-    from training.checkpoint import build_classifier
-    from training.metrics import evaluate_logits
+    from tailwise.training.checkpoint import build_classifier
+    from tailwise.training.metrics import evaluate_logits
 
     card, data = test_set
     model = build_classifier(card)
@@ -71,7 +71,7 @@ def test_card_numbers_reproduce_on_the_real_test_set(test_set):
     assert printed[1:5] == [f"{100 * card['test'][k]:.2f}" for k in ("top1", "many", "medium", "few")]
 
     # the ONNX file (what `predict` and the service run) agrees with torch
-    from serving.artifact import OnnxClassifier
+    from tailwise.serving.artifact import OnnxClassifier
 
     onnx = OnnxClassifier(MODEL / "model.onnx")
     onnx_logits = np.concatenate([onnx.predict_arrays(images[i:i + 1000].numpy()) for i in range(0, len(images), 1000)])
@@ -92,7 +92,7 @@ def test_samples_are_classified_as_the_card_says(tmp_path):
 
 
 def test_default_model_is_the_shipped_one(monkeypatch):
-    from serving.artifact import default_model_path
+    from tailwise.serving.artifact import default_model_path
 
     monkeypatch.delenv("TAILWISE_MODEL", raising=False)
     assert Path(default_model_path()).resolve() == (MODEL / "model.onnx").resolve()

@@ -14,8 +14,8 @@ import torch
 
 from tailwise import UserError
 from tailwise.cli import main
-from training import checkpoint
-from training.config import load_config
+from tailwise.training import checkpoint
+from tailwise.training.config import load_config
 
 from conftest import write_recipe
 
@@ -155,7 +155,7 @@ def test_freeze_encoder_trains_only_the_classifier(tmp_path, cifar_archive):
 
 
 def test_epoch_order_uniform_and_class_balanced():
-    from training.engine import epoch_order
+    from tailwise.training.engine import epoch_order
 
     labels = np.array([0] * 90 + [1] * 9 + [2])
     indices = np.arange(100)

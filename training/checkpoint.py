@@ -9,7 +9,6 @@ older epochs are deleted only after the new card is in place. Nothing is ever un
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,15 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tailwise import UserError, __version__
-from training.fileio import atomic_path, atomic_write_text  # noqa: F401 (atomic_write_text re-exported)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from tailwise._core import atomic_path, atomic_write_text, sha256_file  # noqa: F401 (re-exported for export/)
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> str:
@@ -161,7 +152,7 @@ def load_classifier(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
 
 
 def build_classifier(card: dict) -> torch.nn.Module:
-    from training.networks import Classifier
+    from tailwise.training.networks import Classifier
 
     data, cfg = card["data"], card["config"]
     return Classifier(cfg["model"]["arch"], data["channels"], len(data["class_names"]), data["mean"], data["std"],

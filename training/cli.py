@@ -85,7 +85,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def data_from_args(args):
     """``build_lt_data`` called with the options of ``add_data_arguments``."""
-    from training.data import build_lt_data
+    from tailwise.training.data import build_lt_data
 
     return build_lt_data(
         args.dataset, root=args.root, imbalance_factor=args.imbalance_factor, profile=args.profile,
@@ -119,11 +119,18 @@ def run_data(args) -> int:
 
 
 def run_train(args) -> int:
+    run_dir = train_from_args(args)
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def train_from_args(args):
+    """Train what the `train` options ask for; returns the run folder (also what `tailwise.train` returns)."""
     from pathlib import Path
 
     from tailwise import UserError
-    from training.config import DEFAULT_RECIPE, load_config
-    from training.train import run
+    from tailwise.training.config import DEFAULT_RECIPE, load_config
+    from tailwise.training.train import run
 
     overrides = list(args.overrides)
     stages = (args.stage,) if args.stage else (1, 2)
@@ -139,25 +146,24 @@ def run_train(args) -> int:
         raise UserError(f"{run_dir}: nothing to resume (no stage1.json or stage2.json checkpoint card there); "
                         "drop --resume to start a new run")
     run(cfg, run_dir, stages=stages, resume=args.resume, progress=not args.no_progress)
-    print(f"run folder: {run_dir}")
-    return 0
+    return run_dir
 
 
 def run_evaluate(args) -> int:
     from pathlib import Path
 
-    from training.exported import is_exported_model
-    from training.metrics import format_evaluation
+    from tailwise.training.exported import is_exported_model
+    from tailwise.training.metrics import format_evaluation
 
     path, out = Path(args.run), Path(args.out) if args.out else None
     if is_exported_model(path):
-        from training.exported import evaluate_exported
+        from tailwise.training.exported import evaluate_exported
 
         report, class_names = evaluate_exported(path, out_dir=out)
     else:
-        from training import engine
-        from training.checkpoint import load_card
-        from training.train import evaluate_run
+        from tailwise.training import engine
+        from tailwise.training.checkpoint import load_card
+        from tailwise.training.train import evaluate_run
 
         report = evaluate_run(path, engine.resolve_device(args.device), out_dir=out)
         class_names = load_card(path)["data"]["class_names"]
@@ -166,12 +172,12 @@ def run_evaluate(args) -> int:
 
 
 def run_probe(args) -> int:
-    from training import engine
-    from training.checkpoint import load_card, load_weights
-    from training.config import load_config
-    from training.data import rebuild_lt_data
-    from training.networks import ContrastiveModel
-    from training.probe import linear_probe
+    from tailwise.training import engine
+    from tailwise.training.checkpoint import load_card, load_weights
+    from tailwise.training.config import load_config
+    from tailwise.training.data import rebuild_lt_data
+    from tailwise.training.networks import ContrastiveModel
+    from tailwise.training.probe import linear_probe
     from tailwise import UserError
 
     if bool(args.run) == bool(args.random_init):
@@ -181,7 +187,7 @@ def run_probe(args) -> int:
         cfg, data = card["config"], rebuild_lt_data(card["data"]["build_args"])
     else:
         cfg = load_config(args.random_init)
-        from training.train import data_from_config
+        from tailwise.training.train import data_from_config
         data = data_from_config(cfg)
     import torch
 

@@ -45,11 +45,11 @@ import torch
 
 
 from tailwise import UserError
+from tailwise._core import IMAGE_EXTENSIONS, ImageError, load_image
 
 DATASETS = ("fmnist", "cifar10", "cifar100", "splits", "folder")
 PROFILES = ("exp", "step", "none")
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MAX_HOLDOUT_FRACTION = 0.2  # without LT subsampling, validation takes at most this share of a class
 
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -124,9 +124,7 @@ def _decode_pool() -> ThreadPoolExecutor:
 
 def decode_image(path: str, size: int) -> np.ndarray:
     """One image file as a ``size x size x 3`` uint8 array, decoded exactly as the served model decodes it
-    (serving.artifact.load_image, policy "shorter-center-crop": EXIF, RGB, shorter-side resize, centre crop)."""
-    from serving.artifact import ImageError, load_image
-
+    (tailwise._core.load_image, policy "shorter-center-crop": EXIF, RGB, shorter-side resize, centre crop)."""
     spec = {"input": {"channels": 3, "height": size, "width": size, "resize_policy": "shorter-center-crop"}}
     try:
         return load_image(path, spec, max_pixels=None).transpose(1, 2, 0)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from tailwise import UserError
-from training import checkpoint
+from tailwise.training import checkpoint
 
 
 # ----------------------------------------------------------------------------- device and processes
@@ -126,7 +126,7 @@ def rank_batches(order: np.ndarray, batch_size: int, d: Dist, drop_last: bool = 
 # ----------------------------------------------------------------------------- optimisation
 def make_optimizer(model: torch.nn.Module, scfg: dict, params=None) -> torch.optim.AdamW:
     """AdamW, no weight decay on biases and norm weights; lr scaled by batch/lr_scale_batch when that is set."""
-    from training.networks import param_groups
+    from tailwise.training.networks import param_groups
 
     groups = params if params is not None else param_groups(model, scfg["weight_decay"])
     return torch.optim.AdamW(groups, lr=base_lr(scfg), betas=tuple(scfg["betas"]))

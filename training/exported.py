@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from tailwise import UserError
-from training.data import LTData, rebuild_lt_data
-from training.metrics import evaluate_logits, save_report
+from tailwise.training.data import LTData, rebuild_lt_data
+from tailwise.training.metrics import evaluate_logits, save_report
 
 METADATA_KEY = "tailwise"   # serving/artifact.py's key of the metadata property
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.fileio import atomic_path
+from tailwise._core import GROUP_NAMES, atomic_path
 
-GROUPS = ("many", "medium", "few")
+GROUPS = GROUP_NAMES  # tailwise._core, the one definition
 
 
 def _check_inputs(logits, labels, counts, groups):

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training import engine
-from training.data import LTData
-from training.metrics import evaluate_logits
+from tailwise.training import engine
+from tailwise.training.data import LTData
+from tailwise.training.metrics import evaluate_logits
 
 
 @torch.no_grad()

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from tailwise import UserError
-from training import checkpoint, engine
-from training.augment import BatchAugment
-from training.config import reproduce_command, validate_config
-from training.data import LTData, build_lt_data, rebuild_lt_data
-from training.metrics import evaluate_logits, format_evaluation, save_report
-from training.networks import Classifier, ContrastiveModel
+from tailwise.training import checkpoint, engine
+from tailwise.training.augment import BatchAugment
+from tailwise.training.config import reproduce_command, validate_config
+from tailwise.training.data import LTData, build_lt_data, rebuild_lt_data
+from tailwise.training.metrics import evaluate_logits, format_evaluation, save_report
+from tailwise.training.networks import Classifier, ContrastiveModel
 
 LA_TAU_GRID = tuple(round(0.25 * i, 2) for i in range(9))   # post-hoc logit adjustment: 0, 0.25, ..., 2
 
@@ -120,7 +120,7 @@ def _val_metrics(model, data, images) -> dict:
 # ----------------------------------------------------------------------------- losses of supervised stages
 def supervised_criterion(name: str, counts: list[int], epochs: int, drw_start: float, device: torch.device):
     """(logits, labels, epoch) -> loss, for ce | la (logit-adjusted, tau 1) | bsce (balanced softmax) | ldam-drw."""
-    from training import losses
+    from tailwise.training import losses
 
     prior = log_prior(counts).to(device)
     if name == "ce":
@@ -175,7 +175,7 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     generator = EpochGenerator(device, cfg["seed"], d.rank)
 
     if kind == "contrastive":
-        from training import losses
+        from tailwise.training import losses
 
         sup = supervised_criterion(s["sup_loss"], data.counts, s["epochs"], s["ldam_drw_start"], device) if joint else None
 
@@ -200,7 +200,7 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
         def on_epoch_end(epoch):
             metrics = _val_metrics(model, data, images) if joint else {}
             if s["probe_every"] and (epoch + 1) % s["probe_every"] == 0 and len(data.val_idx):
-                from training.probe import linear_probe
+                from tailwise.training.probe import linear_probe
 
                 probe = linear_probe(model, data, device, on="val")     # encoder quality, on validation
                 metrics.update({f"val_probe_{k}": probe[k] for k in ("top1", "many", "medium", "few")})
@@ -229,7 +229,7 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
 def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d: engine.Dist,
                  resume: bool = False, progress: bool = True) -> dict:
     """Stage 2: stage-1 encoder + new linear classifier, trained on the (redrawn) IP-DPP subset."""
-    from training.ipdpp import class_targets, select_subset
+    from tailwise.training.ipdpp import class_targets, select_subset
 
     s = cfg["stage2"]
     card1 = checkpoint.load_card(run_dir / "stage1.json")

@@ -1,0 +1,176 @@
+"""The public Python API (`tailwise.load`, `tailwise.train`, `tailwise.export`); `tailwise/__init__.py` imports
+this module only when one of them is first used, so `import tailwise` stays cheap and torch-free.
+
+`load` needs numpy, pillow, onnx and onnxruntime only (no torch); `train` and `export` run exactly what the
+`tailwise train` and `tailwise export` commands run and need the torch dependencies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+from tailwise.serving.artifact import OnnxClassifier, load_image
+from tailwise._core import DEFAULT_MAX_PIXELS, ImageError, image_pixels
+
+if TYPE_CHECKING:
+    from PIL import Image as _PILImage
+
+Image = Union[str, os.PathLike, bytes, "_PILImage.Image", np.ndarray]
+"""One image: a file path, the bytes of an image file, a PIL image, or a uint8 array (H x W grayscale,
+H x W x 3 RGB or H x W x 4 RGBA, or already the model's input C x H x W)."""
+
+Prediction = dict[str, Any]
+"""{"label": str, "index": int, "probability": float, "group": "many" | "medium" | "few"}"""
+
+
+class Classifier:
+    """An exported tailwise model (a model folder or its `model.onnx`) run by onnxruntime, no torch.
+
+    Every image is decoded and resized exactly as `tailwise predict` and the service do, and the predictions
+    are the same records, logit adjustment (the model's served `tau`) included."""
+
+    def __init__(self, path: str | os.PathLike, *, providers: list[str] | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self._model = OnnxClassifier(path, providers=providers)
+        self._max_pixels = max_pixels
+
+    @property
+    def path(self) -> Path:
+        """The model.onnx file."""
+        return self._model.path
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._model.class_names)
+
+    @property
+    def metadata(self) -> dict:
+        """The model's "tailwise" metadata (classes, input size, groups, logit adjustment, metrics ...)."""
+        return self._model.meta
+
+    def pixels(self, images: Image | Sequence[Image]) -> np.ndarray:
+        """The model's input for `images`: uint8 [N, C, H, W]. Raises ImageError (a ValueError) naming the image
+        that cannot be decoded."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            return self._array(images, "<array>") if images.shape[1:] == self._model.input_shape else np.stack(
+                [self._one(image, f"<array {i}>") for i, image in enumerate(images)])
+        if _is_single(images):
+            images = [images]
+        arrays = [self._one(image, f"<image {i}>") for i, image in enumerate(images)]
+        if not arrays:
+            return np.zeros((0, *self._model.input_shape), dtype=np.uint8)
+        return np.stack(arrays)
+
+    def predict_logits(self, images: Image | Sequence[Image], *, adjusted: bool = True,
+                       batch_size: int = 256) -> np.ndarray:
+        """float32 [N, num_classes] for `images` (one image or a sequence; a uint8 [N, C, H, W] array is a batch
+        of model inputs). `adjusted`: with the model's logit adjustment (the logits the served predictions come
+        from); False: the network's plain logits."""
+        pixels = self.pixels(images)
+        chunks = [self._model.predict_arrays(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+        logits = np.concatenate(chunks) if chunks else np.zeros((0, len(self._model.class_names)), np.float32)
+        return self._model.adjusted_logits(logits) if adjusted else logits
+
+    def predict(self, images: Image | Sequence[Image], top_k: int = 3) -> list[list[Prediction]]:
+        """Per image (one image counts as a list of one), the `top_k` most probable classes, best first:
+        {"label", "index", "probability", "group"}, the records of `tailwise predict` and the service."""
+        return self._model.top_k(self.predict_logits(images, adjusted=False), top_k)
+
+    def _one(self, image: Image, where: str) -> np.ndarray:
+        if isinstance(image, np.ndarray):
+            return self._array(image, where)
+        if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+            return load_image(image, self._model.meta, max_pixels=self._max_pixels)
+        if hasattr(image, "getbands"):  # a PIL image (PIL imported only where one is passed)
+            return image_pixels(image, self._model.meta, self._max_pixels, where)
+        raise TypeError(f"{where}: expected a path, image bytes, a PIL image or a uint8 array, "
+                        f"got {type(image).__name__}")
+
+    def _array(self, array: np.ndarray, where: str) -> np.ndarray:
+        if array.dtype != np.uint8:
+            raise ImageError(f"{where}: arrays must be uint8 (0..255), got {array.dtype}")
+        shape = self._model.input_shape
+        if array.shape[-3:] == shape:   # already the model's input (C x H x W, or N x C x H x W)
+            return np.ascontiguousarray(array)
+        from PIL import Image as PILImage
+
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4)):
+            return image_pixels(PILImage.fromarray(np.ascontiguousarray(array)), self._model.meta,
+                                self._max_pixels, where)
+        raise ImageError(f"{where}: array of shape {list(array.shape)} is not H x W, H x W x 3, H x W x 4 or the "
+                         f"model's input {list(shape)}")
+
+    def __repr__(self) -> str:
+        return f"tailwise.Classifier({str(self.path)!r}, {len(self._model.class_names)} classes)"
+
+
+def _is_single(images) -> bool:
+    return isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)) or hasattr(
+        images, "getbands")
+
+
+def load(path: str | os.PathLike, *, providers: list[str] | None = None,
+         max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Classifier:
+    """The exported model at `path` (a model folder such as models/NAME, or its model.onnx), ready to predict.
+    `providers`: onnxruntime execution providers (default CUDA when available, then CPU)."""
+    return Classifier(path, providers=providers, max_pixels=max_pixels)
+
+
+def train(config: str | os.PathLike | None = None, *, out: str | os.PathLike | None = None,
+          stage: int | None = None, epochs: int | None = None, device: str | None = None, seed: int | None = None,
+          resume: bool = False, progress: bool = True, **overrides: Any) -> Path:
+    """`tailwise train`: train a recipe (a name from training/recipes/ or a TOML file; default the `tailwise`
+    recipe) into `out` (default runs/<config name>) and return the run folder. `overrides` set config fields,
+    as `--set` does: `stage2={"sampler": "random"}` or `stage2__sampler="random"`."""
+    argv = ["train", "--no-progress"] if not progress else ["train"]
+    for flag, value in (("--config", config), ("--out", out), ("--stage", stage), ("--epochs", epochs),
+                        ("--device", device), ("--seed", seed)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if resume:
+        argv.append("--resume")
+    for key, value in _flatten(overrides):
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    from tailwise.training.cli import train_from_args
+
+    return Path(train_from_args(_parse(argv)))
+
+
+def export(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, variants: Sequence[str] = (),
+           parity_images: int = 256, opset: int | None = None, samples: int = 0) -> Path:
+    """`tailwise export`: export a run's final classifier (a run folder or a checkpoint) to the model folder `out`
+    (kept only if onnxruntime reproduces torch on validation images) and return `out`."""
+    argv = ["export", str(run), "--out", str(out), "--parity-images", str(parity_images), "--samples", str(samples)]
+    if force:
+        argv.append("--force")
+    if variants:
+        argv += ["--variants", ",".join(variants)]
+    if opset is not None:
+        argv += ["--opset", str(opset)]
+    args = _parse(argv)
+    args.handler(args)
+    return Path(out)
+
+
+def _flatten(overrides: dict, prefix: str = ""):
+    for key, value in overrides.items():
+        name = prefix + key.replace("__", ".")
+        if isinstance(value, dict):
+            yield from _flatten(value, name + ".")
+        else:
+            yield name, value
+
+
+def _parse(argv: list[str]):
+    """`argv` parsed by the `tailwise` command's own parser, so the API takes exactly the options the CLI does."""
+    from tailwise.cli import build_parser
+
+    return build_parser().parse_args(argv)

@@ -1,0 +1,143 @@
+"""The Python API: tailwise.load(...).predict(...) on the shipped model, lazy and torch-free imports, model
+format versions, and train/export mirroring the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+import tailwise
+from tailwise.serving.artifact import FORMAT_VERSION, METADATA_KEY, OnnxClassifier
+from tailwise.serving.predict import predict_files
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "models" / "fmnist-lt-bns-ipdpp"
+SAMPLES = sorted((SHIPPED / "samples").glob("*.png"))
+
+
+def test_all_lists_the_api_and_import_tailwise_is_light():
+    assert set(tailwise.__all__) == {"Classifier", "ImageError", "UserError", "__version__", "export", "load",
+                                     "train"}
+    code = ("import sys, tailwise; tailwise.__all__; "
+            "bad = [m for m in ('numpy', 'PIL', 'onnx', 'onnxruntime', 'torch') if m in sys.modules]; "
+            "assert not bad, bad; "
+            "tailwise.load; tailwise.export; "   # the API names resolve without torch
+            "bad = [m for m in ('torch', 'tailwise.training') if m in sys.modules]; assert not bad, bad")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_predict_gives_the_records_of_tailwise_predict_for_paths_pil_images_bytes_and_arrays():
+    model = tailwise.load(SHIPPED)
+    expected = [r["predictions"] for r in predict_files(OnnxClassifier(SHIPPED), [str(p) for p in SAMPLES])]
+    assert model.predict(SAMPLES) == expected
+    assert model.predict(str(SAMPLES[0])) == expected[:1]              # one image is a list of one
+    assert model.predict([p.read_bytes() for p in SAMPLES[:2]]) == expected[:2]
+    with Image.open(SAMPLES[1]) as image:
+        assert model.predict(image, top_k=3) == expected[1:2]
+        pixels = np.asarray(image.convert("L"))
+    assert model.predict([pixels]) == expected[1:2]                    # H x W uint8
+    assert model.predict(pixels[None]) == expected[1:2]                # C x H x W, the model's input
+    assert model.predict(np.stack([pixels[None]] * 3)) == expected[1:2] * 3   # N x C x H x W
+    top1 = model.predict(SAMPLES, top_k=1)
+    assert [len(p) for p in top1] == [1] * len(SAMPLES) and set(top1[0][0]) == {"label", "index", "probability",
+                                                                                "group"}
+    assert model.predict([]) == []
+
+
+def test_predict_logits_plain_and_adjusted():
+    model = tailwise.load(SHIPPED / "model.onnx")
+    plain = model.predict_logits(SAMPLES, adjusted=False)
+    adjusted = model.predict_logits(SAMPLES, batch_size=2)
+    assert plain.shape == adjusted.shape == (len(SAMPLES), len(model.class_names)) and plain.dtype == np.float32
+    la = model.metadata["logit_adjustment"]
+    shift = 0 if la is None else la["tau"] * np.asarray(la["log_prior"])
+    np.testing.assert_allclose(adjusted, plain - shift, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_name_the_image(tmp_path):
+    model = tailwise.load(SHIPPED)
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    with pytest.raises(tailwise.ImageError, match="x.png"):
+        model.predict([SAMPLES[0], tmp_path / "x.png"])
+    with pytest.raises(tailwise.ImageError, match="uint8"):
+        model.predict(np.zeros((28, 28), np.float32))
+    with pytest.raises(TypeError, match="a path"):
+        model.predict([1.5])
+    with pytest.raises(tailwise.UserError, match="no such model"):
+        tailwise.load(tmp_path / "missing")
+
+
+def with_format_version(tmp_path: Path, version) -> Path:
+    proto = onnx.load(str(SHIPPED / "model.onnx"))
+    prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    meta = json.loads(prop.value)
+    meta["format_version"] = version
+    prop.value = json.dumps(meta)
+    path = tmp_path / f"v{version}" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_a_newer_model_format_is_refused_with_a_clear_message(tmp_path):
+    path = with_format_version(tmp_path, FORMAT_VERSION + 1)
+    with pytest.raises(tailwise.UserError, match=rf"format {FORMAT_VERSION + 1} is newer .* upgrade tailwise"):
+        tailwise.load(path)
+
+
+@pytest.mark.parametrize("version", [0, None])
+def test_an_older_model_format_is_refused_by_rule(tmp_path, version):
+    """Format 1 is the first; anything older (or unversioned) is refused with the fix, not a schema error."""
+    path = with_format_version(tmp_path, version)
+    with pytest.raises(tailwise.UserError, match=r"is older than .* re-export the run with `tailwise export`"):
+        tailwise.load(path)
+    result = subprocess.run([sys.executable, "-m", "tailwise", "predict", str(SAMPLES[0]), "--model", str(path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "older than" in result.stderr
+
+
+def test_train_and_export_take_the_cli_options(monkeypatch, tmp_path):
+    """tailwise.train/export parse exactly what `tailwise train/export` would (their handlers are stubbed)."""
+    from tailwise._api import _flatten, _parse
+
+    args = _parse(["train", "--config", "fmnist-lt-r32-cpu", "--epochs", "2", "--set", 'stage2.sampler="random"'])
+    assert args.config == "fmnist-lt-r32-cpu" and args.epochs == 2 and args.overrides == ['stage2.sampler="random"']
+    assert list(_flatten({"stage2": {"sampler": "random"}, "stage1__epochs": 3})) == [
+        ("stage2.sampler", "random"), ("stage1.epochs", 3)]
+
+    seen = {}
+    import tailwise.training.cli as training_cli
+
+    monkeypatch.setattr(training_cli, "train_from_args", lambda a: seen.setdefault("train", a) and tmp_path / "run")
+    assert tailwise.train("fmnist-lt-r32-cpu", out=tmp_path / "run", epochs=1, stage2__sampler="random",
+                          progress=False) == tmp_path / "run"
+    a = seen["train"]
+    assert (a.config, a.out, a.epochs, a.no_progress, a.overrides) == (
+        "fmnist-lt-r32-cpu", str(tmp_path / "run"), 1, True, ['stage2.sampler="random"'])
+
+    import tailwise.export.cli as export_cli
+
+    monkeypatch.setattr(export_cli, "run_export", lambda a: seen.setdefault("export", a) and 0)
+    monkeypatch.setattr(tailwise._api, "_parse", _reparse_with(export_cli))
+    assert tailwise.export(tmp_path / "run", tmp_path / "model", variants=["int8"], force=True) == tmp_path / "model"
+    a = seen["export"]
+    assert (a.checkpoint, a.out, a.variants, a.force) == (str(tmp_path / "run"), str(tmp_path / "model"), "int8", True)
+
+
+def _reparse_with(export_cli):
+    """The real parser, with the export handler re-bound to the (monkeypatched) module attribute."""
+    from tailwise.cli import build_parser
+
+    def parse(argv):
+        args = build_parser().parse_args(argv)
+        args.handler = export_cli.run_export
+        return args
+    return parse
