@@ -29,8 +29,8 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    from training.data import build_lt_data
-    from training.metrics import evaluate_logits
+    from tailwise.training.data import build_lt_data
+    from tailwise.training.metrics import evaluate_logits
 
     data = build_lt_data("fmnist", imbalance_factor=args.imbalance_factor)
     images = data.train_source.load(data.val_idx).numpy()
