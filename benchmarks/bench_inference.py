@@ -28,39 +28,10 @@ from tailwise.serving.artifact import OnnxClassifier, build_metadata  # noqa: E4
 
 
 def resnet32(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
-    """training.networks' ResNet-32 classifier, or a stand-in of the same shape where that is not available."""
-    try:
-        from tailwise.training.networks import Classifier
-    except ImportError:
-        return _StandInResNet32(in_channels, num_classes)
+    """training.networks' ResNet-32 classifier."""
+    from tailwise.training.networks import Classifier
+
     return Classifier("resnet32", in_channels, num_classes, [0.286] * in_channels, [0.353] * in_channels)
-
-
-class _StandInResNet32(nn.Module):
-    """Normalize -> CIFAR ResNet-32 (3 stages x 5 basic blocks, 16/32/64 channels) -> linear."""
-
-    def __init__(self, in_channels: int, num_classes: int):
-        super().__init__()
-        def block(cin, cout, stride):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                 nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.blocks, self.shortcuts = nn.ModuleList(), nn.ModuleList()
-        cin = 16
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(5):
-                s = stride if i == 0 else 1
-                self.blocks.append(block(cin, cout, s))
-                self.shortcuts.append(nn.Identity() if s == 1 and cin == cout else
-                                      nn.Sequential(nn.Conv2d(cin, cout, 1, s, bias=False), nn.BatchNorm2d(cout)))
-                cin = cout
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward(self, x):
-        x = self.stem((x.float() / 255 - 0.286) / 0.353)
-        for block, shortcut in zip(self.blocks, self.shortcuts):
-            x = torch.relu(block(x) + shortcut(x))
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 def torch_from_export(model_dir: Path) -> nn.Module:

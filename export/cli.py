@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tailwise import UserError
 
+DEFAULT_OPSET = 18  # the lowest the dynamo exporter writes; the one default (export_classifier's too)
 VARIANTS = ("fp16", "int8")  # export.onnx_export.VARIANTS, repeated so registering imports no torch
 ARRAY_DATASETS = ("fmnist", "cifar10", "cifar100")  # small native sizes: user images are resized to them
 CALIBRATION_IMAGES = 256  # validation images (disjoint from the parity images) that calibrate int8
@@ -37,8 +38,8 @@ def register(subparsers) -> None:
     export.add_argument("--variants", default="", help="comma-separated extra files to write: fp16, int8")
     export.add_argument("--parity-images", type=int, default=256,
                         help="validation images the ONNX graph must reproduce torch on (default 256)")
-    export.add_argument("--opset", type=int, default=18,
-                        help="ONNX opset (default 18, the lowest the dynamo exporter writes)")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET}, the lowest the dynamo exporter writes)")
     export.add_argument("--samples", type=int, default=0, metavar="K",
                         help="also write K test images per class as PNG into OUT/samples/, with the model's "
                              "predictions for them in the model card (default 0)")

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from tailwise._core import sha256_file
+from tailwise.export.cli import DEFAULT_OPSET
 from tailwise.serving.artifact import INPUT_NAME, OUTPUT_NAME, validate_metadata, write_metadata
 
 PARITY_ATOL = 1e-4  # max |logit difference| allowed between onnxruntime and torch
@@ -47,7 +48,7 @@ class VariantUnavailable(RuntimeError):
 
 
 def export_classifier(model: torch.nn.Module, meta: dict, out_dir: str | os.PathLike, sample_images: torch.Tensor,
-                      parity_images: torch.Tensor, opset: int = 17, variants=(), *, parity_labels=None,
+                      parity_images: torch.Tensor, opset: int = DEFAULT_OPSET, variants=(), *, parity_labels=None,
                       weights_file: str | os.PathLike | None = None, card: dict | None = None,
                       parity_atol: float = PARITY_ATOL) -> dict:
     """Export `model` (uint8 NCHW pixels 0..255 -> logits, normalisation inside, eval mode) to `out_dir`.

@@ -35,6 +35,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+import tailwise
 from tailwise import UserError, __version__
 # Image decoding lives in the shared core (training decodes files exactly as serving does); re-exported here.
 from tailwise._core import (DEFAULT_MAX_PIXELS, GROUP_NAMES, IMAGE_FORMATS, RESIZE_POLICIES,  # noqa: F401
@@ -48,7 +49,9 @@ MIN_FORMAT_VERSION = 1
 METADATA_KEY = "tailwise"
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "logits"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the repository (or Bento) root; in a wheel, tailwise/
+# The folder that holds the `tailwise` package: the repository root, a Bento's src/, or site-packages.
+PACKAGE_PARENT = Path(tailwise.__file__).resolve().parent.parent
 SHIPPED_MODEL = "fmnist-lt-bns-ipdpp"
 
 

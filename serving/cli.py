@@ -60,7 +60,7 @@ def run_serve_command(args) -> int:
     import subprocess
     import sys
 
-    from tailwise.serving.artifact import REPO_ROOT, default_model_path, read_metadata, resolve_model_path
+    from tailwise.serving.artifact import PACKAGE_PARENT, default_model_path, read_metadata, resolve_model_path
     from tailwise import UserError
 
     if not 0 < args.port < 65536:
@@ -70,7 +70,7 @@ def run_serve_command(args) -> int:
     print(f"tailwise serve: model {path} ({meta['num_classes']} classes) on http://{args.host}:{args.port}",
           file=sys.stderr)
     command = [sys.executable, "-m", "bentoml", "serve", "tailwise.serving.service:TailwiseClassifier",
-               "--host", args.host, "--port", str(args.port), "--working-dir", str(REPO_ROOT)]
+               "--host", args.host, "--port", str(args.port), "--working-dir", str(PACKAGE_PARENT)]
     try:
         return subprocess.call(command, env={**os.environ, "TAILWISE_MODEL": str(path)})
     except KeyboardInterrupt:

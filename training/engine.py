@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -107,13 +107,13 @@ def epoch_order(indices: np.ndarray, labels: np.ndarray, seed: int, epoch: int, 
     return np.concatenate(by_class)[starts[picks] + rng.integers(sizes[picks])].astype(np.int64)
 
 
-def rank_batches(order: np.ndarray, batch_size: int, d: Dist, drop_last: bool = True) -> list[np.ndarray]:
-    """Split one epoch's order into this rank's batches (global batch = batch_size, split over ranks)."""
+def rank_batches(order: np.ndarray, batch_size: int, d: Dist) -> list[np.ndarray]:
+    """Split one epoch's order into this rank's batches (global batch = batch_size, split over ranks; the last
+    incomplete batch is dropped)."""
     per_rank = batch_size // d.world
     if per_rank < 1:
         raise UserError(f"batch size {batch_size} is smaller than the number of processes ({d.world})")
-    n_batches = len(order) // batch_size if drop_last else math.ceil(len(order) / batch_size)
-    n_batches = max(n_batches, 1)
+    n_batches = max(len(order) // batch_size, 1)
     batches = []
     for b in range(n_batches):
         chunk = order[b * batch_size:(b + 1) * batch_size]
@@ -165,7 +165,6 @@ class Stage:
     on_epoch_end: Callable[[int], dict] | None = None     # returns metrics (e.g. validation)
     extra_state: Callable[[], dict] | None = None          # tensors saved for resume
     steps_per_epoch: int | None = None   # fixed number of steps (balanced or redrawn pools); default len/batch
-    history: list = field(default_factory=list)
 
 
 def fit(stage: Stage, run_dir: Path, seed: int, d: Dist, start_epoch: int = 0, progress: bool = True) -> dict:

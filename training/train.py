@@ -102,10 +102,8 @@ class EpochGenerator:
         return self.gen
 
 
-def validation_report(model, data: LTData, images: engine.DeviceImages, prior_shift: torch.Tensor | None = None) -> dict:
+def validation_report(model, data: LTData, images: engine.DeviceImages) -> dict:
     logits = predict_logits(model, images, data.val_idx)
-    if prior_shift is not None:
-        logits = logits - prior_shift.to(logits.device)
     return evaluate_logits(logits.cpu().numpy(), data.train_source.labels[data.val_idx], data.counts, data.groups)
 
 
@@ -337,13 +335,6 @@ def choose_logit_adjustment(model, data: LTData, device: torch.device, train_cou
         scores[tau] = report["mean_per_class"]
     best = max(LA_TAU_GRID, key=lambda t: (scores[t], -t))
     return {"tau": best, "log_prior": prior.tolist(), "val_mean_per_class": scores}
-
-
-def final_card_path(run_dir: Path) -> Path:
-    card = checkpoint.load_card(run_dir)
-    if card.get("kind") != "classifier":
-        raise UserError(f"{run_dir}: the run has no classifier yet (stage 1 of BNS is an encoder; run stage 2)")
-    return Path(card["_dir"]) / f"stage{card['stage']}.json"
 
 
 def evaluate_run(run_dir: Path, device: torch.device, data: LTData | None = None, out_dir: Path | None = None) -> dict:
