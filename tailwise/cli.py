@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Long-tailed image classification: train (BNS + IP-DPP), export to ONNX, serve.",
     )
     parser.add_argument("--version", action="version", version=f"tailwise {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -39,8 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except UserError as exc:
-        print(f"tailwise {args.command}: error: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"tailwise {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug or an environment problem: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"tailwise {args.command}: error: {type(exc).__name__}: {_one_line(exc)} (run `tailwise --debug "
+              f"{args.command} ...` for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
