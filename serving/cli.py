@@ -86,9 +86,8 @@ def run_serve_command(args) -> int:
     import socket
     import sys
 
-    from serving.artifact import REPO_ROOT, default_model_path, read_metadata, resolve_model_path
+    from serving.artifact import REPO_ROOT, default_model_path, model_summary, read_metadata, resolve_model_path
     from serving.integrity import verify_enabled
-    from serving.predict import model_summary
     from tailwise import UserError
 
     if not 0 < args.port < 65536:

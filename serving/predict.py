@@ -26,7 +26,8 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
-from serving.artifact import DEFAULT_MAX_PIXELS, ImageError, OnnxClassifier, default_model_path, load_image
+from serving.artifact import (DEFAULT_MAX_PIXELS, ImageError, OnnxClassifier, default_model_path, load_image,
+                              model_summary)
 from tailwise import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -127,13 +128,6 @@ def write_csv(records: Iterable[dict], stream: TextIO, k: int) -> Iterator[dict]
         cells = [value for p in record["predictions"] for value in (p["label"], p["probability"], p["group"])]
         writer.writerow([record["path"], *cells, *[""] * (3 * k - len(cells)), record["error"] or ""])
         yield record
-
-
-def model_summary(meta: dict) -> str:
-    """'10 classes, test top-1 82.66 %' (accuracy in percent, as everywhere a person reads it)."""
-    top1 = meta["metrics"].get("top1")
-    accuracy = f", test top-1 {100 * top1:.2f} %" if isinstance(top1, (int, float)) else ""
-    return f"{meta['num_classes']} classes{accuracy}"
 
 
 def run_predict(inputs: list[str], model: str | None = None, top_k: int = 3, batch_size: int = 64,
