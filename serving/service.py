@@ -385,6 +385,8 @@ class QuietClientErrors(logging.Filter):
     ClientErrors middleware writes the one line for it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.endswith("multipart"):  # python-multipart's own warning about a malformed body
+            return record.levelno >= logging.ERROR
         if record.name == "bentoml.access":
             return not (len(record.args or ()) > 2 and str(record.args[2]).startswith("status=4"))
         exc = record.exc_info[1] if record.exc_info else None
@@ -395,7 +397,8 @@ class QuietClientErrors(logging.Filter):
         return not isinstance(exc, (ValidationError, BodyTooLarge))
 
 
-for _name in ("bentoml.access", "bentoml._internal.server.http_app"):
+for _name in ("bentoml.access", "bentoml._internal.server.http_app", "python_multipart.multipart",
+              "multipart.multipart"):
     if not any(isinstance(f, QuietClientErrors) for f in logging.getLogger(_name).filters):
         logging.getLogger(_name).addFilter(QuietClientErrors())
 
