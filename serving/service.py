@@ -35,7 +35,7 @@ Environment, read at import:
     TAILWISE_MAX_BATCH_FILES   most files in one /classify_batch request (default 64)
     TAILWISE_BATCHING          "0": every request runs the model on its own, without batching (default "1")
     TAILWISE_MAX_BATCH_SIZE    most images in one batched model call (default 64)
-    TAILWISE_MAX_IN_FLIGHT     most classify requests in the server at once, the rest get 503 (default 128)
+    TAILWISE_MAX_IN_FLIGHT     most classify requests in the server at once, the rest get 503 (default: MAX_BATCH_SIZE)
     TAILWISE_VERIFY            "0": load the model without checking its manifest (default "1")
 """
 
@@ -100,7 +100,7 @@ MAX_UPLOAD_BYTES = _env_int("TAILWISE_MAX_UPLOAD_BYTES", 16 * 2**20)
 MAX_PIXELS = _env_int("TAILWISE_MAX_PIXELS", 50_000_000)
 MAX_BATCH_FILES = _env_int("TAILWISE_MAX_BATCH_FILES", 64)
 MAX_BATCH_SIZE = _env_int("TAILWISE_MAX_BATCH_SIZE", 64)
-MAX_IN_FLIGHT = _env_int("TAILWISE_MAX_IN_FLIGHT", 2 * MAX_BATCH_SIZE)
+MAX_IN_FLIGHT = _env_int("TAILWISE_MAX_IN_FLIGHT", MAX_BATCH_SIZE)
 BATCHING = os.environ.get("TAILWISE_BATCHING", "1").strip() != "0"
 DRAIN_SECONDS = 1.0  # after SIGTERM, answer with `Connection: close` this long before uvicorn's shutdown
 MODEL_PATH = model_path()  # at import, so that `bentoml build` without a model fails with the reason
