@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", default="1,32,64")
     parser.add_argument("--requests", type=int, default=1500, help="requests per row (a fifth at concurrency 1)")
     parser.add_argument("--accuracy", action="store_true", help="also score each variant on the full test set")
+    parser.add_argument("--workers", type=int, default=1, help="BentoML worker processes (default 1); with more, "
+                                                               "each gets cores / workers onnxruntime threads")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     body = multipart({"image": ("bag-18.png", sample_png())})
@@ -73,7 +76,11 @@ def main(argv=None) -> int:
         raw[variant] = {batch: raw_images_per_second(path, batch) for batch in (1, 64)}
         accuracy = f"{test_accuracy(path):.2f}" if args.accuracy else ""
         for batching in ("0", "1"):
-            with Server(path, {"TAILWISE_BATCHING": batching}) as server:
+            env = {"TAILWISE_BATCHING": batching}
+            if args.workers > 1:
+                env.update(BENTOML_CONFIG_OPTIONS=f"services.TailwiseClassifier.workers={args.workers}",
+                           TAILWISE_ORT_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)))
+            with Server(path, env) as server:
                 for concurrency in levels:
                     count = max(100, args.requests // 5) if concurrency == 1 else args.requests
                     hey(f"{server.url}/classify", body, min(200, count), concurrency)  # warm-up
@@ -82,14 +89,14 @@ def main(argv=None) -> int:
                     p50, p99 = percentiles_ms(run["latencies"][ok])
                     rate = ok.sum() / run["seconds"]
                     other = len(run["statuses"]) - ok.sum() + run["errors"]
-                    rows.append(f"| {variant} | {'on' if batching == '1' else 'off'} | {concurrency} | {p50:.1f} | "
+                    rows.append(f"| {variant} | {args.workers} | {'on' if batching == '1' else 'off'} | {concurrency} | {p50:.1f} | "
                                 f"{p99:.1f} | {rate:,.0f} | {rate / raw[variant][64]:.2f} | {other} | {accuracy} |")
     print(f"model {args.model.name}; {note}; hey, {args.requests} requests per row\n")
     print("raw onnxruntime images/s, same process defaults as the service: "
           + "; ".join(f"{v}: batch 1 {r[1]:,.0f}, batch 64 {r[64]:,.0f}" for v, r in raw.items()) + "\n")
-    print("| model | adaptive batching | concurrency | p50 ms | p99 ms | requests/s | / raw batch-64 images/s | "
+    print("| model | workers | adaptive batching | concurrency | p50 ms | p99 ms | requests/s | / raw batch-64 images/s | "
           "non-200 | test top-1 % |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     return 0
 

@@ -37,6 +37,10 @@ Environment, read at import:
     TAILWISE_MAX_BATCH_SIZE    most images in one batched model call (default 64)
     TAILWISE_MAX_IN_FLIGHT     most classify requests in the server at once, the rest get 503 (default: MAX_BATCH_SIZE)
     TAILWISE_VERIFY            "0": load the model without checking its manifest (default "1")
+    TAILWISE_ORT_THREADS       onnxruntime intra-op threads per worker (default: onnxruntime's, one per core)
+
+More worker processes: BENTOML_CONFIG_OPTIONS="services.TailwiseClassifier.workers=2" (each has its own bound
+of TAILWISE_MAX_IN_FLIGHT; set TAILWISE_ORT_THREADS so that workers x threads fits the cores).
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ MAX_PIXELS = _env_int("TAILWISE_MAX_PIXELS", 50_000_000)
 MAX_BATCH_FILES = _env_int("TAILWISE_MAX_BATCH_FILES", 64)
 MAX_BATCH_SIZE = _env_int("TAILWISE_MAX_BATCH_SIZE", 64)
 MAX_IN_FLIGHT = _env_int("TAILWISE_MAX_IN_FLIGHT", MAX_BATCH_SIZE)
+ORT_THREADS = _env_int("TAILWISE_ORT_THREADS", 0) if os.environ.get("TAILWISE_ORT_THREADS", "").strip() else None
 BATCHING = os.environ.get("TAILWISE_BATCHING", "1").strip() != "0"
 DRAIN_SECONDS = 1.0  # after SIGTERM, answer with `Connection: close` this long before uvicorn's shutdown
 MODEL_PATH = model_path()  # at import, so that `bentoml build` without a model fails with the reason
@@ -455,7 +460,7 @@ class TailwiseClassifier:
     """Long-tailed image classification with an exported tailwise model (onnxruntime)."""
 
     def __init__(self) -> None:
-        self.model = OnnxClassifier(MODEL_PATH)  # verified; CUDA first when this onnxruntime has it, then CPU
+        self.model = OnnxClassifier(MODEL_PATH, intra_op_threads=ORT_THREADS)  # verified; CUDA first when this onnxruntime has it, then CPU
         self.verified = verify_enabled()
         self.provider = self.model.providers[0]
         self.batcher = Batcher(self.predict, MAX_BATCH_SIZE)
