@@ -317,10 +317,12 @@ class OnnxClassifier:
     `intra_op_threads`: CPU threads per inference call (default: onnxruntime's, one per physical core).
     `verify`: check the file against its folder's manifest before loading (serving.integrity; None: unless
     TAILWISE_VERIFY=0); the session is built from the very bytes that were checked.
+    `spinning`: False stops onnxruntime's idle threads from busy-waiting for the next call (cores shared with
+    request handling, as in the service); None keeps onnxruntime's default (spinning).
     """
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None,
-                 intra_op_threads: int | None = None, verify: bool | None = None):
+                 intra_op_threads: int | None = None, verify: bool | None = None, spinning: bool | None = None):
         self.path = resolve_model_path(path)
         data = read_verified(self.path, verify)
         if providers is None:
@@ -329,6 +331,8 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        if spinning is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             self.session = ort.InferenceSession(data, options, providers=providers)
         except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile ...

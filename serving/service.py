@@ -38,6 +38,8 @@ Environment, read at import:
     TAILWISE_MAX_IN_FLIGHT     most classify requests in the server at once, the rest get 503 (default: MAX_BATCH_SIZE)
     TAILWISE_VERIFY            "0": load the model without checking its manifest (default "1")
     TAILWISE_ORT_THREADS       onnxruntime intra-op threads per worker (default: onnxruntime's, one per core)
+    TAILWISE_ORT_SPINNING      "1": onnxruntime's idle threads busy-wait for the next call (default "0": they
+                               sleep, leaving the cores to request handling)
 
 More worker processes: BENTOML_CONFIG_OPTIONS="services.TailwiseClassifier.workers=2" (each has its own bound
 of TAILWISE_MAX_IN_FLIGHT; set TAILWISE_ORT_THREADS so that workers x threads fits the cores).
@@ -105,6 +107,7 @@ MAX_PIXELS = _env_int("TAILWISE_MAX_PIXELS", 50_000_000)
 MAX_BATCH_FILES = _env_int("TAILWISE_MAX_BATCH_FILES", 64)
 MAX_BATCH_SIZE = _env_int("TAILWISE_MAX_BATCH_SIZE", 64)
 MAX_IN_FLIGHT = _env_int("TAILWISE_MAX_IN_FLIGHT", MAX_BATCH_SIZE)
+ORT_SPINNING = os.environ.get("TAILWISE_ORT_SPINNING", "0").strip() == "1"
 ORT_THREADS = _env_int("TAILWISE_ORT_THREADS", 0) if os.environ.get("TAILWISE_ORT_THREADS", "").strip() else None
 BATCHING = os.environ.get("TAILWISE_BATCHING", "1").strip() != "0"
 DRAIN_SECONDS = 1.0  # after SIGTERM, answer with `Connection: close` this long before uvicorn's shutdown
@@ -112,6 +115,7 @@ MODEL_PATH = model_path()  # at import, so that `bentoml build` without a model 
 MODEL_META = read_metadata(MODEL_PATH)  # verified against the manifest: a tampered model fails `bentoml build` too
 NUM_CLASSES = MODEL_META["num_classes"]
 CLASSIFY_PATHS = ("/classify", "/classify_batch")
+OVERLOAD_LOG_EVERY_S = 10.0
 log = logging.getLogger("tailwise.service")
 
 
@@ -302,6 +306,7 @@ class Overload:
     def __init__(self, app, limit: int, paths=CLASSIFY_PATHS):
         self.app, self.limit, self.paths = app, limit, frozenset(paths)
         self.active = 0
+        self.refused, self.logged_at = 0, 0.0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] not in self.paths:
@@ -315,6 +320,12 @@ class Overload:
             self.active -= 1
 
     async def refuse(self, receive, send):
+        self.refused += 1  # one summary line per LOG_EVERY_S, not one line per refusal (see QuietClientErrors)
+        now = asyncio.get_running_loop().time()
+        if now - self.logged_at >= OVERLOAD_LOG_EVERY_S:
+            log.warning("overloaded: %d requests refused with 503 in the last %.0f s (TAILWISE_MAX_IN_FLIGHT %d)",
+                        self.refused, min(now - self.logged_at, OVERLOAD_LOG_EVERY_S), self.limit)
+            self.refused, self.logged_at = 0, now
         while True:  # closing with unread data would make the kernel reset the connection, losing the 503
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body"):
@@ -387,13 +398,14 @@ class ClientErrors:
 
 class QuietClientErrors(logging.Filter):
     """Drops bentoml's log records of a client error (its ERROR line with traceback, its access line): the
-    ClientErrors middleware writes the one line for it."""
+    ClientErrors middleware writes the one line for it; and the access lines of 503s, which Overload sums up in
+    one line per OVERLOAD_LOG_EVERY_S (a flood of refusals must not flood the log, nor cost a write each)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.endswith("multipart"):  # python-multipart's own warning about a malformed body
             return record.levelno >= logging.ERROR
-        if record.name == "bentoml.access":
-            return not (len(record.args or ()) > 2 and str(record.args[2]).startswith("status=4"))
+        if record.name == "bentoml.access":  # 4xx: ClientErrors logs it; 503: Overload logs a summary
+            return not (len(record.args or ()) > 2 and str(record.args[2]).startswith(("status=4", "status=503")))
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, BentoMLException):
             return exc.error_code.value >= 500
@@ -460,7 +472,7 @@ class TailwiseClassifier:
     """Long-tailed image classification with an exported tailwise model (onnxruntime)."""
 
     def __init__(self) -> None:
-        self.model = OnnxClassifier(MODEL_PATH, intra_op_threads=ORT_THREADS)  # verified; CUDA first when this onnxruntime has it, then CPU
+        self.model = OnnxClassifier(MODEL_PATH, intra_op_threads=ORT_THREADS, spinning=ORT_SPINNING)  # verified; CUDA first when this onnxruntime has it, then CPU
         self.verified = verify_enabled()
         self.provider = self.model.providers[0]
         self.batcher = Batcher(self.predict, MAX_BATCH_SIZE)
