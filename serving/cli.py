@@ -32,20 +32,24 @@ def register(subparsers) -> None:
 
     serve = subparsers.add_parser(
         "serve", help="serve an exported model over HTTP (BentoML, onnxruntime)",
-        description="Start the BentoML service serving.service:TailwiseClassifier for an exported model: POST "
-                    "/classify (multipart file field 'image', optional top_k), /classify_batch (file fields "
-                    "'images'), /model_info; GET /readyz, /livez, /metrics, and the OpenAPI UI at / (or /docs). "
-                    "Limits come from the environment: TAILWISE_MAX_UPLOAD_BYTES (default 16 MiB), "
-                    "TAILWISE_MAX_PIXELS (default 50000000), TAILWISE_MAX_BATCH_FILES (default 64), "
-                    "TAILWISE_MAX_BATCH_SIZE (default 64); TAILWISE_BATCHING=0 turns adaptive batching off.")
+        description="Check the model against its manifest and the port, then become the BentoML server of "
+                    "serving.service:TailwiseClassifier: POST /classify (multipart file field 'image', optional "
+                    "top_k from 1 to the number of classes), /classify_batch (file fields 'images'), /model_info; "
+                    "GET /readyz, /livez, /metrics, and the docs page at / (or /docs). Every 4xx body is "
+                    "{\"error\": \"...\"}. Limits come from the environment: TAILWISE_MAX_UPLOAD_BYTES (default "
+                    "16 MiB), TAILWISE_MAX_PIXELS (default 50000000), TAILWISE_MAX_BATCH_FILES (default 64), "
+                    "TAILWISE_MAX_BATCH_SIZE (default 64), TAILWISE_MAX_IN_FLIGHT (default: the batch size; past "
+                    "it, 503 with Retry-After); TAILWISE_BATCHING=0 turns adaptive batching off. SIGTERM or "
+                    "Ctrl+C: new connections are refused, in-flight requests finish, the process exits within "
+                    "--shutdown-timeout + about 10 s.")
     serve.add_argument("--model", help=MODEL_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
                                                            "0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=3000, help="port (default 3000)")
     serve.add_argument("--keep-alive", type=int, default=75, metavar="SECONDS",
                        help="close an idle keep-alive connection after this long (default 75, above the idle "
-                            "timeouts of common client pools, so a client never reuses a connection the server "
-                            "is closing)")
+                            "timeouts of common client pools (httpx 5 s, aiohttp 15 s), so such a client does not "
+                            "reuse a connection the server is closing)")
     serve.add_argument("--shutdown-timeout", type=int, default=20, metavar="SECONDS",
                        help="on SIGTERM or Ctrl+C, stop accepting, let in-flight requests finish for at most "
                             "this long, then exit (default 20)")

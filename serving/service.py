@@ -110,7 +110,7 @@ MAX_IN_FLIGHT = _env_int("TAILWISE_MAX_IN_FLIGHT", MAX_BATCH_SIZE)
 ORT_SPINNING = os.environ.get("TAILWISE_ORT_SPINNING", "0").strip() == "1"
 ORT_THREADS = _env_int("TAILWISE_ORT_THREADS", 0) if os.environ.get("TAILWISE_ORT_THREADS", "").strip() else None
 BATCHING = os.environ.get("TAILWISE_BATCHING", "1").strip() != "0"
-DRAIN_SECONDS = 1.0  # after SIGTERM, answer with `Connection: close` this long before uvicorn's shutdown
+DRAIN_QUIET_S, DRAIN_MAX_S = 0.5, 5.0  # after SIGTERM, drain until no request started for 0.5 s (at most 5 s)
 MODEL_PATH = model_path()  # at import, so that `bentoml build` without a model fails with the reason
 MODEL_META = read_metadata(MODEL_PATH)  # verified against the manifest: a tampered model fails `bentoml build` too
 NUM_CLASSES = MODEL_META["num_classes"]
@@ -369,6 +369,7 @@ class ClientErrors:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, chunks = None, []
+        Shutdown.seen_request()
 
         async def reshape(message):
             nonlocal start
@@ -434,11 +435,18 @@ def listening_fd() -> int | None:
 class Shutdown:
     """Graceful shutdown in the worker: on SIGTERM/SIGINT, first shut the listening socket down (new connections
     are refused at once, instead of waiting in the backlog of the socket bentoml's arbiter still holds and being
-    reset later), then for DRAIN_SECONDS answer every request with `Connection: close` (clients leave their
-    keep-alive connections after a response, never while sending), then hand over to uvicorn, which lets
-    in-flight requests finish (--timeout-graceful-shutdown) and exits."""
+    reset later), then drain: answer every request with `Connection: close` (clients leave their keep-alive
+    connections after a response, never while sending) until no request has started for DRAIN_QUIET_S (at most
+    DRAIN_MAX_S), then hand over to uvicorn, which lets in-flight requests finish (--timeout-graceful-shutdown)
+    and exits."""
 
     draining = False
+    last_request = 0.0
+
+    @classmethod
+    def seen_request(cls) -> None:
+        if cls.draining:
+            cls.last_request = asyncio.get_running_loop().time()
 
     @classmethod
     def install(cls) -> None:
@@ -453,14 +461,27 @@ class Shutdown:
 
             def handler(number, frame, previous=previous):
                 if cls.draining:  # a second signal: no more waiting
+                    log.warning("signal %d again: shutting down without the rest of the drain", number)
                     return previous(number, frame)
-                cls.draining = True
+                cls.draining, started = True, loop.time()
+                cls.last_request = started
+                log.warning("signal %d: refusing new connections, answering with Connection: close until no request "
+                            "starts for %g s (at most %g s), then finishing in-flight requests and exiting", number,
+                            DRAIN_QUIET_S, DRAIN_MAX_S)
                 try:
                     with socket.socket(fileno=os.dup(fd)) as listener:
                         listener.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-                loop.call_later(DRAIN_SECONDS, previous, number, None)
+
+                def check():
+                    now = loop.time()
+                    if now - cls.last_request >= DRAIN_QUIET_S or now - started >= DRAIN_MAX_S:
+                        previous(number, None)
+                    else:
+                        loop.call_later(0.05, check)
+
+                loop.call_soon_threadsafe(loop.call_later, 0.05, check)
 
             signal.signal(signum, handler)
 

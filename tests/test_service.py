@@ -475,14 +475,15 @@ def test_docs_page_is_tailwises_own(url):
     assert "503" in spec["paths"]["/classify"]["post"]["responses"]
 
 
-def test_tailwise_serve_starts_the_service_and_sigterm_under_load_drops_nothing(server_env, tiny_model_dir):
+def test_tailwise_serve_starts_the_service_and_sigterm_under_load_drops_nothing(server_env, tiny_model_dir, tmp_path):
     """--model wins over $TAILWISE_MODEL; SIGTERM to `tailwise serve` while 16 clients send requests: every
     request sent gets its 200 (later connections are refused, never reset after sending), the process and its
     children exit, and the port is free."""
     import psutil
 
     env = {**server_env, "TAILWISE_MODEL": "/nowhere", "TAILWISE_BATCHING": "0"}
-    process, base = start_serve(env, "--model", tiny_model_dir, "--shutdown-timeout", "10")
+    log = open(tmp_path / "server.log", "wb")
+    process, base = start_serve(env, "--model", tiny_model_dir, "--shutdown-timeout", "10", log=log)
     children = psutil.Process(process.pid).children(recursive=True)
     try:
         info = httpx.post(f"{base}/model_info", json={}, timeout=10).json()
@@ -515,7 +516,8 @@ def test_tailwise_serve_starts_the_service_and_sigterm_under_load_drops_nothing(
         process.wait(timeout=60)  # a bound, not a timing claim: the stated limit is --shutdown-timeout + a few s
     finally:
         stop(process)
-    assert not [o for o in outcomes if o not in (200, "refused")], outcomes
+        log.close()
+    assert not [o for o in outcomes if o not in (200, "refused")], (outcomes, (tmp_path / "server.log").read_text())
     assert outcomes.count("refused") == 16  # each client ends when the server is gone
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     with pytest.raises(httpx.ConnectError):
