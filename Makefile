@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= cpu,test
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup test serve help clean
+.PHONY: setup test serve help clean gpu
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ test: setup
 serve: setup
 	@if ls models/*/model.onnx >/dev/null 2>&1; then $(VENV)/bin/tailwise serve; \
 	else echo "no model under models/ yet: export one with 'tailwise export' (see README)"; $(VENV)/bin/tailwise --help; fi
+
+# On a bare GPU machine (no venv, no network; README "Running on a GPU"): make gpu GPU_ARGS='--out $$OUT'
+GPU_DATA ?= data/fashion-mnist
+gpu:
+	benchmarks/gpu_run.sh --data $(GPU_DATA) $(GPU_ARGS)
 
 help: setup
 	$(VENV)/bin/tailwise --help

@@ -5,7 +5,8 @@
 
 Every method is a config in benchmarks/methods.toml over the base recipe (fmnist-lt-r32: ResNet-32 on
 Fashion-MNIST-LT). All get the same budget in image passes: `--budget B` is B passes over the LT training set
-(a BNS epoch counts two passes, one per view); two-stage methods spend 3/4 of it in stage 1 and 1/4 in stage 2.
+(a BNS epoch counts two passes, one per view); two-stage methods spend 3/4 of it (in whole epochs) in stage 1
+and what is left in stage 2, at least one epoch.
 Numbers are final-epoch test results; the only tuned choice (post-hoc logit-adjustment tau) is made on the
 validation split. Each finished run is kept as JSON under benchmarks/results/; `run` only fills the gaps and
 resumes interrupted runs from their checkpoints, so the table can be completed over several sessions and
@@ -40,7 +41,15 @@ def load_methods() -> dict:
 
 
 def results_dir(args) -> Path:
-    return Path(args.results) / f"{Path(args.recipe).stem}-if{args.imbalance_factor:g}-b{args.budget}"
+    """benchmarks/results/<recipe>-if<IF>-b<budget>; "-ldamsubset" when the head keeps its validation images
+    (`--set data.holdout_kept=false`: the literature's subset, as the tables before that option were run)."""
+    from training.config import load_config
+
+    name = f"{Path(args.recipe).stem}-if{args.imbalance_factor:g}-b{args.budget}"
+    named = [o for o in getattr(args, "overrides", []) if o.startswith("data.holdout_kept")]
+    if not load_config(None, named)["data"]["holdout_kept"]:
+        name += "-ldamsubset"
+    return Path(args.results) / name
 
 
 def method_config(name: str, spec: dict, args, seed: int) -> dict:
@@ -65,9 +74,9 @@ def method_config(name: str, spec: dict, args, seed: int) -> dict:
     share1 = STAGE1_SHARE if s2["enabled"] else 1.0
     s1["epochs"] = max(1, round(share1 * passes / (views * n_train)))
     s1["warmup_epochs"] = max(1, round(0.05 * s1["epochs"]))
-    if s2["enabled"]:
+    if s2["enabled"]:       # stage 2 gets what stage 1's whole epochs left of the budget (at least one epoch)
         pool = n_train if s2["sampler"] == "none" else sum(class_targets(data.counts, s2["ratio"]))
-        s2["epochs"] = max(1, round((1 - share1) * passes / pool))
+        s2["epochs"] = max(1, round((passes - views * n_train * s1["epochs"]) / pool))
         s2["warmup_epochs"] = max(0, round(0.05 * s2["epochs"]))
     return cfg
 
@@ -80,6 +89,49 @@ def image_passes(run_dir: Path, cfg: dict) -> int:
             views = 2 if stage == 1 and cfg["stage1"]["method"] == "bns" else 1
             total += views * sum(json.loads(line)["images"] for line in path.read_text().splitlines())
     return total
+
+
+def train_seconds(run_dir: Path) -> float:
+    """Seconds spent in training steps, both stages (a shared stage 1 counts in full for every row using it)."""
+    return round(sum(json.loads(line)["seconds"] for stage in (1, 2)
+                     if (run_dir / f"stage{stage}_metrics.jsonl").exists()
+                     for line in (run_dir / f"stage{stage}_metrics.jsonl").read_text().splitlines()), 1)
+
+
+def stage1_key(cfg: dict) -> str:
+    """What makes two rows' stage 1 the same run: data, model, stage-1 config and seed."""
+    import hashlib
+
+    same = {k: cfg[k] for k in ("data", "model", "stage1", "seed", "device")}
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def shared_stage1(cfg: dict, args, run_dir: Path) -> None:
+    """Train (or wait for another process to train) the stage 1 this row shares with every row of the same
+    `stage1_key`, then place its finished checkpoint in `run_dir`, so the row trains only its stage 2."""
+    from training import checkpoint
+    from training.train import run
+
+    s1 = cfg["stage1"]
+    what = s1["method"] if s1["method"] == "bns" else s1["loss"]
+    shared = run_dir.parent / f"stage1-{what}-{stage1_key(cfg)}-s{cfg['seed']}"
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    with open(shared.with_name(shared.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)             # blocks while another process trains it
+        card = checkpoint.load_card(shared, stage=1) if (shared / "stage1.json").exists() else None
+        if not (card and card.get("finished")):
+            print(f"-- shared stage 1 -> {shared}", flush=True)
+            run(cfg, shared, stages=(1,), resume=shared.exists(), progress=not args.no_progress)
+            card = checkpoint.load_card(shared, stage=1)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (card["weights"], "stage1_metrics.jsonl"):
+        target = run_dir / name
+        if not target.exists():
+            os.link(shared / name, target)
+    # the card last: its presence tells `run` that stage 1 is done
+    stored = json.loads((shared / "stage1.json").read_text())
+    checkpoint.atomic_write_text(run_dir / "stage1.json", json.dumps(dict(stored, resume=None, shared_from=str(shared)),
+                                                                     indent=2, sort_keys=True))
 
 
 @contextlib.contextmanager
@@ -119,12 +171,15 @@ def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out
           + (f", stage2 {cfg['stage2']['epochs']} ep" if cfg["stage2"]["enabled"] else "") + f" -> {run_dir}",
           flush=True)
     t0 = time.time()
+    if cfg["stage2"]["enabled"] and not (run_dir / "stage1.json").exists():
+        shared_stage1(cfg, args, run_dir)
     run(cfg, run_dir, resume=run_dir.exists(), progress=not args.no_progress)
     card = checkpoint.load_card(run_dir)
     result = {
         "method": name, "label": spec["label"], "seed": seed, "budget": args.budget,
         "imbalance_factor": args.imbalance_factor, "image_passes": image_passes(run_dir, cfg),
-        "seconds_this_session": round(time.time() - t0, 1), "device": cfg["device"],
+        "seconds_this_session": round(time.time() - t0, 1), "train_seconds": train_seconds(run_dir),
+        "device": cfg["device"],
         "tailwise_version": card["tailwise_version"], "index_sha256": card["data"]["index_sha256"],
         "final_epoch": card["epoch"], "val": card["metrics"], "test": card["test"],
         "logit_adjustment_tau": (card.get("logit_adjustment") or {}).get("tau"), "config": cfg,
@@ -150,17 +205,21 @@ def collect(args) -> list[dict]:
     from training.metrics import group_means
 
     methods, folder, rows = load_methods(), results_dir(args), []
+    wanted = getattr(args, "methods", "all")
+    if wanted != "all":               # the rows named, in methods.toml order (a `run = ...` row needs its run named too)
+        methods = {k: v for k, v in methods.items() if k in wanted.split(",")}
     for name, spec in methods.items():
-        tests, passes, classes = [], [], None
+        tests, passes, seconds, classes = [], [], [], None
         for path in sorted(folder.glob(f"{spec.get('run', name)}-s*.json")):
             result = json.loads(path.read_text())
             test = result["test"].get(spec["report"]) if "report" in spec else result["test"]
             if test:
                 tests.append(test)
                 passes.append(result["image_passes"])
+                seconds.append(result.get("train_seconds"))
                 classes = classes or result.get("classes")
         rows.append({"name": name, "label": spec["label"], "reference": spec.get("reference", False),
-                     "tests": tests, "passes": passes, "classes": classes})
+                     "tests": tests, "passes": passes, "seconds": seconds, "classes": classes})
     lt = next((r["classes"] for r in rows if r["classes"] and not r["reference"]), None)
     for row in rows:          # a balanced reference has only "many" classes: score it on the LT rows' groups
         if lt and row["reference"] and row["classes"] and row["classes"]["groups"] != lt["groups"]:
@@ -254,11 +313,14 @@ def table(args, rows: list[dict] | None = None) -> str:
     rows = collect(args) if rows is None else rows
     lines = [f"Recipe {Path(args.recipe).stem}, IF {args.imbalance_factor:g}, budget {args.budget} passes over the "
              "LT set; final-epoch test accuracy % (mean +- std over seeds)", "",
-             "| method | seeds | overall | many | medium | few | image passes |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | seeds | overall | many | medium | few | image passes | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         tests = row["tests"]
         cells = [_fmt([t[k] for t in tests if t.get(k) is not None]) for k in ("top1", "many", "medium", "few")]
         cells.append(f"{statistics.mean(row['passes']):,.0f}" if row["passes"] else "-")
+        known = [x for x in row["seconds"] if x is not None]
+        cells.append(f"{statistics.mean(known):,.0f}" if known and len(known) == len(row["seconds"]) else "-")
         lines.append(f"| {row['label']} | {len(tests)} | " + " | ".join(cells) + " |")
     regrouped = [row["label"] for row in rows if row.get("regrouped")]
     if regrouped:
@@ -297,15 +359,19 @@ def main(argv=None) -> int:
         p.add_argument("--results", default=str(RESULTS), help="results folder (default benchmarks/results)")
     r = sub.choices["run"]
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    r.add_argument("--methods", default="all", help="comma list of methods.toml names (default all)")
+    for p in sub.choices.values():
+        p.add_argument("--methods", default="all", help="comma list of methods.toml names (default all)")
     r.add_argument("--device", default="auto")
     r.add_argument("--workdir", default="runs/bench")
     r.add_argument("--no-progress", action="store_true")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the base recipe for every method")
+    for p in sub.choices.values():
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a field of the base recipe for every method")
     sub.choices["table"].add_argument("--readme", help="also replace the table between the markers in this file")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
+    if args.command == "table":
+        args.overrides = [o for o in args.overrides if o.startswith("data.holdout_kept")]   # names the folder
     if args.command == "table":
         rows = collect(args)
         text = table(args, rows)

@@ -5,7 +5,11 @@ Registering imports no torch; the handler imports what it needs.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from tailwise import UserError
@@ -21,10 +25,15 @@ def register(subparsers) -> None:
         "export", help="export a trained classifier to ONNX (with a parity check against torch)",
         description="Export a run's final classifier to models/NAME/: model.onnx (uint8 pixels in, logits out, "
                     "tailwise metadata), weights.safetensors and card.json. The export is kept only if "
-                    "onnxruntime reproduces torch on validation images (max |logit diff| <= 1e-4, same top-1).")
+                    "onnxruntime reproduces torch on validation images (max |logit diff| <= 1e-4, same top-1). "
+                    "The folder is written beside --out and moved into place whole; an existing model folder is "
+                    "replaced only with --force.")
     export.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
                         help="run folder, or a classifier checkpoint card / weights file")
     export.add_argument("--out", required=True, help="output folder, e.g. models/NAME/")
+    export.add_argument("--force", action="store_true",
+                        help="replace --out if it already holds files (the whole folder, only once the new export "
+                             "passed its checks)")
     export.add_argument("--variants", default="", help="comma-separated extra files to write: fp16, int8")
     export.add_argument("--parity-images", type=int, default=256,
                         help="validation images the ONNX graph must reproduce torch on (default 256)")
@@ -43,6 +52,47 @@ def parse_variants(text: str) -> tuple[str, ...]:
     if unknown:
         raise UserError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     return names
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an --out that is a file, or a folder with files in it unless `force`."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        names = sorted(p.name for p in out.iterdir())
+        raise UserError(f"--out {out} already holds a model ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); "
+                        "pass --force to replace the whole folder, or choose another --out")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, force: bool = False):
+    """Yield a new empty folder beside `out` to write into; when the block succeeds it becomes `out` as a whole.
+
+    An existing `out` (non-empty only with `force`) is renamed aside and deleted after the new folder is in place;
+    if the block fails, the new folder is deleted and `out` is left exactly as it was.
+    """
+    out = Path(out)
+    check_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)   # mkdtemp makes it owner-only
+        check_out(out, force)  # nothing appeared there while we exported
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old)  # old is empty, so the folder moves onto it
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def metadata_from_card(card: dict) -> dict:
@@ -73,17 +123,16 @@ def run_export(args) -> int:
 
     from export.onnx_export import ExportParityError, export_classifier
     from training.checkpoint import load_classifier
-    from training.data import build_lt_data
+    from training.data import rebuild_lt_data
 
     variants = parse_variants(args.variants)
     if args.parity_images < 1:
         raise UserError(f"--parity-images must be >= 1, got {args.parity_images}")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+    check_out(out, args.force)  # before the slow part
     model, card = load_classifier(args.checkpoint)
     meta = metadata_from_card(card)
-    data = build_lt_data(**card["data"]["build_args"])
+    data = rebuild_lt_data(card["data"]["build_args"])
     if data.index_sha256 != card["data"].get("index_sha256"):
         raise UserError(f"{args.checkpoint}: the data rebuilt from its card ({data.build_args.get('root')}) is not "
                         f"the data it was trained on (index sha256 {data.index_sha256[:12]}... vs "
@@ -96,28 +145,31 @@ def run_export(args) -> int:
     parity_images = data.train_source.load(parity_idx)
     sample_images = data.train_source.load(sample_idx) if len(sample_idx) else parity_images
     weights_file = Path(card["_dir"]) / card["weights"] if "_dir" in card and "weights" in card else None
-    try:
-        report = export_classifier(model, meta, out, sample_images, parity_images, opset=args.opset,
-                                   variants=variants, parity_labels=data.train_source.labels[parity_idx],
-                                   weights_file=weights_file, card=card)
-    except ExportParityError as exc:
-        print(f"tailwise export: parity check failed, {out / 'model.onnx'} not written: {exc}", file=sys.stderr)
-        return 1
     from export.model_card import write_model_card, write_samples
 
-    samples = write_samples(out, data, args.samples) if args.samples > 0 else None
-    readme = write_model_card(out, card, report, samples)
+    try:
+        with staged_folder(out, args.force) as staging:
+            report = export_classifier(model, meta, staging, sample_images, parity_images, opset=args.opset,
+                                       variants=variants, parity_labels=data.train_source.labels[parity_idx],
+                                       weights_file=weights_file, card=card)
+            samples = write_samples(staging, data, args.samples) if args.samples > 0 else None
+            write_model_card(staging, card, report, samples, name=out.name)
+    except ExportParityError as exc:
+        print(f"tailwise export: parity check failed, {out} left as it was: {exc}", file=sys.stderr)
+        return 1
+    readme = out / "README.md"
     parity = report["parity"]
     print(f"tailwise export: model card {readme}")
     print(f"tailwise export: {out / 'model.onnx'} ({report['exporter']} exporter, opset {report['opset']}); "
           f"parity on {parity['n_images']} validation images: max |logit diff| {parity['max_abs_logit_diff']:.2g}, "
-          f"same top-1; validation accuracy {parity['accuracy']:.4f}")
+          f"same top-1; validation accuracy {100 * parity['accuracy']:.2f} %")
     if report["exporter_fallback_reason"]:
         print(f"  (dynamo exporter failed: {report['exporter_fallback_reason'][:300]})")
     for name, result in report["variants"].items():
         if "skipped" in result:
             print(f"  {name}: skipped: {result['skipped']}", file=sys.stderr)
         else:
-            print(f"  {name}: {result['file']}, validation accuracy {result['accuracy']:.4f} "
-                  f"({result['accuracy_change']:+.4f}), top-1 agreement with fp32 {result['top1_agreement']:.4f}")
+            print(f"  {name}: {result['file']}, validation accuracy {100 * result['accuracy']:.2f} % "
+                  f"({100 * result['accuracy_change']:+.2f} points), top-1 agreement with fp32 "
+                  f"{100 * result['top1_agreement']:.2f} %")
     return 1 if any("skipped" in result for result in report["variants"].values()) else 0

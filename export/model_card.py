@@ -6,30 +6,47 @@ in the folder (their sha256), so the card never disagrees with what ships.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 from training.checkpoint import atomic_write_text, sha256_file
 
 
-def reproduce_command(cfg: dict, run_name: str) -> str:
-    """`tailwise train` for this config: its recipe plus a --set for every field that differs from it."""
-    import json
+def reproduce_command(cfg: dict, run_name: str, stage: int | None = None) -> str:
+    """`tailwise train` for this config into runs/<run_name> (training.config.reproduce_command)."""
+    from training.config import reproduce_command as command
 
-    from tailwise import UserError
-    from training.config import load_config
+    return command(cfg, f"runs/{run_name}", stage)
 
-    try:
-        base = load_config(cfg["name"])
-    except UserError:  # a recipe file outside the repo: spell out everything against the defaults
-        base = load_config(None)
-    flags = []
-    for section, values in cfg.items():
-        if isinstance(values, dict):
-            flags += [f"--set {section}.{k}={json.dumps(v)}" for k, v in values.items() if base[section].get(k) != v]
-        elif section != "name" and base.get(section) != values:
-            flags.append(f"--set {section}={json.dumps(values)}")
-    return " ".join([f"tailwise train --config {cfg['name']}", *flags, f"--out runs/{run_name}"])
+
+def trained_stages(card: dict, run_name: str) -> tuple[str, list[str]]:
+    """(what each stage trained, the commands that train exactly that into runs/<run_name>), from the card's
+    per-stage records (`trained`: epochs run, command) where training wrote them, else from its config."""
+    cfg, records = card["config"], card.get("trained") or {}
+    s1, s2 = cfg["stage1"], cfg["stage2"]
+    epochs1 = records.get("1", {}).get("epochs", card["epoch"] if card["stage"] == 1 else s1["epochs"])
+    stage1_card = Path(card.get("_dir", "")) / "stage1.json"
+    if "1" not in records and card["stage"] == 2 and "_dir" in card and stage1_card.exists():
+        epochs1 = json.loads(stage1_card.read_text())["epoch"]   # a card from before per-stage records
+    recipe = (f"stage 1: {s1['method']}" + (f" ({s1['loss_form']} form, tau {s1['tau']})" if s1["method"] == "bns"
+                                             else f" ({s1['loss']})")
+              + f", {epochs1} epochs, batch {s1['batch_size']}")
+    if card["stage"] == 2:
+        epochs2 = records.get("2", {}).get("epochs", card["epoch"])
+        recipe += (f"; stage 2: sampler {s2['sampler']} (ratio {s2['ratio']:g}, redrawn every {s2['redraw_every']} "
+                   f"epochs), {epochs2} epochs, batch {s2['batch_size']}, "
+                   f"{'frozen encoder' if s2['freeze_encoder'] else 'full fine-tuning'}")
+    commands = []
+    for stage in ("1", "2"):
+        command = records.get(stage, {}).get("command")
+        if command:
+            command = command.rsplit(" --out ", 1)[0] + f" --out runs/{run_name}"
+            if command not in commands:
+                commands.append(command)
+    if not commands:  # a card from before per-stage records: its config, both stages in one command
+        commands = [reproduce_command(cfg, run_name)]
+    return recipe, commands
 
 
 def _pct(value) -> str:
@@ -64,8 +81,10 @@ def write_samples(out_dir: Path, data, per_class: int) -> list[dict]:
     return rows
 
 
-def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list[dict] | None = None) -> Path:
-    """Write out_dir/README.md (and copy the run's per-class plot beside it); returns the README path."""
+def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list[dict] | None = None,
+                     name: str | None = None) -> Path:
+    """Write out_dir/README.md (and copy the run's per-class plot beside it); returns the README path.
+    `name`: the model's name (default out_dir's), used in the card's commands."""
     out_dir = Path(out_dir)
     run_dir = Path(card["_dir"])
     plot = run_dir / "eval" / "per_class.png"
@@ -76,15 +95,8 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
     la = card.get("logit_adjustment") or {}
     adjusted = test.get("logit_adjusted")
     training = card.get("training") or {}
-    s1, s2 = cfg["stage1"], cfg["stage2"]
-    recipe = (f"stage 1: {s1['method']}" + (f" ({s1['loss_form']} form, tau {s1['tau']})" if s1["method"] == "bns"
-                                             else f" ({s1['loss']})")
-              + f", {s1['epochs']} epochs, batch {s1['batch_size']}")
-    if s2["enabled"]:
-        recipe += (f"; stage 2: sampler {s2['sampler']} (ratio {s2['ratio']:g}, redrawn every {s2['redraw_every']} "
-                   f"epochs), {s2['epochs']} epochs, batch {s2['batch_size']}, "
-                   f"{'frozen encoder' if s2['freeze_encoder'] else 'full fine-tuning'}")
-    name = out_dir.name
+    name = name or out_dir.name
+    recipe, commands = trained_stages(card, name)
     lines = [
         f"# {name}",
         "",
@@ -96,7 +108,7 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
         "## Reproduce",
         "",
         "```bash",
-        reproduce_command(cfg, name),
+        *commands,
         f"tailwise export runs/{name} --out models/{name}/",
         "```",
         "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from tailwise import UserError, __version__
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Long-tailed image classification: train (BNS + IP-DPP), export to ONNX, serve.",
     )
     parser.add_argument("--version", action="version", version=f"tailwise {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
@@ -28,11 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(subparsers)
+    for sub in subparsers.choices.values():  # also after the subcommand: `tailwise train ... --debug`
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="on an error, print the full traceback")
     return parser
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,19 +43,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.handler(args) or 0)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"tailwise {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # a bug or an environment problem: one line, the traceback with --debug
-        if args.debug:
-            raise
-        print(f"tailwise {args.command}: error: {type(exc).__name__}: {_one_line(exc)} (run `tailwise --debug "
-              f"{args.command} ...` for the traceback)", file=sys.stderr)
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"tailwise {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every error is one line; the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"tailwise {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, UserError) else 1
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of `exc` on one line; an unexpected error also names its type and points to --debug."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, UserError):
+        return text
+    if len(text) > 300:
+        text = text[:300] + " ..."
+    return f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":

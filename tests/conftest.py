@@ -126,3 +126,38 @@ def write_recipe(tmp_path, archive, **sections) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------------------ Fashion-MNIST files
+
+def _write_idx(path, array, magic):
+    import gzip
+    import struct
+
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes(), compresslevel=1))
+
+
+def learnable_patterns(labels, rng):
+    """28 x 28 uint8 images whose class is a texture that survives crops, flips and colour jitter: stripes,
+    checkerboards (fine and coarse), a disc, a ring, a cross, and a blank image, plus noise."""
+    yy, xx = np.mgrid[0:28, 0:28]
+    r = np.hypot(yy - 13.5, xx - 13.5)
+    patterns = np.stack([(yy // 2) % 2, (yy // 5) % 2, (xx // 2) % 2, (xx // 5) % 2,
+                         (yy // 2 + xx // 2) % 2, (yy // 5 + xx // 5) % 2, r < 8, np.abs(r - 9) < 2,
+                         (np.abs(yy - 13.5) < 3) | (np.abs(xx - 13.5) < 3), np.zeros_like(yy)]).astype(np.float32)
+    images = patterns[labels] * 180 + rng.integers(0, 60, (len(labels), 28, 28))
+    return images.astype(np.uint8)
+
+
+def write_fmnist_files(root, per_class=60, test_per_class=10, seed=0):
+    """The four Fashion-MNIST .gz IDX files (real format) of a small, learnable 10-class set (see
+    learnable_patterns), shuffled across classes like the real files. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", per_class), ("t10k", test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(10), n))
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", learnable_patterns(labels, rng), 2051)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels, 2049)
+    return root

@@ -20,18 +20,28 @@ def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
     archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
     recipe = write_recipe(tmp_path, archive)
     common = ["--recipe", str(recipe), "--imbalance-factor", "10", "--budget", "2", "--results", str(tmp_path / "res")]
-    run = ["run", *common, "--seeds", "0", "--methods", "ce,bns-kdpp,bns-kdpp-la", "--workdir", str(tmp_path / "w"),
+    run = ["run", *common, "--seeds", "0", "--methods", "ce,bns-kdpp,bns-random,bns-kdpp-la", "--workdir", str(tmp_path / "w"),
            "--no-progress", "--device", "cpu"]
     first = runner(*run, cwd=REPO)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     folder = tmp_path / "res" / "tiny-if10-b2"
-    assert sorted(p.name for p in folder.glob("*.json")) == ["bns-kdpp-s0.json", "ce-s0.json"]
+    assert sorted(p.name for p in folder.glob("*.json")) == ["bns-kdpp-s0.json", "bns-random-s0.json", "ce-s0.json"]
+    # the two BNS rows share one stage-1 run (trained once) and differ only in stage 2
+    work = tmp_path / "w" / "tiny-if10-b2"
+    (shared,) = [p for p in work.iterdir() if p.name.startswith("stage1-bns-") and p.is_dir()]
+    cards = [json.loads((work / f"{m}-s0" / "stage1.json").read_text()) for m in ("bns-kdpp", "bns-random")]
+    assert {c["weights_sha256"] for c in cards} == {json.loads((shared / "stage1.json").read_text())["weights_sha256"]}
+    assert all(c["shared_from"] == str(shared) for c in cards)
+    assert first.stdout.count("-- shared stage 1") == 1
     ce = json.loads((folder / "ce-s0.json").read_text())
     bns = json.loads((folder / "bns-kdpp-s0.json").read_text())
     # the same budget in image passes: CE 2 passes of the LT set; BNS 3/4 of it in two-view stage 1 + stage 2
     assert ce["config"]["stage1"]["epochs"] == 2 and not ce["config"]["stage2"]["enabled"]
     assert bns["config"]["stage1"]["method"] == "bns" and bns["config"]["stage2"]["sampler"] == "kdpp"
-    assert 0 <= ce["test"]["top1"] <= 1
+    assert 0 <= ce["test"]["top1"] <= 1 and ce["train_seconds"] > 0
+    # the shared stage 1 counts in full for each row that uses it, in image passes and in seconds
+    random_row = json.loads((folder / "bns-random-s0.json").read_text())
+    assert random_row["image_passes"] == bns["image_passes"] and random_row["train_seconds"] > 0
     assert bns["test"]["logit_adjusted"]["tau"] == bns["logit_adjustment_tau"]   # tau picked on validation
     second = runner(*run, cwd=REPO)               # nothing left to do: no training
     assert second.returncode == 0 and "==" not in second.stdout
@@ -53,6 +63,7 @@ def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
     lines = table.stdout.splitlines()
     ce_row = next(line for line in lines if line.startswith("| CE |"))
     assert ce_row.split("|")[2].strip() == "1" and f"{100 * ce['test']['top1']:.1f}" in ce_row
+    assert "train s |" in table.stdout and ce_row.split("|")[-2].strip() == f"{ce['train_seconds']:,.0f}"
     other = tmp_path / "OTHER.md"
     other.write_text("no markers here\n")
     refused = runner("table", *common, "--readme", str(other), cwd=REPO)

@@ -105,7 +105,7 @@ def test_cifar_archive_selection_matches_ldam_rule(cifar_archive):
     assert np.array_equal(read_labels, labels)
     counts = [int(60 * 0.1 ** (i / 9)) for i in range(10)]
 
-    data = build_lt_data("cifar10", root=str(path), imbalance_factor=10, val_per_class=5)
+    data = build_lt_data("cifar10", root=str(path), imbalance_factor=10, val_per_class=5, holdout_kept=False)
 
     expected = ldam_reference(read_labels, counts)
     assert np.array_equal(data.train_idx, expected)
@@ -123,12 +123,21 @@ def test_cifar_validation_disjoint_and_balanced(cifar_archive):
     data = build_lt_data("cifar10", root=str(path), imbalance_factor=10, val_per_class=5, val_seed=3)
     assert not set(data.train_idx.tolist()) & set(data.val_idx.tolist())
     assert data.val_idx.max() < len(data.train_source)  # rows of the training set, never the test set
-    # the head class keeps all 60 images, so nothing is left for its validation; every other class has leftovers
-    assert data.val_counts == [0] + [5] * 9
+    # the head class keeps all 60 images, so its 5 validation images are held out of those; the others use leftovers
+    assert data.val_counts == [5] * 10 and data.counts[0] == 55
     assert np.bincount(labels[data.val_idx], minlength=10).tolist() == data.val_counts
-    assert data.card()["num_val"] == 45
+    assert data.card()["num_val"] == 50 and data.card()["build_args"]["holdout_kept"] is True
+    literature = build_lt_data("cifar10", root=str(path), imbalance_factor=10, val_per_class=5, val_seed=3,
+                               holdout_kept=False)
+    assert literature.val_counts == [0] + [5] * 9 and literature.counts[0] == 60
+    # only the head's 5 moved: every other class trains on exactly the literature's images, in the same order
+    moved = np.setdiff1d(literature.train_idx, data.train_idx)
+    assert len(moved) == 5 and set(labels[moved]) == {0} and set(moved) <= set(data.val_idx)
+    assert np.array_equal(literature.train_idx[~np.isin(literature.train_idx, moved)], data.train_idx)
+    assert data.index_sha256 != literature.index_sha256
     other_seed = build_lt_data("cifar10", root=str(path), imbalance_factor=10, val_per_class=5, val_seed=4)
-    assert np.array_equal(other_seed.train_idx, data.train_idx)
+    tail = labels[data.train_idx] != 0       # the val seed also picks the head's held-out images, nothing else
+    assert np.array_equal(other_seed.train_idx[labels[other_seed.train_idx] != 0], data.train_idx[tail])
     assert not np.array_equal(other_seed.val_idx, data.val_idx)
 
 
@@ -146,11 +155,15 @@ def test_cifar_extracted_folder_equals_archive(cifar_archive, tmp_path):
 
 def test_cifar100_fine_labels_and_step_profile(cifar_archive):
     path, _, labels = cifar_archive(dataset="cifar100", num_classes=100, per_class=8, test_per_class=2)
-    data = build_lt_data("cifar100", root=str(path.parent), imbalance_factor=4, profile="step", val_per_class=2)
+    data = build_lt_data("cifar100", root=str(path.parent), imbalance_factor=4, profile="step", val_per_class=2,
+                         holdout_kept=False)
     assert len(data.class_names) == 100 and len(data.test_source) == 200
     assert data.counts == [8] * 50 + [2] * 50
     assert np.array_equal(data.train_idx, ldam_reference(labels, data.counts))
     assert data.val_counts == [0] * 50 + [2] * 50
+    # the head half is kept whole: at most 20 % of a class (1 of 8) is held out for its validation
+    held = build_lt_data("cifar100", root=str(path.parent), imbalance_factor=4, profile="step", val_per_class=2)
+    assert held.val_counts == [1] * 50 + [2] * 50 and held.counts == [7] * 50 + [2] * 50
     assert data.groups == ["few"] * 100  # 100+ classes: few < 20
     assert data.mean == (0.5071, 0.4865, 0.4409)
 
@@ -244,7 +257,7 @@ def test_cifar_python2_pickles(tmp_path):
         if name != "test_batch":
             images.append(data)
             labels += batch_labels
-    data = build_lt_data("cifar10", root=str(tmp_path), imbalance_factor=2, val_per_class=1)
+    data = build_lt_data("cifar10", root=str(tmp_path), imbalance_factor=2, val_per_class=1, holdout_kept=False)
     assert data.class_names == names and len(data.test_source) == 20
     assert np.array_equal(data.train_source.labels, labels)
     assert np.array_equal(data.train_source.images.numpy(), np.concatenate(images).reshape(-1, 3, 32, 32))
@@ -271,9 +284,9 @@ def write_fmnist(root, per_class=20, test_per_class=3, seed=0):
 def test_fmnist_generated_files_load(tmp_path):
     root = write_fmnist(tmp_path / "fm", per_class=20)
     data = build_lt_data("fmnist", root=str(root), imbalance_factor=10, val_per_class=4)
-    assert data.counts == lt_counts(20, 10, 10)
+    assert data.counts == [16] + lt_counts(20, 10, 10)[1:]     # the head's 4 validation images held out of 20
     assert data.train_source.images.shape == (200, 1, 28, 28) and len(data.test_source) == 30
-    assert data.val_counts == [0] + [4] * 9 and data.channels == 1
+    assert data.val_counts == [4] * 10 and data.channels == 1
 
 
 @pytest.mark.parametrize("damage", ["truncated gzip", "not gzip", "bad magic", "short data"])
@@ -310,14 +323,19 @@ def test_real_fashion_mnist_lt():
     assert len(train) == 60000 and len(test) == 10000
     assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == torch.uint8
     assert test.images.shape == (10000, 1, 28, 28) and len(data.class_names) == 10
-    assert data.counts == FMNIST_IF100 and sum(data.counts) == 14886
     with gzip.open(FMNIST_ROOT / "train-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read()[8:], dtype=np.uint8).astype(np.int64)
     assert np.array_equal(train.labels, labels)
+    # every class has 100 validation images; the head's are held out of the 6000 the LDAM subset keeps
+    assert data.counts == [5900] + FMNIST_IF100[1:] and data.val_counts == [100] * 10
+    assert data.index_sha256 == "4cd8349a533bc20b51e6c7307e4fe0d9570d79301587fcd6c2555215328e47be"
     expected = ldam_reference(labels, FMNIST_IF100)
-    assert np.array_equal(data.train_idx, expected) and data.index_sha256 == sha256_int64(expected)
+    assert np.array_equal(data.train_idx, expected[np.isin(expected, data.train_idx)])
     assert data.groups == ["many"] * 5 + ["medium"] * 2 + ["few"] * 3
-    assert data.val_counts == [0] + [100] * 9
+    literature = build_lt_data("fmnist", imbalance_factor=100, holdout_kept=False)
+    assert np.array_equal(literature.train_idx, expected) and literature.index_sha256 == sha256_int64(expected)
+    assert literature.counts == FMNIST_IF100 and literature.val_counts == [0] + [100] * 9
+    assert literature.index_sha256.startswith("ed7a7312")
     assert not set(data.val_idx.tolist()) & set(data.train_idx.tolist())
     train.images[0, 0, 0, 0] = 7  # a writable copy, not the read-only file buffer
 
@@ -420,9 +438,9 @@ def test_file_images_are_exif_rotated_resized_and_centre_cropped(tmp_path):
 def test_cli_data_json_reports_fmnist_if100(capsys):
     assert tailwise_main(["data", "--dataset", "fmnist", "--imbalance-factor", "100", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["counts"] == FMNIST_IF100
+    assert report["counts"] == [5900] + FMNIST_IF100[1:]
     assert report["groups"] == ["many"] * 5 + ["medium"] * 2 + ["few"] * 3
-    assert report["val_size"] == 900 and report["val_counts"] == [0] + [100] * 9
+    assert report["val_size"] == 1000 and report["val_counts"] == [100] * 10
     assert len(report["index_sha256"]) == 64 and report["num_test"] == 10000
 
 

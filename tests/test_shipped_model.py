@@ -36,10 +36,10 @@ def test_files_match_their_sha256():
 def test_set():
     if not FMNIST.exists():
         pytest.skip("real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from training.data import build_lt_data
+    from training.data import rebuild_lt_data
 
     card = json.loads((MODEL / "card.json").read_text())["training"]
-    data = build_lt_data(**card["data"]["build_args"])
+    data = rebuild_lt_data(card["data"]["build_args"])
     assert data.index_sha256 == card["data"]["index_sha256"]
     return card, data
 
@@ -96,3 +96,20 @@ def test_default_model_is_the_shipped_one(monkeypatch):
 
     monkeypatch.delenv("TAILWISE_MODEL", raising=False)
     assert Path(default_model_path()).resolve() == (MODEL / "model.onnx").resolve()
+
+
+def test_evaluate_the_shipped_model_folder(test_set, capsys):
+    """`tailwise evaluate models/fmnist-lt-bns-ipdpp` (README): onnxruntime on the data its card names, the plain
+    and the served numbers of the card, labelled, in percent; nothing is written into the model folder."""
+    from tailwise.cli import main
+
+    card, _ = test_set
+    before = sorted(p.name for p in MODEL.iterdir())
+    capsys.readouterr()
+    assert main(["evaluate", str(MODEL)]) == 0
+    out = capsys.readouterr().out
+    overall = next(line for line in out.splitlines() if line.startswith("overall"))
+    assert overall.split()[-4:] == [f"{100 * card['test']['top1']:.2f}", "%",
+                                    f"{100 * card['test']['logit_adjusted']['top1']:.2f}", "%"]
+    assert f"served (logit-adjusted, tau {card['logit_adjustment']['tau']:g})" in out
+    assert sorted(p.name for p in MODEL.iterdir()) == before

@@ -165,3 +165,36 @@ def test_epoch_order_uniform_and_class_balanced():
     balanced = epoch_order(indices, labels, 0, 0, class_balanced=True, num_samples=30000)
     per_class = np.bincount(labels[balanced], minlength=3)
     assert np.all(np.abs(per_class - 10000) < 400) and set(balanced) == set(indices)
+
+
+def test_bns_joint_with_balanced_loss_then_la_stage2(tmp_path, cifar_archive):
+    """stage1.sup_loss: BNS plus a classifier trained jointly; stage 2 keeps that classifier (no re-init) and
+    trains it with the logit-adjusted loss, whose prior is the stage-2 subset's class counts."""
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
+    recipe = write_recipe(tmp_path, archive, stage1={"sup_loss": "la", "sup_weight": 0.5, "epochs": 1, "probe_every": 1},
+                          stage2={"loss": "la", "reinit_classifier": False, "epochs": 1, "lr": 0.0})
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(recipe), "--out", str(run), "--no-progress"]) == 0
+    card1, card2 = checkpoint.load_card(run, stage=1), checkpoint.load_card(run, stage=2)
+    w1 = checkpoint.load_weights(card1)
+    assert card1["kind"] == "contrastive" and card1["head"] == "linear" and "fc.weight" in w1
+    assert "val_top1" in card1["metrics"]          # the joint classifier is scored on validation every epoch
+    assert 0 <= card1["metrics"]["val_probe_top1"] <= 1    # and the encoder by a linear probe on validation
+    assert card2["finished"] and "test" in card2 and "logit_adjustment" in card2
+    # stage 2 (at lr 0 here) started from the stage-1 classifier rather than a new one
+    w2 = checkpoint.load_weights(card2)
+    assert torch.equal(w2["fc.weight"], w1["fc.weight"]) and torch.equal(w2["fc.bias"], w1["fc.bias"])
+
+
+def test_train_without_config_uses_the_default_recipe(tmp_path, cifar_archive):
+    """No --config: the `tailwise` recipe (LA-loss encoder, then IP-DPP with the LA loss, classifier kept)."""
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "1", "--no-progress", "--device", "cpu",
+                 "--set", "data.dataset='cifar10'", "--set", f"data.root='{archive}'", "--set", "data.imbalance_factor=10",
+                 "--set", "data.val_per_class=5", "--set", "stage1.batch_size=32", "--set", "stage2.batch_size=16"]) == 0
+    card = checkpoint.load_card(run)
+    cfg = card["config"]
+    assert cfg["name"] == "tailwise" and card["stage"] == 2 and card["finished"]
+    assert (cfg["stage1"]["method"], cfg["stage1"]["loss"]) == ("supervised", "la")
+    assert (cfg["stage2"]["sampler"], cfg["stage2"]["loss"], cfg["stage2"]["reinit_classifier"]) == ("kdpp", "la", False)

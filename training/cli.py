@@ -24,7 +24,8 @@ def register(subparsers) -> None:
         description="Train a named recipe (training/recipes/*.toml) or a TOML file. Every config field can be "
                     "overridden with --set section.key=value. Under torchrun, each process trains its share "
                     "(DistributedDataParallel; nccl on CUDA, gloo on CPU).")
-    train.add_argument("--config", required=True, help="recipe name or path to a TOML file")
+    train.add_argument("--config", help="recipe name or path to a TOML file (default: tailwise, the recipe that "
+                                        "won on validation; see the README)")
     train.add_argument("--stage", type=int, choices=(1, 2), help="train only this stage (default: both)")
     train.add_argument("--epochs", type=int, help="epochs of the selected stage(s)")
     train.add_argument("--out", help="run folder (default runs/<config name>)")
@@ -37,10 +38,13 @@ def register(subparsers) -> None:
     train.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser(
-        "evaluate", help="score a run's final classifier on the test set (JSON report and per-class plot)")
-    evaluate.add_argument("run", help="run folder or checkpoint card")
-    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    evaluate.add_argument("--out", help="report folder (default <run>/eval)")
+        "evaluate", help="score a run or an exported model on the test set: plain and served (logit-adjusted) numbers",
+        description="Score a run's final classifier (torch) or an exported model folder (its model.onnx, with "
+                    "onnxruntime, on the data its card.json names) on the test set. Prints plain-logit and served "
+                    "numbers side by side: served is what `tailwise predict` and the service return.")
+    evaluate.add_argument("run", help="run folder, checkpoint card, or exported model folder (models/NAME)")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="for a run (torch)")
+    evaluate.add_argument("--out", help="report folder (default <run>/eval; an exported model: none unless given)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -49,6 +53,8 @@ def register(subparsers) -> None:
     probe.add_argument("run", nargs="?", help="run folder (its stage-1 checkpoint)")
     probe.add_argument("--random-init", metavar="CONFIG", help="probe a randomly initialised encoder of this recipe")
     probe.add_argument("--per-class", type=int, default=100, help="balanced probe training images per class")
+    probe.add_argument("--on", choices=("test", "val"), default="test",
+                       help="score the probe on the test set (default) or on the validation split")
     probe.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     probe.add_argument("--seed", type=int, default=0)
     probe.add_argument("--json", action="store_true")
@@ -66,6 +72,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--profile", choices=("exp", "step", "none"), default="exp", help="default exp")
     group.add_argument("--val-per-class", type=int, default=100, help="validation images per class (default 100)")
     group.add_argument("--val-seed", type=int, default=0, help="seed of the validation draw (default 0)")
+    group.add_argument("--no-holdout-kept", dest="holdout_kept", action="store_false",
+                       help="LT benchmarks: keep the literature's LDAM subset exactly (then a class kept whole, "
+                            "the head, has no validation images)")
     group.add_argument("--many-threshold", type=int, help="many: count > this (default 100 with 100+ classes, else 500)")
     group.add_argument("--few-threshold", type=int, help="few: count < this (default 20 with 100+ classes, else 200)")
     group.add_argument("--train-split", help="splits: 'relative/path label' file of the training images")
@@ -82,7 +91,7 @@ def data_from_args(args):
         args.dataset, root=args.root, imbalance_factor=args.imbalance_factor, profile=args.profile,
         val_per_class=args.val_per_class, val_seed=args.val_seed, many_threshold=args.many_threshold,
         few_threshold=args.few_threshold, train_split=args.train_split, val_split=args.val_split,
-        test_split=args.test_split, image_size=args.image_size)
+        test_split=args.test_split, image_size=args.image_size, holdout_kept=args.holdout_kept)
 
 
 def run_data(args) -> int:
@@ -112,7 +121,8 @@ def run_data(args) -> int:
 def run_train(args) -> int:
     from pathlib import Path
 
-    from training.config import load_config
+    from tailwise import UserError
+    from training.config import DEFAULT_RECIPE, load_config
     from training.train import run
 
     overrides = list(args.overrides)
@@ -123,8 +133,11 @@ def run_train(args) -> int:
         overrides.append(f"device='{args.device}'")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
     run_dir = Path(args.out or Path("runs") / cfg["name"])
+    if args.resume and not any((run_dir / f"stage{s}.json").exists() for s in (1, 2)):
+        raise UserError(f"{run_dir}: nothing to resume (no stage1.json or stage2.json checkpoint card there); "
+                        "drop --resume to start a new run")
     run(cfg, run_dir, stages=stages, resume=args.resume, progress=not args.no_progress)
     print(f"run folder: {run_dir}")
     return 0
@@ -133,18 +146,22 @@ def run_train(args) -> int:
 def run_evaluate(args) -> int:
     from pathlib import Path
 
-    from training import engine
-    from training.metrics import format_report
-    from training.train import evaluate_run
+    from training.exported import is_exported_model
+    from training.metrics import format_evaluation
 
-    report = evaluate_run(Path(args.run), engine.resolve_device(args.device),
-                          out_dir=Path(args.out) if args.out else None)
-    if args.json:
-        print(json.dumps(report, indent=2))
+    path, out = Path(args.run), Path(args.out) if args.out else None
+    if is_exported_model(path):
+        from training.exported import evaluate_exported
+
+        report, class_names = evaluate_exported(path, out_dir=out)
     else:
+        from training import engine
         from training.checkpoint import load_card
+        from training.train import evaluate_run
 
-        print(format_report(report, load_card(args.run)["data"]["class_names"]))
+        report = evaluate_run(path, engine.resolve_device(args.device), out_dir=out)
+        class_names = load_card(path)["data"]["class_names"]
+    print(json.dumps(report, indent=2) if args.json else format_evaluation(report, class_names))
     return 0
 
 
@@ -152,7 +169,7 @@ def run_probe(args) -> int:
     from training import engine
     from training.checkpoint import load_card, load_weights
     from training.config import load_config
-    from training.data import build_lt_data
+    from training.data import rebuild_lt_data
     from training.networks import ContrastiveModel
     from training.probe import linear_probe
     from tailwise import UserError
@@ -161,7 +178,7 @@ def run_probe(args) -> int:
         raise UserError("give a run folder or --random-init CONFIG (one of them)")
     if args.run:
         card = load_card(args.run, stage=1)
-        cfg, data = card["config"], build_lt_data(**card["data"]["build_args"])
+        cfg, data = card["config"], rebuild_lt_data(card["data"]["build_args"])
     else:
         cfg = load_config(args.random_init)
         from training.train import data_from_config
@@ -174,7 +191,15 @@ def run_probe(args) -> int:
     if args.run:
         weights = load_weights(card)
         model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
-    report = linear_probe(model, data, engine.resolve_device(args.device), per_class=args.per_class, seed=args.seed)
-    summary = {k: report[k] for k in ("top1", "many", "medium", "few", "mean_per_class")}
-    print(json.dumps(report if args.json else summary, indent=2))
+    report = linear_probe(model, data, engine.resolve_device(args.device), per_class=args.per_class, seed=args.seed,
+                          on=args.on)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    where = "validation split" if args.on == "val" else "test set"
+    print(f"linear probe of the {'randomly initialised' if args.random_init else 'stage-1'} encoder, {where}:")
+    for label, key in (("overall (top-1)", "top1"), ("mean per class", "mean_per_class"), ("many", "many"),
+                       ("medium", "medium"), ("few", "few")):
+        value = report[key]
+        print(f"  {label:<16} " + ("n/a" if value is None else f"{100 * value:6.2f} %"))
     return 0

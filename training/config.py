@@ -2,18 +2,25 @@
 
 A config is a plain nested dict. Every field has a default here, so a recipe only states what differs, and
 `--set section.key=value` (TOML value syntax) overrides any field from the command line. Unknown keys are
-errors, so a typo never silently trains the wrong thing.
+errors, so a typo never silently trains the wrong thing, and every value is checked against RULES (type from
+the default, range or choices) before any data loads.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import math
+import re
+import shlex
 import tomllib
 from pathlib import Path
+from dataclasses import dataclass
 
 from tailwise import UserError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "tailwise"    # what `tailwise train` trains when no --config is named (chosen on validation)
 
 DEFAULTS: dict = {
     "name": "run",
@@ -21,16 +28,18 @@ DEFAULTS: dict = {
     "device": "auto",          # auto | cpu | cuda
     "data": {
         "dataset": "fmnist", "root": "", "imbalance_factor": 100.0, "profile": "exp", "val_per_class": 100,
-        "val_seed": 0, "train_split": "", "val_split": "", "test_split": "", "image_size": 0,
+        "val_seed": 0, "train_split": "", "val_split": "", "test_split": "", "image_size": 0, "holdout_kept": True,
     },
     "model": {"arch": "resnet32", "proj_hidden": 2048, "proj_dim": 128},
     # Stage 1: representation. method "bns" (contrastive, this paper) or "supervised" (a classifier trained
-    # with `loss`: the baselines and the CE-encoder ablation).
+    # with `loss`: the baselines and the CE-encoder ablation). With method "bns", sup_loss (ce | la | bsce |
+    # ldam-drw, or "none") adds a linear classifier on the encoder trained jointly, weighted by sup_weight.
     "stage1": {
         "method": "bns", "loss_form": "released", "tau": 0.5, "m": 2, "loss": "ce", "ldam_drw_start": 0.8,
         "epochs": 200, "batch_size": 512, "lr": 1e-3, "lr_scale_batch": 256, "weight_decay": 0.05,
         "betas": [0.9, 0.95], "warmup_epochs": 10, "aug": "simclr", "aug_strength": 1.0, "amp": True,
-        "class_balanced": False,
+        "class_balanced": False, "sup_loss": "none", "sup_weight": 1.0,
+        "probe_every": 0,      # BNS: linear probe of the encoder on validation every this many epochs (0: never)
     },
     # Stage 2: the boundary-corrected classifier re-trained on the IP-DPP subset.
     "stage2": {
@@ -40,6 +49,56 @@ DEFAULTS: dict = {
         "aug_strength": 1.0, "amp": True, "class_balanced": False, "logit_adjust": True,
     },
 }
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers: low <= x <= high (strict where low_open / high_open); None is unbounded."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+
+LOSSES = ("ce", "la", "bsce", "ldam-drw")
+AUGS = ("simclr", "light", "none")
+AT_LEAST_0, AT_LEAST_1, ABOVE_0, FRACTION = Range(0), Range(1), Range(0, low_open=True), Range(0, 1)
+
+# The allowed values of a field: a tuple of choices or a Range. The type always comes from the default
+# (int, float (an int is accepted), bool, str, list of numbers); a field without a rule is type-checked only.
+RULES: dict[str, tuple | Range] = {
+    "seed": AT_LEAST_0,
+    "device": ("auto", "cpu", "cuda"),
+    "data.dataset": ("fmnist", "cifar10", "cifar100", "splits", "folder"),
+    "data.imbalance_factor": AT_LEAST_1,
+    "data.profile": ("exp", "step", "none"),
+    "data.val_per_class": AT_LEAST_0,
+    "data.val_seed": AT_LEAST_0,
+    "data.image_size": AT_LEAST_0,             # 0: the dataset's default
+    "model.arch": ("resnet32", "resnet18", "resnet34", "resnet50", "resnext50"),
+    "model.proj_hidden": AT_LEAST_1,
+    "model.proj_dim": AT_LEAST_1,
+    "stage1.method": ("bns", "supervised"),
+    "stage1.loss_form": ("released", "paper"),
+    "stage1.tau": ABOVE_0,
+    "stage1.m": AT_LEAST_1,
+    "stage1.loss": LOSSES,
+    "stage1.sup_loss": ("none", *LOSSES),
+    "stage1.sup_weight": AT_LEAST_0,
+    "stage1.probe_every": AT_LEAST_0,         # 0: never
+    "stage1.ldam_drw_start": FRACTION,
+    "stage1.aug": AUGS,
+    "stage2.sampler": ("kdpp", "paper-alg1", "random", "none"),
+    "stage2.ratio": ABOVE_0,
+    "stage2.redraw_every": AT_LEAST_1,
+    "stage2.loss": LOSSES,
+    "stage2.aug": AUGS,
+}
+for _stage in ("stage1", "stage2"):   # the optimisation fields both stages share
+    RULES.update({f"{_stage}.epochs": AT_LEAST_1, f"{_stage}.batch_size": AT_LEAST_1, f"{_stage}.lr": AT_LEAST_0,
+                  f"{_stage}.lr_scale_batch": AT_LEAST_0, f"{_stage}.weight_decay": AT_LEAST_0,
+                  f"{_stage}.betas": Range(0, 1, high_open=True), f"{_stage}.warmup_epochs": AT_LEAST_0,
+                  f"{_stage}.aug_strength": AT_LEAST_0})
 
 
 def recipe_names() -> list[str]:
@@ -59,8 +118,77 @@ def _merge(base: dict, update: dict, where: str = "") -> dict:
     return base
 
 
+def _check_number(field: str, value, rule) -> None:
+    if isinstance(rule, Range):
+        low_ok = rule.low is None or (value > rule.low if rule.low_open else value >= rule.low)
+        high_ok = rule.high is None or (value < rule.high if rule.high_open else value <= rule.high)
+        if not (low_ok and high_ok):
+            bounds = [f"{'>' if rule.low_open else '>='} {rule.low:g}"] if rule.low is not None else []
+            bounds += [f"{'<' if rule.high_open else '<='} {rule.high:g}"] if rule.high is not None else []
+            raise UserError(f"config field {field} must be {' and '.join(bounds)}, got {value!r}")
+
+
+def _check_value(field: str, default, value):
+    """`value` checked against the default's type and RULES[field]; returns it (an int made float if need be)."""
+    rule = RULES.get(field)
+
+    def wrong(kind):
+        raise UserError(f"config field {field} must be {kind}, got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            wrong("true or false")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            wrong("an integer")
+        _check_number(field, value, rule)
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            wrong("a number")
+        value = float(value)
+        if not math.isfinite(value):
+            wrong("a finite number")
+        _check_number(field, value, rule)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            wrong("a string")
+    elif isinstance(default, list):
+        if (not isinstance(value, list) or len(value) != len(default)
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+            wrong(f"a list of {len(default)} numbers")
+        value = [float(v) for v in value]
+        for v in value:
+            _check_number(field, v, rule)
+    if isinstance(rule, tuple) and value not in rule:
+        raise UserError(f"config field {field} must be one of {', '.join(rule)}, got {value!r}")
+    return value
+
+
+def validate_config(cfg: dict) -> dict:
+    """Check every field of `cfg` (types, ranges, choices) against DEFAULTS and RULES; UserError naming the
+    first bad field. Returns cfg (ints given for float fields become floats)."""
+    def walk(defaults: dict, node: dict, where: str) -> None:
+        for key, value in node.items():
+            field = f"{where}{key}"
+            if key not in defaults:
+                raise UserError(f"unknown config field '{field}' (known: {', '.join(defaults)})")
+            if isinstance(defaults[key], dict):
+                if not isinstance(value, dict):
+                    raise UserError(f"config field {field} must be a table")
+                walk(defaults[key], value, f"{field}.")
+            else:
+                node[key] = _check_value(field, defaults[key], value)
+        missing = [k for k in defaults if k not in node]
+        if missing:
+            raise UserError(f"config misses field '{where}{missing[0]}'")
+
+    walk(DEFAULTS, cfg, "")
+    return cfg
+
+
 def load_config(recipe: str | None = None, overrides: list[str] = ()) -> dict:
-    """Defaults, then the recipe (a name from training/recipes/ or a path to a TOML file), then overrides."""
+    """Defaults, then the recipe (a name from training/recipes/ or a path to a TOML file), then overrides;
+    validated (validate_config) before it is returned."""
     cfg = copy.deepcopy(DEFAULTS)
     if recipe:
         path = Path(recipe)
@@ -72,6 +200,8 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> dict:
             _merge(cfg, tomllib.loads(path.read_text()))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise UserError(f"{path}: cannot read recipe ({exc})") from exc
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
         cfg["name"] = cfg["name"] if cfg["name"] != "run" else path.stem
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -88,4 +218,31 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> dict:
             update = update.setdefault(part, {})
         update[parts[-1]] = value
         _merge(cfg, node)
-    return cfg
+    return validate_config(cfg)
+
+
+def reproduce_command(cfg: dict, out: str, stage: int | None = None) -> str:
+    """`tailwise train` that trains `cfg` again into `out`: its recipe plus a --set for every field that differs
+    from it (a config whose name is no recipe here: every field that differs from the defaults).
+
+    With `stage`, the command trains that stage only (`--stage N`) and names no field of the other stage."""
+    try:
+        base, head = load_config(cfg["name"]), [f"--config {cfg['name']}"]
+    except UserError:  # a recipe file outside the repo: spell out everything against the defaults
+        base, head = load_config(None), [f"--set {_shell('name=' + json.dumps(cfg['name']))}"]
+    skip = {f"stage{3 - stage}"} if stage else set()
+    changed = []
+    for section, values in cfg.items():
+        if section in skip:
+            continue
+        if isinstance(values, dict):
+            changed += [(f"{section}.{k}", v) for k, v in values.items() if base[section].get(k) != v]
+        elif section != "name" and base.get(section) != values:
+            changed.append((section, values))
+    flags = [f"--set {_shell(f'{key}={json.dumps(value)}')}" for key, value in changed]
+    return " ".join(["tailwise train", *head, *([f"--stage {stage}"] if stage else []), *flags,
+                     f"--out {_shell(str(out))}"])
+
+
+def _shell(arg: str) -> str:
+    return arg if re.fullmatch(r'[\w.,/:+=@"\[\]-]+', arg) else shlex.quote(arg)

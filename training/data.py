@@ -16,8 +16,11 @@ Pillow on demand. Every index below is a row of ``LTData.train_source`` (train a
 ``LTData.test_source``.
 
 Validation never touches the test set. For the LT benchmarks it is drawn, balanced, from the training images
-the LT subset did not keep; the head class keeps all its images, so it gets no validation images
-(``val_counts[0] == 0``; under the step profile the whole first half gets none). Without LT subsampling
+the LT subset did not keep. A class the LDAM subset keeps whole (the head class; under the step profile the
+whole first half) has no such images, so its validation images are held out of its LT training images
+instead (``holdout_kept=True``, the default: Fashion-MNIST-LT IF 100 trains on 5900 head images, not 6000).
+This is a deviation from the literature's subset, made so that every choice is checked on every class; it
+changes the index sha256, and ``holdout_kept=False`` restores the LDAM subset exactly. Without LT subsampling
 (``profile="none"``, ``splits`` without a val split, ``folder``) up to ``val_per_class`` images per class,
 never more than 20% of a class, are held out of training.
 """
@@ -209,6 +212,26 @@ def leftover_val(labels: np.ndarray, train_idx: np.ndarray, num_classes: int, va
     return np.concatenate(picked).astype(np.int64)
 
 
+def holdout_kept_classes(labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, num_classes: int,
+                         val_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx) where every class short of ``val_per_class`` validation images (because the LT subset
+    kept all of its images) gets the shortfall held out of its LT training images, at most 20% of them, drawn
+    with ``seed``. Other classes, and the order of ``train_idx``, are untouched."""
+    rng = np.random.default_rng([seed, 1])
+    val_counts = np.bincount(labels[val_idx], minlength=num_classes)
+    moved = []
+    for c in range(num_classes):
+        kept = train_idx[labels[train_idx] == c]
+        take = min(val_per_class - int(val_counts[c]), int(MAX_HOLDOUT_FRACTION * len(kept)))
+        if take > 0:
+            moved.append(np.sort(rng.permutation(kept)[:take]))
+    if not moved:
+        return train_idx, val_idx
+    moved = np.concatenate(moved)
+    return (train_idx[~np.isin(train_idx, moved)].astype(np.int64),
+            np.sort(np.concatenate([val_idx, moved])).astype(np.int64))
+
+
 def holdout_split(labels: np.ndarray, num_classes: int, val_per_class: int,
                   seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, val_idx): per class, ``min(val_per_class, int(0.2 * n_c))`` images held out at random."""
@@ -269,12 +292,14 @@ class LTData:
 
 def build_lt_data(dataset: str, root: str | None = None, imbalance_factor: float = 100, profile: str = "exp",
                   val_per_class: int = 100, val_seed: int = 0, many_threshold=None, few_threshold=None,
-                  train_split=None, val_split=None, test_split=None, image_size=None) -> LTData:
+                  train_split=None, val_split=None, test_split=None, image_size=None,
+                  holdout_kept: bool = True) -> LTData:
     """Load a dataset and build its long-tailed training subset, validation split and groups.
 
     fmnist/cifar10/cifar100: LT subset by ``lt_counts`` + ``ldam_select`` with ``n_max`` = the smallest class
     size (all classes are equal in these sets, so this is LDAM's ``len(data) / num_classes``); validation from
-    the images it did not keep. ``profile="none"`` keeps the whole training set and holds validation out of it.
+    the images it did not keep, and (``holdout_kept``) from the LT images of classes kept whole.
+    ``profile="none"`` keeps the whole training set and holds validation out of it.
     splits/folder: used as they are; ``imbalance_factor`` and ``profile`` do not apply (recorded as 1 / "none").
     splits: ``root`` is the image root, ``train_split`` (required), ``val_split`` and ``test_split`` split files.
     folder: ``root`` holds one subfolder per class; ``test_split`` may name a second such folder as test set.
@@ -290,7 +315,7 @@ def build_lt_data(dataset: str, root: str | None = None, imbalance_factor: float
         if image_size is not None:
             raise UserError(f"--image-size applies to file datasets (splits, folder), not to {dataset}")
         return _build_array_data(dataset, root, imbalance_factor, profile, val_per_class, val_seed,
-                                 many_threshold, few_threshold)
+                                 many_threshold, few_threshold, holdout_kept)
     if dataset == "folder" and (train_split is not None or val_split is not None):
         raise UserError("--train-split/--val-split apply to --dataset splits; a folder dataset is its own train set")
     image_size = 224 if image_size is None else int(image_size)
@@ -300,8 +325,14 @@ def build_lt_data(dataset: str, root: str | None = None, imbalance_factor: float
                             train_split, val_split, test_split, image_size)
 
 
+def rebuild_lt_data(build_args: dict) -> LTData:
+    """The data a card's ``build_args`` describe. Cards written before ``holdout_kept`` existed had no such
+    hold-out, so a missing key means False."""
+    return build_lt_data(**{"holdout_kept": False, **build_args})
+
+
 def _build_array_data(dataset, root, imbalance_factor, profile, val_per_class, val_seed,
-                      many_threshold, few_threshold) -> LTData:
+                      many_threshold, few_threshold, holdout_kept=True) -> LTData:
     if dataset == "fmnist":
         root = os.path.abspath(root or FMNIST_ROOT)
         train, test = load_fmnist(root)
@@ -322,6 +353,8 @@ def _build_array_data(dataset, root, imbalance_factor, profile, val_per_class, v
     else:
         train_idx = ldam_select(labels, lt_counts(int(class_sizes.min()), num_classes, imbalance_factor, profile))
         val_idx = leftover_val(labels, train_idx, num_classes, val_per_class, val_seed)
+        if holdout_kept:
+            train_idx, val_idx = holdout_kept_classes(labels, train_idx, val_idx, num_classes, val_per_class, val_seed)
     counts = np.bincount(labels[train_idx], minlength=num_classes).tolist()
     mean, std = MEAN_STD[dataset]
     return LTData(
@@ -332,7 +365,7 @@ def _build_array_data(dataset, root, imbalance_factor, profile, val_per_class, v
         build_args=dict(dataset=dataset, root=root, imbalance_factor=imbalance_factor, profile=profile,
                         val_per_class=val_per_class, val_seed=val_seed, many_threshold=many_threshold,
                         few_threshold=few_threshold, train_split=None, val_split=None, test_split=None,
-                        image_size=None))
+                        image_size=None, holdout_kept=bool(holdout_kept and profile != "none")))
 
 
 def _build_file_data(dataset, root, val_per_class, val_seed, many_threshold, few_threshold,
@@ -387,7 +420,7 @@ def _build_file_data(dataset, root, val_per_class, val_seed, many_threshold, few
         build_args=dict(dataset=dataset, root=root, imbalance_factor=1, profile="none",
                         val_per_class=val_per_class, val_seed=val_seed, many_threshold=many_threshold,
                         few_threshold=few_threshold, train_split=train_split, val_split=val_split,
-                        test_split=test_split, image_size=image_size))
+                        test_split=test_split, image_size=image_size, holdout_kept=False))
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST

@@ -33,6 +33,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+        torch.backends.cudnn.benchmark = True   # fixed batch shapes: let cuDNN pick the fastest convolutions
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if name != "cpu":
         raise UserError(f"--device {name!r}: expected auto, cpu or cuda")
@@ -145,6 +146,9 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
 
 
 # ----------------------------------------------------------------------------- the loop
+CHECK_EVERY = 25   # steps between loss checks on a GPU
+
+
 @dataclass
 class Stage:
     """What `fit` needs to know about one stage."""
@@ -173,6 +177,9 @@ def fit(stage: Stage, run_dir: Path, seed: int, d: Dist, start_epoch: int = 0, p
     warmup = min(scfg["warmup_epochs"], epochs / 2) * steps_per_epoch   # a short run still reaches its peak lr
     peak = base_lr(scfg)
     metrics_path = run_dir / f"stage{stage.number}_metrics.jsonl"
+    # Checking the loss reads it on the host, which on a GPU waits for every queued step: there, check the
+    # running sum every CHECK_EVERY steps (a non-finite loss still stops the epoch before its checkpoint).
+    check_every = 1 if stage.images.device.type == "cpu" else CHECK_EVERY
     if d.main:
         _truncate_metrics(metrics_path, start_epoch)
     last: dict = {}
@@ -193,12 +200,13 @@ def fit(stage: Stage, run_dir: Path, seed: int, d: Dist, start_epoch: int = 0, p
             x = stage.images(idx)
             y = torch.as_tensor(stage.labels[idx], device=x.device)
             loss = stage.step_fn(x, y, epoch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"stage {stage.number} epoch {epoch + 1} step {i}: loss is {loss.item()}")
+            loss_sum += loss.detach()
+            if ((i + 1) % check_every == 0 or i + 1 == len(batches)) and not torch.isfinite(loss_sum):
+                raise FloatingPointError(f"stage {stage.number} epoch {epoch + 1} step {i}: loss is not finite "
+                                         f"({loss.item()}{'' if check_every == 1 else ', or at an earlier step'})")
             stage.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             stage.optimizer.step()
-            loss_sum += loss.detach()
             seen += len(idx) * d.world
             if i % 10 == 0 and bar.disable is False:
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
@@ -216,13 +224,15 @@ def fit(stage: Stage, run_dir: Path, seed: int, d: Dist, start_epoch: int = 0, p
                                        optimizer=stage.optimizer,
                                        extra_tensors=stage.extra_state() if stage.extra_state else None)
             print(f"stage {stage.number} epoch {epoch + 1}/{epochs}: "
-                  + ", ".join(f"{k}={_short(v)}" for k, v in last.items() if k != "epoch"), flush=True)
+                  + ", ".join(f"{k}={_short(v, k)}" for k, v in last.items() if k != "epoch"), flush=True)
         if d.world > 1:
             dist.barrier()
     return last
 
 
-def _short(value):
+def _short(value, key: str = ""):
+    if key.startswith("val_"):   # accuracies: percent, as a person reads them
+        return "n/a" if value is None else f"{100 * value:.2f}%"
     return f"{value:.4g}" if isinstance(value, float) else value
 
 

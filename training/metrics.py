@@ -180,3 +180,36 @@ def format_report(report: dict, class_names: list[str]) -> str:
                                                  report["per_class_support"], report["per_class"]):
         lines.append(f"{name:<{width}}  {group:<6}  {n_train:>7}  {n_test:>6}  {pct(acc)}")
     return "\n".join(lines)
+
+
+def format_evaluation(report: dict, class_names: list[str]) -> str:
+    """Readable test report in percent: plain-logit and served (logit-adjusted, what `predict` and the service
+    return) numbers side by side, then per class; a model without logit adjustment serves its plain logits."""
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.2f} %"
+
+    served = report.get("logit_adjusted")
+    if served is not None:
+        head = ("plain logits", f"served (logit-adjusted, tau {served['tau']:g})")
+        note = "served = what `tailwise predict` and the service return (logits - tau * log training prior)"
+    else:
+        served = report
+        head = ("plain logits", "served (= plain: no logit adjustment)")
+        note = "served = what `tailwise predict` and the service return"
+    num_per_group = {g: sum(1 for x in report["groups"] if x == g) for g in GROUPS}
+    rows = [("overall (top-1)", "top1"), ("mean per class", "mean_per_class"),
+            *((f"{g} ({num_per_group[g]} classes)", g) for g in GROUPS)]
+    w0, w1 = max(len(r[0]) for r in rows), max(len(head[0]), 9)
+    lines = [f"test set, {report['num_samples']} images; {note}", "",
+             f"{'':<{w0}}  {head[0]:>{w1}}  {head[1]}"]
+    lines += [f"{label:<{w0}}  {pct(report[key]):>{w1}}  {pct(served[key]):>9}" for label, key in rows]
+    lines += [f"NLL {report['nll']:.4f}, ECE {100 * report['ece']:.2f} % (plain logits)", ""]
+    width = max([len("class")] + [len(n) for n in class_names])
+    lines.append(f"{'class':<{width}}  {'group':<6}  {'train':>7}  {'test':>6}  {'plain %':>7}  {'served %':>8}")
+    for c, name in enumerate(class_names):
+        plain, adj = report["per_class"][c], served["per_class"][c]
+        lines.append(f"{name:<{width}}  {report['groups'][c]:<6}  {report['train_counts'][c]:>7}  "
+                     f"{report['per_class_support'][c]:>6}  "
+                     + ("    n/a" if plain is None else f"{100 * plain:>7.2f}") + "  "
+                     + ("     n/a" if adj is None else f"{100 * adj:>8.2f}"))
+    return "\n".join(lines)

@@ -176,7 +176,10 @@ class Classifier(nn.Module):
 
 
 class ContrastiveModel(nn.Module):
-    """normalize -> encoder -> projector (feat -> proj_hidden -> ReLU -> proj_dim); returns L2-normalised embeddings."""
+    """normalize -> encoder -> projector (feat -> proj_hidden -> ReLU -> proj_dim); returns L2-normalised embeddings.
+
+    With `num_classes` it also has a linear classifier `fc` on the encoder features (BNS trained jointly with a
+    supervised loss) and returns (embeddings, logits)."""
 
     def __init__(
         self,
@@ -186,6 +189,7 @@ class ContrastiveModel(nn.Module):
         std: Sequence[float],
         proj_hidden: int = 2048,
         proj_dim: int = 128,
+        num_classes: int = 0,
     ):
         super().__init__()
         if len(mean) != in_channels:
@@ -195,12 +199,15 @@ class ContrastiveModel(nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(feat_dim, proj_hidden), nn.ReLU(inplace=True), nn.Linear(proj_hidden, proj_dim)
         )
+        self.fc = nn.Linear(feat_dim, num_classes) if num_classes else None
 
     def features(self, x: Tensor) -> Tensor:
         return self.encoder(self.normalize(x))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.projector(self.features(x)), dim=1)
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        h = self.features(x)
+        z = F.normalize(self.projector(h), dim=1)
+        return z if self.fc is None else (z, self.fc(h))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -49,21 +49,29 @@ def fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, s
     return linear
 
 
-def linear_probe(model: torch.nn.Module, data: LTData, device: torch.device, per_class: int = 100, seed: int = 0) -> dict:
-    """Probe `model`'s frozen encoder; returns the test report (top1, many, medium, few, per_class, ...)."""
+def linear_probe(model: torch.nn.Module, data: LTData, device: torch.device, per_class: int = 100, seed: int = 0,
+                 on: str = "test") -> dict:
+    """Probe `model`'s frozen encoder; returns the report (top1, many, medium, few, per_class, ...) on the test
+    set, or on the validation split with `on="val"` (what training may look at)."""
+    was_training = model.training
     model = model.to(device)
     train_ids = balanced_subset(data, per_class, seed)
     train_images = engine.DeviceImages(data.train_source, device)
-    test_images = engine.DeviceImages(data.test_source, device)
+    if on == "val":
+        x_eval = encode(model, train_images, data.val_idx)
+        y_eval = data.train_source.labels[data.val_idx]
+    else:
+        x_eval = encode(model, engine.DeviceImages(data.test_source, device), np.arange(len(data.test_source)))
+        y_eval = data.test_source.labels
     x_train = encode(model, train_images, train_ids)
-    x_test = encode(model, test_images, np.arange(len(data.test_source)))
+    model.train(was_training)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     y_train = torch.as_tensor(data.train_source.labels[train_ids], device=device)
     with torch.enable_grad():
         linear = fit_linear((x_train - mean) / std, y_train, len(data.class_names))
     with torch.no_grad():
-        logits = linear((x_test - mean) / std).cpu().numpy()
-    report = evaluate_logits(logits, data.test_source.labels, data.counts, data.groups)
+        logits = linear((x_eval - mean) / std).cpu().numpy()
+    report = evaluate_logits(logits, y_eval, data.counts, data.groups)
     report["probe_train_per_class"] = np.bincount(data.train_source.labels[train_ids],
                                                   minlength=len(data.class_names)).tolist()
     return report

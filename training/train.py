@@ -9,7 +9,9 @@ model's probabilities on un-augmented images. The final classifier is scored on 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ import torch.nn.functional as F
 from tailwise import UserError
 from training import checkpoint, engine
 from training.augment import BatchAugment
-from training.data import LTData, build_lt_data
-from training.metrics import evaluate_logits, format_report, save_report
+from training.config import reproduce_command, validate_config
+from training.data import LTData, build_lt_data, rebuild_lt_data
+from training.metrics import evaluate_logits, format_evaluation, save_report
 from training.networks import Classifier, ContrastiveModel
 
 LA_TAU_GRID = tuple(round(0.25 * i, 2) for i in range(9))   # post-hoc logit adjustment: 0, 0.25, ..., 2
@@ -50,9 +53,14 @@ def predict_logits(model: torch.nn.Module, images: engine.DeviceImages, indices:
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
-    out = [model(images(indices[i:i + batch_size])).float() for i in range(0, len(indices), batch_size)]
+    out = [_logits(model(images(indices[i:i + batch_size]))).float() for i in range(0, len(indices), batch_size)]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def _logits(output) -> torch.Tensor:
+    """A classifier's logits; a jointly trained contrastive model returns (embeddings, logits)."""
+    return output[1] if isinstance(output, tuple) else output
 
 
 def _card_base(cfg: dict, data: LTData, kind: str, head: str = "linear") -> dict:
@@ -143,9 +151,11 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
         _check_same_data(card0, data)
         return card0.get("metrics", {})
     num_classes = len(data.class_names)
+    joint = s["method"] == "bns" and s["sup_loss"] != "none"
     if s["method"] == "bns":
-        model, kind, head = ContrastiveModel(cfg["model"]["arch"], data.channels, data.mean, data.std,
-                                             cfg["model"]["proj_hidden"], cfg["model"]["proj_dim"]), "contrastive", "none"
+        model = ContrastiveModel(cfg["model"]["arch"], data.channels, data.mean, data.std, cfg["model"]["proj_hidden"],
+                                 cfg["model"]["proj_dim"], num_classes=num_classes if joint else 0)
+        kind, head = "contrastive", "linear" if joint else "none"
     elif s["method"] == "supervised":
         head = "cosine" if s["loss"] == "ldam-drw" else "linear"
         model, kind = Classifier(cfg["model"]["arch"], data.channels, num_classes, data.mean, data.std, head=head), "classifier"
@@ -167,20 +177,34 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     if kind == "contrastive":
         from training import losses
 
+        sup = supervised_criterion(s["sup_loss"], data.counts, s["epochs"], s["ldam_drw_start"], device) if joint else None
+
         def step_fn(x, y, epoch):
             g = generator(epoch)
             views = torch.cat([aug(x, g), aug(x, g)])
             labels2 = torch.cat([y, y])
             with autocast(device, s["amp"]):
-                z = net(views)
-            z = F.normalize(z.float(), dim=1)
+                out = net(views)
+            z = F.normalize((out[0] if joint else out).float(), dim=1)
             if s["loss_form"] == "released":
-                return losses.bns_loss_released(z, labels2, tau=s["tau"])
-            if s["loss_form"] == "paper":
+                loss = losses.bns_loss_released(z, labels2, tau=s["tau"])
+            elif s["loss_form"] == "paper":
                 half = len(x)
-                return losses.bns_loss_paper(z[:half], z[half:], y, tau=s["tau"], m=s["m"], generator=g)
-            raise UserError(f"stage1.loss_form {s['loss_form']!r}: expected released or paper")
-        on_epoch_end = None
+                loss = losses.bns_loss_paper(z[:half], z[half:], y, tau=s["tau"], m=s["m"], generator=g)
+            else:
+                raise UserError(f"stage1.loss_form {s['loss_form']!r}: expected released or paper")
+            if joint:    # the classifier on the encoder features learns from both views, with a balanced loss
+                loss = loss + s["sup_weight"] * sup(out[1].float(), labels2, epoch)
+            return loss
+
+        def on_epoch_end(epoch):
+            metrics = _val_metrics(model, data, images) if joint else {}
+            if s["probe_every"] and (epoch + 1) % s["probe_every"] == 0 and len(data.val_idx):
+                from training.probe import linear_probe
+
+                probe = linear_probe(model, data, device, on="val")     # encoder quality, on validation
+                metrics.update({f"val_probe_{k}": probe[k] for k in ("top1", "many", "medium", "few")})
+            return metrics
     else:
         criterion = supervised_criterion(s["loss"], data.counts, s["epochs"], s["ldam_drw_start"], device)
 
@@ -221,6 +245,8 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     stage1_weights = checkpoint.load_weights(card1)
     if card1["kind"] == "classifier" and not s["reinit_classifier"]:
         model.load_state_dict(stage1_weights)
+    elif not s["reinit_classifier"] and "fc.weight" in stage1_weights:     # BNS trained jointly with a classifier
+        model.load_state_dict({k: v for k, v in stage1_weights.items() if k.split(".")[0] in ("normalize", "encoder", "fc")})
     else:
         model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in stage1_weights.items()
                                        if k.startswith("encoder.")})
@@ -247,11 +273,15 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     net = _wrap_ddp(model, d, device)
     images = engine.DeviceImages(data.train_source, device)
     aug = BatchAugment(data.channels, tuple(data.image_size), strength=s["aug_strength"], kind=s["aug"])
-    criterion = supervised_criterion(s["loss"], data.counts, s["epochs"], cfg["stage1"]["ldam_drw_start"], device)
     if s["sampler"] == "none":
-        pool_size = len(data.train_idx)
+        pool_counts = list(data.counts)
     else:
-        pool_size = int(sum(class_targets(data.counts, s["ratio"])))
+        pool_counts = class_targets(data.counts, s["ratio"])
+    pool_size = int(sum(pool_counts))
+    if s["class_balanced"]:
+        pool_counts = [1] * len(pool_counts)
+    # a balanced loss (la, bsce, ldam-drw) corrects for the class frequencies of what stage 2 trains on
+    criterion = supervised_criterion(s["loss"], pool_counts, s["epochs"], cfg["stage1"]["ldam_drw_start"], device)
     steps = max(1, pool_size // s["batch_size"])
 
     def on_epoch_start(epoch):
@@ -320,7 +350,7 @@ def evaluate_run(run_dir: Path, device: torch.device, data: LTData | None = None
     """Score a run's final classifier on the test set; write report.json + per_class.png; return the report."""
     model, card = checkpoint.load_classifier(run_dir)
     if data is None:
-        data = build_lt_data(**card["data"]["build_args"])
+        data = rebuild_lt_data(card["data"]["build_args"])
     model.to(device)
     images = engine.DeviceImages(data.test_source, device)
     logits = predict_logits(model, images, np.arange(len(data.test_source))).cpu()
@@ -357,21 +387,102 @@ def training_record(run_dir: Path, device: torch.device, d: engine.Dist) -> dict
             "total_seconds": round(sum(seconds.values()), 1)}
 
 
+def _stage_card(run_dir: Path, stage: int) -> dict | None:
+    path = run_dir / f"stage{stage}.json"
+    return checkpoint.load_card(path) if path.exists() else None
+
+
+def check_start(cfg: dict, run_dir: Path, stages: tuple[int, ...], resume: bool) -> bool:
+    """Refuse a start that cannot work, before any data loads; True when --resume finds nothing left to do."""
+    todo = [s for s in stages if s == 1 or cfg["stage2"]["enabled"]]
+    cards = {s: _stage_card(run_dir, s) for s in (1, 2)}
+    if not resume:
+        for s in todo:
+            if cards[s]:
+                raise UserError(f"{run_dir / f'stage{s}.json'} exists: pass --resume to continue this run, "
+                                "or choose another --out")
+    if 2 in todo and 1 not in stages and not (cards[1] and cards[1].get("finished")):
+        raise UserError(f"{run_dir}: stage 2 needs a finished stage 1 there (stage1.json "
+                        + (f"is at epoch {cards[1]['epoch']}/{cards[1]['epochs']}" if cards[1] else "is missing")
+                        + "); train it first with --stage 1")
+    if not (resume and todo and all(cards[s] and cards[s].get("finished") for s in todo)):
+        return False
+    final = cards[max(todo)]
+    return final.get("kind") != "classifier" or "test" in final   # killed while scoring: score it now
+
+
+def _stage_record(cfg: dict, run_dir: Path, stage: int, stages: tuple[int, ...], epochs: int) -> dict:
+    """What a stage's card records of how it was trained: epochs run, recipe, the command that repeats it."""
+    return {"epochs": epochs, "recipe": cfg["name"],
+            "command": reproduce_command(cfg, str(run_dir), stage=stage if stages == (stage,) else None)}
+
+
+def _record_stage(cfg: dict, run_dir: Path, stage: int, stages: tuple[int, ...]) -> None:
+    """Add `trained` ({"1": record, "2": record}) to a finished stage card that lacks its own record."""
+    path = run_dir / f"stage{stage}.json"
+    stored = json.loads(path.read_text())
+    if not stored.get("finished") or str(stage) in stored.get("trained", {}):
+        return
+    trained = dict(json.loads((run_dir / "stage1.json").read_text()).get("trained", {})) if stage == 2 else {}
+    trained[str(stage)] = _stage_record(cfg, run_dir, stage, stages, stored["epoch"])
+    stored["trained"] = trained
+    checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
+
+
+def _with_stage1_as_trained(cfg: dict, run_dir: Path) -> dict:
+    """cfg with the model and stage1 sections of the run's stage-1 card: stage 2 builds on what was trained."""
+    card1 = checkpoint.load_card(run_dir / "stage1.json")
+    trained = {k: card1["config"][k] for k in ("model", "stage1")}
+    differs = [f"{section}.{k}" for section in trained for k in trained[section]
+               if cfg[section].get(k) != trained[section][k]]
+    if differs:
+        print(f"tailwise: stage 2 builds on {run_dir / 'stage1.json'}, trained with its own "
+              + ", ".join(f"{f}={json.dumps(card1['config'][f.split('.')[0]][f.split('.')[1]])}" for f in differs[:4])
+              + (" ..." if len(differs) > 4 else "") + " (recorded as such)", flush=True)
+    return dict(cfg, **copy.deepcopy(trained))
+
+
 def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool = False, progress: bool = True) -> dict:
-    """Train the configured stages, then (on rank 0) choose logit adjustment on validation and score the test set."""
+    """Train the configured stages, then (on rank 0) choose logit adjustment on validation and score the test set.
+
+    The config is validated and the run folder checked before any data loads; a start that fails before its
+    first checkpoint leaves no run folder behind. With `resume` on a finished run nothing is retrained or
+    re-scored (the stored test report is returned)."""
+    validate_config(cfg)
+    if check_start(cfg, run_dir, stages, resume):
+        final = checkpoint.load_card(run_dir)
+        print(f"tailwise: {run_dir} is already finished (stage {final['stage']}: epoch {final['epoch']}/"
+              f"{final['epochs']}); nothing to train. Its test report is in {run_dir / 'eval'}; "
+              f"`tailwise evaluate {run_dir}` scores it again.", flush=True)
+        return final.get("test", {})
     device = engine.resolve_device(cfg["device"])
     d = engine.init_distributed(device)
     engine.seed_everything(cfg["seed"] + d.rank)
     data = data_from_config(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _train_and_score(cfg, data, run_dir, device, d, stages, resume, progress)
+    except BaseException:
+        if created and d.main and not list(run_dir.glob("stage*.json")):  # nothing to resume from: leave no folder
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train_and_score(cfg, data, run_dir, device, d, stages, resume, progress) -> dict:
     if d.main:
         print(f"tailwise: {cfg['name']} on {device} ({d.world} process(es)), {data.name}: "
               f"{len(data.train_idx)} train / {len(data.val_idx)} val / {len(data.test_source)} test, "
               f"index sha256 {data.index_sha256[:16]}", flush=True)
     if 1 in stages:
         train_stage1(cfg, data, run_dir, device, d, resume, progress)
+        if d.main:
+            _record_stage(cfg, run_dir, 1, stages)
     if 2 in stages and cfg["stage2"]["enabled"]:
+        cfg = _with_stage1_as_trained(cfg, run_dir)
         train_stage2(cfg, data, run_dir, device, d, resume, progress)
+        if d.main:
+            _record_stage(cfg, run_dir, 2, stages)
     if d.world > 1:
         torch.distributed.barrier()
     result: dict = {}
@@ -395,5 +506,5 @@ def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool
                                                 for k in ("top1", "many", "medium", "few", "mean_per_class", "per_class",
                                                           "tau")}
         checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
-        print(format_report(result, data.class_names), flush=True)
+        print(format_evaluation(result, data.class_names), flush=True)
     return result

@@ -1,0 +1,110 @@
+"""Unpack what a GPU run brought back (benchmarks/gpu_run.sh's --out files) into the repository, for commit.
+
+    python benchmarks/gpu_collect.py DIR        # DIR holds gpu_results.tar.gz (and gpu_run.log) of the run
+
+* benchmarks/results/gpu/: env.json, the step records, the CUDA test report, bench_stage1.json, the recipe's
+  cards, metrics and evaluation (no weights), and gpu_run.log;
+* benchmarks/results/<table folder>/: the accuracy table's per-run JSON and plots (kept if already there);
+* models/fmnist-lt-r32-cuda/: the CUDA-trained model, only if it beats the shipped model on validation (the
+  balanced validation accuracy of what is served: logits adjusted by the tau chosen on validation).
+
+Then prints the numbers for the README's CUDA rows and the command that writes the accuracy table into it.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = "models/fmnist-lt-bns-ipdpp"
+
+
+def served_val(card: dict) -> float | None:
+    """Balanced validation accuracy of the served logits (adjusted by the chosen tau) of a checkpoint card."""
+    la = card.get("logit_adjustment")
+    if la:
+        return la["val_mean_per_class"][str(float(la["tau"]))]
+    return (card.get("metrics") or {}).get("val_mean_per_class")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", help="folder with the run's gpu_results.tar.gz (and gpu_run.log)")
+    parser.add_argument("--repo", default=str(REPO), help="repository root to unpack into (default this one)")
+    args = parser.parse_args(argv)
+    src, repo = Path(args.dir), Path(args.repo)
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(src / "gpu_results.tar.gz") as tar:
+            tar.extractall(tmp, filter="data")
+        res = Path(tmp) / "gpu-results"
+        gpu = repo / "benchmarks" / "results" / "gpu"
+        gpu.mkdir(parents=True, exist_ok=True)
+        for name in ("env.json", "cuda-tests.xml", "cuda-tests.txt", "bench_stage1.json", "steps", "recipe"):
+            if (res / name).is_dir():
+                shutil.copytree(res / name, gpu / name, dirs_exist_ok=True)
+            elif (res / name).exists():
+                shutil.copy(res / name, gpu / name)
+        if (src / "gpu_run.log").exists():
+            shutil.copy(src / "gpu_run.log", gpu / "gpu_run.log")
+        steps = {p.stem: json.loads(p.read_text()) for p in (res / "steps").glob("*.json")}
+        print("steps: " + ", ".join(f"{k} {v.get('status')}" for k, v in sorted(steps.items())))
+        device = json.loads((res / "env.json").read_text()).get("device") if (res / "env.json").exists() else "?"
+
+        for folder in sorted(p for p in (res / "accuracy").glob("*") if p.is_dir()) if (res / "accuracy").exists() else []:
+            target = repo / "benchmarks" / "results" / folder.name
+            target.mkdir(parents=True, exist_ok=True)
+            new = [f for f in folder.iterdir() if not (target / f.name).exists()]
+            for f in new:
+                shutil.copy(f, target / f.name)
+            budget = folder.name.rsplit("-b", 1)[1]
+            factor = folder.name.rsplit("-if", 1)[1].split("-b")[0]
+            print(f"accuracy: {len(new)} new file(s) in {target.relative_to(repo)}; README table: python "
+                  f"benchmarks/accuracy.py table --imbalance-factor {factor} --budget {budget} --readme README.md "
+                  f"(add its markers first)")
+
+        for row in (json.loads((res / "bench_stage1.json").read_text())["rows"]
+                    if (res / "bench_stage1.json").exists() else []):
+            frac = f"{100 * row['ce_fraction_of_peak']:.1f} %" if row.get("ce_fraction_of_peak") else "-"
+            amp = ", bf16" if row["device_type"] == "cuda" else ""
+            print(f"README bench row: | {row['device']}, batch {row['batch']}{amp} | {row['ce_images_per_s']:.0f} | "
+                  f"{row['bns_images_per_s']:.0f} | {row['bns_over_ce']:.2f} | {frac} ({row.get('ce_tflops', '-')} "
+                  "TFLOP/s) |")
+
+        model = next((p for p in (res / "models").glob("*") if (p / "model.onnx").exists()), None) \
+            if (res / "models").exists() else None
+        if model is None:
+            print("model: none came back (the recipe step has not finished)")
+            return 0
+        card = json.loads((model / "card.json").read_text())["training"]
+        test = card.get("test") or {}
+        mine = served_val(card)
+        shipped_card = repo / SHIPPED / "card.json"
+        theirs = served_val(json.loads(shipped_card.read_text())["training"]) if shipped_card.exists() else None
+        la = test.get("logit_adjusted") or {}
+
+        def pct(value):
+            return "-" if value is None else f"{100 * value:.2f} %"
+        print(f"model: {card['config']['name']} on {device}, {(card.get('training') or {}).get('total_seconds')} s; "
+              f"test top-1 {pct(test.get('top1'))} plain, {pct(la.get('top1'))} logit-adjusted (many "
+              f"{pct(la.get('many'))}, medium {pct(la.get('medium'))}, few {pct(la.get('few'))})")
+        if theirs is not None and not (mine is not None and mine > theirs):
+            print(f"model: validation {mine} does not beat the shipped model's {theirs}: not copied into models/")
+            return 0
+        target = repo / "models" / model.name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(model, target)
+        print(f"model: validation {mine} beats the shipped model's {theirs}: copied to {target.relative_to(repo)} "
+              f"(model card: {target.relative_to(repo)}/README.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
