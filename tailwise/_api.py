@@ -36,8 +36,8 @@ class Classifier:
     are the same records, logit adjustment (the model's served `tau`) included."""
 
     def __init__(self, path: str | os.PathLike, *, providers: list[str] | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
-        self._model = OnnxClassifier(path, providers=providers)
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool | None = None):
+        self._model = OnnxClassifier(path, providers=providers, verify=verify)
         self._max_pixels = max_pixels
 
     @property
@@ -118,10 +118,11 @@ def _is_single(images) -> bool:
 
 
 def load(path: str | os.PathLike, *, providers: list[str] | None = None,
-         max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Classifier:
+         max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool | None = None) -> Classifier:
     """The exported model at `path` (a model folder such as models/NAME, or its model.onnx), ready to predict.
-    `providers`: onnxruntime execution providers (default CUDA when available, then CPU)."""
-    return Classifier(path, providers=providers, max_pixels=max_pixels)
+    `providers`: onnxruntime execution providers (default CUDA when available, then CPU). `verify`: check the
+    file against the folder's manifest.json first, as `tailwise predict` does (None: unless TAILWISE_VERIFY=0)."""
+    return Classifier(path, providers=providers, max_pixels=max_pixels, verify=verify)
 
 
 def train(config: str | os.PathLike | None = None, *, out: str | os.PathLike | None = None,

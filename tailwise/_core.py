@@ -26,6 +26,11 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default Image.MAX_IMAGE_PIXELS (
 
 # --------------------------------------------------------------------------------------------- files
 
+def sha256_bytes(data: bytes) -> str:
+    """The hex sha256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()

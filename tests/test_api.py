@@ -4,6 +4,7 @@ format versions, and train/export mirroring the CLI."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 
 import tailwise
 from tailwise.serving.artifact import FORMAT_VERSION, METADATA_KEY, OnnxClassifier
+from tailwise.serving.integrity import write_manifest
 from tailwise.serving.predict import predict_files
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +77,15 @@ def test_bad_inputs_name_the_image(tmp_path):
         tailwise.load(tmp_path / "missing")
 
 
+def test_load_verifies_the_manifest_unless_told_not_to(tmp_path):
+    shutil.copytree(SHIPPED, tmp_path / "m")
+    data = bytearray((tmp_path / "m" / "model.onnx").read_bytes())
+    data[-1] ^= 0xFF   # the last byte (inside the metadata text or the graph) changed after export
+    (tmp_path / "m" / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(tailwise.UserError, match="does not match"):
+        tailwise.load(tmp_path / "m")
+
+
 def with_format_version(tmp_path: Path, version) -> Path:
     proto = onnx.load(str(SHIPPED / "model.onnx"))
     prop = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
@@ -84,6 +95,7 @@ def with_format_version(tmp_path: Path, version) -> Path:
     path = tmp_path / f"v{version}" / "model.onnx"
     path.parent.mkdir()
     onnx.save(proto, str(path))
+    write_manifest(path.parent, ["model.onnx"])   # an intact export of that format
     return path
 
 

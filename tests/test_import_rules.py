@@ -31,11 +31,11 @@ RULES = {
     # training reads an exported model (tailwise evaluate MODEL_DIR) with onnxruntime, never with onnx
     "training": {"tailwise": ("tailwise", "tailwise._core", "tailwise.training"),
                  "never": ("onnx", "onnxscript", "bentoml")},
-    # export rebuilds networks and reads checkpoints from training; serving.artifact is the one definition of
-    # the ONNX metadata and of image preprocessing, and export uses nothing else of serving
+    # export rebuilds networks and reads checkpoints from training; of serving it uses only the definitions of
+    # what it writes: serving.artifact (the ONNX metadata) and serving.integrity (the folder's manifest.json)
     # (export/__init__.py makes the package callable as the API's tailwise.export(run, out), via tailwise._api)
     "export": {"tailwise": ("tailwise", "tailwise._core", "tailwise.export", "tailwise.training",
-                            "tailwise.serving.artifact", "tailwise._api"),
+                            "tailwise.serving.artifact", "tailwise.serving.integrity", "tailwise._api"),
                "never": ("bentoml",)},
 }
 
