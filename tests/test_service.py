@@ -591,7 +591,7 @@ def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, t
             "tailwise/_core.py", "models/tiny/model.onnx", "models/tiny/manifest.json"} <= files
     # the Bento's own source tree serves: tailwise.serving is its serving/ folder, and no torch comes along
     code = ("import sys; from tailwise.serving import service; assert 'torch' not in sys.modules; "
-            "print(service.__file__); print(service.MODEL_PATH)")
+            "print(service.__file__); print(service.MODEL_PATH.resolve())")
     env.pop("PYTHONPATH", None)
     run = subprocess.run([sys.executable, "-c", code], cwd=bento / "src", capture_output=True, text=True,
                          timeout=120, env=env)
