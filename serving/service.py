@@ -75,20 +75,8 @@ from starlette.routing import Route
 from tailwise.serving.artifact import (ImageError, OnnxClassifier, default_model_path, load_image, model_summary,
                               read_metadata, resolve_model_path)
 from tailwise.serving.integrity import verify_enabled
+from tailwise.serving.settings import limits
 from tailwise import UserError, __version__
-
-
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise UserError(f"{name} must be an integer, got {text!r}") from None
-    if value < 1:
-        raise UserError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def model_path() -> Path:
@@ -102,13 +90,14 @@ def model_path() -> Path:
     return default_model_path()
 
 
-MAX_UPLOAD_BYTES = _env_int("TAILWISE_MAX_UPLOAD_BYTES", 16 * 2**20)
-MAX_PIXELS = _env_int("TAILWISE_MAX_PIXELS", 50_000_000)
-MAX_BATCH_FILES = _env_int("TAILWISE_MAX_BATCH_FILES", 64)
-MAX_BATCH_SIZE = _env_int("TAILWISE_MAX_BATCH_SIZE", 64)
-MAX_IN_FLIGHT = _env_int("TAILWISE_MAX_IN_FLIGHT", MAX_BATCH_SIZE)
+_LIMITS = limits()
+MAX_UPLOAD_BYTES = _LIMITS["max_upload_bytes"]
+MAX_PIXELS = _LIMITS["max_pixels"]
+MAX_BATCH_FILES = _LIMITS["max_batch_files"]
+MAX_BATCH_SIZE = _LIMITS["max_batch_size"]
+MAX_IN_FLIGHT = _LIMITS["max_in_flight"]
 ORT_SPINNING = os.environ.get("TAILWISE_ORT_SPINNING", "0").strip() == "1"
-ORT_THREADS = _env_int("TAILWISE_ORT_THREADS", 0) if os.environ.get("TAILWISE_ORT_THREADS", "").strip() else None
+ORT_THREADS = _LIMITS["ort_threads"]
 BATCHING = os.environ.get("TAILWISE_BATCHING", "1").strip() != "0"
 DRAIN_QUIET_S, DRAIN_MAX_S = 0.5, 5.0  # after SIGTERM, drain until no request started for 0.5 s (at most 5 s)
 MODEL_PATH = model_path()  # at import, so that `bentoml build` without a model fails with the reason

@@ -540,6 +540,11 @@ def test_tailwise_serve_errors_are_one_line(server_env, tiny_model_dir, tmp_path
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "nothing: no such model file" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **server_env, "TAILWISE_MAX_PIXELS": "abc"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == "tailwise serve: error: TAILWISE_MAX_PIXELS must be an integer, got 'abc'"
 
 
 def test_serve_and_the_service_refuse_a_tampered_model(server_env, tiny_model_dir, tmp_path):
