@@ -50,7 +50,7 @@ GROUP_NAMES = ("many", "medium", "few")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")  # JPEG covers MPO (phone cameras)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default Image.MAX_IMAGE_PIXELS (~ 9459 x 9459)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_MODEL = "fmnist-lt-bns-ipdpp"
+SHIPPED_MODEL = "fmnist-lt-tailwise"
 
 
 # --------------------------------------------------------------------------------------------- metadata

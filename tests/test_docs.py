@@ -64,7 +64,7 @@ def test_readme_commands_parse_and_name_real_recipes_and_files():
         if argv[0] == "train":
             load_config(args.config, args.overrides)   # the recipe exists and every --set value is valid
     text = (REPO / "README.md").read_text()
-    for path in set(re.findall(r"models/fmnist-lt-bns-ipdpp/[\w./-]+\w", text)):
+    for path in set(re.findall(r"models/fmnist-lt-tailwise/[\w./-]+\w", text)):
         assert (REPO / path).exists(), path
 
 

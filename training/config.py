@@ -228,8 +228,8 @@ def reproduce_command(cfg: dict, out: str, stage: int | None = None) -> str:
     With `stage`, the command trains that stage only (`--stage N`) and names no field of the other stage."""
     try:
         base, head = load_config(cfg["name"]), [f"--config {cfg['name']}"]
-    except UserError:  # a recipe file outside the repo: spell out everything against the defaults
-        base, head = load_config(None), [f"--set {_shell('name=' + json.dumps(cfg['name']))}"]
+    except UserError:  # no recipe of that name: spell out everything against the default recipe (no --config)
+        base, head = load_config(DEFAULT_RECIPE), [f"--set {_shell('name=' + json.dumps(cfg['name']))}"]
     skip = {f"stage{3 - stage}"} if stage else set()
     changed = []
     for section, values in cfg.items():
