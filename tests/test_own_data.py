@@ -206,3 +206,36 @@ def test_file_batches_are_decoded_ahead_in_order(tmp_path):
     direct = [data.train_source.load(b) for b in batches]
     assert [x.tolist() for x in ahead] == [x.tolist() for x in inline] == [x.tolist() for x in direct]
     assert waited[0] >= 0.0
+
+
+def test_plan_prints_every_derived_value_and_respects_set_and_minutes(tmp_path):
+    import argparse
+
+    from training.plan import plan_for_folder
+
+    root = tmp_path / "plan"
+    rng = np.random.default_rng(0)
+    for c, n in (("a", 30), ("b", 12), ("c", 4)):
+        for i in range(n):
+            save(root / c / f"{i}.png", Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)))
+
+    def args(**kw):
+        return argparse.Namespace(**{"data": str(root), "test": None, "config": None, "budget": None,
+                                     "minutes": None, **kw})
+
+    cfg, data, lines = plan_for_folder(args(budget=8), ["stage2.batch_size=16", "device='cpu'"])
+    text = "\n".join(lines)
+    assert cfg["data"]["dataset"] == "folder" and cfg["data"]["image_size"] == 12 == data.image_size[0]
+    assert cfg["stage1"]["epochs"] == 6 and cfg["stage2"]["batch_size"] == 16    # 3/4 of 8 passes; --set wins
+    assert cfg["stage1"]["batch_size"] == 16 and cfg["stage1"]["lr_scale_batch"] == 0
+    for field in ("data.image_size", "data.many_threshold", "stage1.batch_size", "stage1.lr", "stage1.epochs",
+                  "stage1.warmup_epochs", "stage2.epochs"):
+        assert f"  {field} " in text and f"[--set {field}=...]" in text, field
+    assert "stage2.batch_size as given by --set" in text and "estimated time:" in text
+    assert (cfg["data"]["many_threshold"], cfg["data"]["few_threshold"]) == folder_group_thresholds(data.counts)
+
+    by_minutes, _, lines = plan_for_folder(args(minutes=0.5), ["device='cpu'"])
+    assert any("--minutes 0.5 at" in line for line in lines)
+    assert by_minutes["stage1"]["epochs"] >= 1 and by_minutes["stage2"]["epochs"] >= 1
+    with pytest.raises(UserError, match="not both"):
+        plan_for_folder(args(minutes=1, budget=3), [])
