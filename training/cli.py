@@ -206,8 +206,12 @@ def run_evaluate(args) -> int:
         from training.train import evaluate_run
 
         report = evaluate_run(path, engine.resolve_device(args.device), out_dir=out)
-        class_names = load_card(path)["data"]["class_names"]
+        card = load_card(path)
+        class_names = card["data"]["class_names"]
+        out = out or Path(card["_dir"]) / "eval"
     print(json.dumps(report, indent=2) if args.json else format_evaluation(report, class_names))
+    if out is not None and not args.json:
+        print(f"\nper-class accuracy against training count: {out / 'per_class.png'} (report: {out / 'report.json'})")
     return 0
 
 

@@ -480,6 +480,9 @@ def _train_and_score(cfg, data, run_dir, device, d, stages, resume, progress) ->
               f"{len(data.train_idx)} train / {len(data.val_idx)} val / "
               f"{0 if data.test_source is None else len(data.test_source)} test, "
               f"index sha256 {data.index_sha256[:16]}", flush=True)
+        report = data.skipped_report()
+        if report:
+            print("tailwise: " + "\n".join(report), flush=True)
     if 1 in stages:
         train_stage1(cfg, data, run_dir, device, d, resume, progress)
         if d.main:
