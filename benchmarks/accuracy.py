@@ -205,6 +205,9 @@ def collect(args) -> list[dict]:
     from training.metrics import group_means
 
     methods, folder, rows = load_methods(), results_dir(args), []
+    wanted = getattr(args, "methods", "all")
+    if wanted != "all":               # the rows named, in methods.toml order (a `run = ...` row needs its run named too)
+        methods = {k: v for k, v in methods.items() if k in wanted.split(",")}
     for name, spec in methods.items():
         tests, passes, seconds, classes = [], [], [], None
         for path in sorted(folder.glob(f"{spec.get('run', name)}-s*.json")):
@@ -356,7 +359,8 @@ def main(argv=None) -> int:
         p.add_argument("--results", default=str(RESULTS), help="results folder (default benchmarks/results)")
     r = sub.choices["run"]
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    r.add_argument("--methods", default="all", help="comma list of methods.toml names (default all)")
+    for p in sub.choices.values():
+        p.add_argument("--methods", default="all", help="comma list of methods.toml names (default all)")
     r.add_argument("--device", default="auto")
     r.add_argument("--workdir", default="runs/bench")
     r.add_argument("--no-progress", action="store_true")

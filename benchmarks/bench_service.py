@@ -1,156 +1,102 @@
-"""HTTP serving benchmark: latency p50/p99 and requests/second of POST /classify at concurrency 1 and 32, with
-the service's adaptive batching on and off (TAILWISE_BATCHING=1/0), in one run.
+"""HTTP serving benchmark with `hey` (a Go client): requests/s and p50/p99 of POST /classify at several
+concurrencies, adaptive batching on and off, and the service's requests/s as a fraction of raw onnxruntime
+images/s on the same cores (what HTTP, multipart parsing, PNG decoding and JSON cost).
 
-    python benchmarks/bench_service.py                        # ResNet-32 (random weights), 1x28x28, exported here
-    python benchmarks/bench_service.py --model models/NAME    # an exported model
+    python benchmarks/bench_service.py                                  # the shipped model, fp32 and int8
+    python benchmarks/bench_service.py --variants fp32 --concurrency 1,32,64 --requests 1500
+    python benchmarks/bench_service.py --accuracy                       # also: fp32 and int8 top-1 on the
+                                                                        # full Fashion-MNIST test set
 
-Each setting starts its own server (bentoml.serve on 127.0.0.1) and a client on the same machine: one asyncio
-loop (aiohttp), `concurrency` connections that each send one 28x28 PNG after the other for --seconds (after a
-warm-up).
-Client and server share the CPU, so the numbers are for the whole loop, not the server alone. "images/call" is
-the mean batch the model ran (from the server's tailwise_batch_size histogram). Prints a markdown table.
+Each (variant, batching) pair starts its own `tailwise serve`; hey runs on the same machine, so it shares the
+cores with the server (hey is cheap next to it, but the machine may be busy: compare ratios, not absolutes).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import io
+import gzip
 import os
-import platform
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-import httpx
 import numpy as np
-from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run from a source checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from serving_load import SHIPPED, Server, hey, machine_note, multipart, percentiles_ms, sample_png  # noqa: E402
 
-def export_resnet32(out_dir: Path) -> Path:
-    """bench_inference's ResNet-32 (random weights, 1x28x28, 10 classes), exported to `out_dir`."""
-    import torch
-
-    from bench_inference import resnet32
-    from export.onnx_export import export_classifier
-    from serving.artifact import build_metadata
-
-    torch.manual_seed(0)
-    meta = build_metadata(class_names=[str(c) for c in range(10)], channels=1, height=28, width=28,
-                          resize_policy="resize", train_counts=[5000 // 2**c for c in range(10)],
-                          groups=["many"] * 4 + ["medium"] * 2 + ["few"] * 4,
-                          group_thresholds={"many_above": 500, "few_below": 200},
-                          dataset={"name": "random", "index_sha256": None})
-    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
-    export_classifier(resnet32().eval(), meta, out_dir, images, images)
-    return out_dir
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def png_images(count: int, size: int = 28) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    images = []
-    for _ in range(count):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(buffer, "PNG")
-        images.append(buffer.getvalue())
-    return images
+def raw_images_per_second(path: Path, batch: int, seconds: float = 3.0) -> float:
+    """onnxruntime images/s of the model file at `batch`, default threads (as the service runs it)."""
+    from serving.artifact import OnnxClassifier
+
+    model = OnnxClassifier(path)
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, *model.input_shape), dtype=np.uint8)
+    model.predict_arrays(pixels)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        model.predict_arrays(pixels)
+        done += batch
+    return done / (time.perf_counter() - start)
 
 
-def model_calls(url: str) -> tuple[float, float]:
-    """(model calls, images) so far, from the server's tailwise_batch_size histogram."""
-    values = {}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(("tailwise_batch_size_count", "tailwise_batch_size_sum")):
-            values[line.split("{")[0].split(" ")[0]] = float(line.rsplit(" ", 1)[1])
-    return values.get("tailwise_batch_size_count", 0.0), values.get("tailwise_batch_size_sum", 0.0)
+def test_accuracy(path: Path) -> float:
+    """Top-1 % of the served (logit-adjusted) predictions on the 10,000 Fashion-MNIST test images."""
+    from serving.artifact import OnnxClassifier
 
-
-async def load(url: str, images: list[bytes], concurrency: int, seconds: float) -> tuple[list[float], float]:
-    """Latencies (s) of the requests `concurrency` connections complete in `seconds`, and the elapsed time."""
-    latencies: list[float] = []
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        start = time.perf_counter()
-        deadline = start + seconds
-
-        async def connection(worker: int) -> None:
-            i = worker
-            while time.perf_counter() < deadline:
-                form = aiohttp.FormData()
-                form.add_field("image", images[i % len(images)], filename="x.png", content_type="image/png")
-                sent = time.perf_counter()
-                async with session.post("/classify", data=form) as response:
-                    body = await response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"{response.status}: {body[:500]!r}")
-                latencies.append(time.perf_counter() - sent)
-                i += concurrency
-
-        await asyncio.gather(*(connection(w) for w in range(concurrency)))
-        return latencies, time.perf_counter() - start
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    with gzip.open(FMNIST / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    model = OnnxClassifier(path)
+    logits = np.concatenate([model.predict_arrays(images[i:i + 500]) for i in range(0, len(images), 500)])
+    return 100 * float((model.adjusted_logits(logits).argmax(1) == labels).mean())
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, help="an exported model folder (default: export ResNet-32 here)")
-    parser.add_argument("--concurrency", default="1,32", help="comma-separated (default 1,32)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="timed load per setting (default 8)")
+    parser.add_argument("--model", type=Path, default=SHIPPED, help="model folder (default: the shipped model)")
+    parser.add_argument("--variants", default="fp32,int8", help="fp32 (model.onnx), int8 (model.int8.onnx)")
+    parser.add_argument("--concurrency", default="1,32,64")
+    parser.add_argument("--requests", type=int, default=1500, help="requests per row (a fifth at concurrency 1)")
+    parser.add_argument("--accuracy", action="store_true", help="also score each variant on the full test set")
+    parser.add_argument("--workers", type=int, default=1, help="BentoML worker processes (default 1); with more, "
+                                                               "each gets cores / workers onnxruntime threads")
     args = parser.parse_args(argv)
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     levels = [int(c) for c in args.concurrency.split(",")]
-    load_average = f"{os.getloadavg()[0]:.1f}"
-
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault("BENTOML_HOME", str(Path(tmp) / "bentoml"))
-        model_dir = args.model or export_resnet32(Path(tmp) / "resnet32")
-        os.environ["TAILWISE_MODEL"] = str(model_dir)
-        import bentoml
-
-        images, rows = png_images(64), []
+    body = multipart({"image": ("bag-18.png", sample_png())})
+    note = machine_note()
+    rows, raw = [], {}
+    for variant in args.variants.split(","):
+        path = args.model / ("model.onnx" if variant == "fp32" else f"model.{variant}.onnx")
+        raw[variant] = {batch: raw_images_per_second(path, batch) for batch in (1, 64)}
+        accuracy = f"{test_accuracy(path):.2f}" if args.accuracy else ""
         for batching in ("0", "1"):
-            os.environ["TAILWISE_BATCHING"] = batching
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            with bentoml.serve("serving.service:TailwiseClassifier", host="127.0.0.1", port=port,
-                               working_dir=str(REPO)):
-                deadline = time.monotonic() + 120
-                while True:
-                    try:
-                        if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"server at {url} not ready")
-                    time.sleep(0.2)
-                provider = httpx.post(f"{url}/model_info", json={}, timeout=10).json()["provider"]
+            env = {"TAILWISE_BATCHING": batching}
+            if args.workers > 1:
+                env.update(BENTOML_CONFIG_OPTIONS=f"services.TailwiseClassifier.workers={args.workers}",
+                           TAILWISE_ORT_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)))
+            with Server(path, env) as server:
                 for concurrency in levels:
-                    asyncio.run(load(url, images, concurrency, min(2.0, args.seconds)))  # warm-up
-                    calls_before, images_before = model_calls(url)
-                    latencies, elapsed = asyncio.run(load(url, images, concurrency, args.seconds))
-                    calls, served = (after - before for after, before in zip(model_calls(url),
-                                                                             (calls_before, images_before)))
-                    p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
-                    rows.append(f"| {'on' if batching == '1' else 'off'} | {concurrency} | {p50:.1f} | {p99:.1f} | "
-                                f"{len(latencies) / elapsed:,.0f} | {served / max(calls, 1):.1f} |")
-
-    print(f"model: {model_dir if args.model else 'ResNet-32 (random weights), 1x28x28, 10 classes'}; "
-          f"onnxruntime {provider}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"client on the same machine; load average before the run {load_average}; {args.seconds:g} s per row\n")
-    print("| adaptive batching | concurrency | p50 ms | p99 ms | requests/s | images/call |")
-    print("|---|---:|---:|---:|---:|---:|")
+                    count = max(100, args.requests // 5) if concurrency == 1 else args.requests
+                    hey(f"{server.url}/classify", body, min(200, count), concurrency)  # warm-up
+                    run = hey(f"{server.url}/classify", body, count, concurrency)
+                    ok = run["statuses"] == 200
+                    p50, p99 = percentiles_ms(run["latencies"][ok])
+                    rate = ok.sum() / run["seconds"]
+                    other = len(run["statuses"]) - ok.sum() + run["errors"]
+                    rows.append(f"| {variant} | {args.workers} | {'on' if batching == '1' else 'off'} | {concurrency} | {p50:.1f} | "
+                                f"{p99:.1f} | {rate:,.0f} | {rate / raw[variant][64]:.2f} | {other} | {accuracy} |")
+    print(f"model {args.model.name}; {note}; hey, {args.requests} requests per row\n")
+    print("raw onnxruntime images/s, same process defaults as the service: "
+          + "; ".join(f"{v}: batch 1 {r[1]:,.0f}, batch 64 {r[64]:,.0f}" for v, r in raw.items()) + "\n")
+    print("| model | workers | adaptive batching | concurrency | p50 ms | p99 ms | requests/s | / raw batch-64 images/s | "
+          "non-200 | test top-1 % |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     return 0
 

@@ -7,6 +7,7 @@
     weights.safetensors     the torch weights (the checkpoint file copied byte for byte when given)
     card.json               the metadata, the export report and the training card
     model.fp16.onnx, model.int8.onnx (+ .json)   optional variants and their accuracy change on validation
+    manifest.json           size and sha256 of each file above (serving/integrity.py), checked before loading
 
 Everything is first written to a temp folder inside `out_dir` and moved into place only after the parity gate
 passes, model.onnx last: a failed export leaves out_dir as it was (in particular, no new model.onnx).
@@ -31,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from serving.artifact import INPUT_NAME, OUTPUT_NAME, validate_metadata, write_metadata
+from serving.integrity import MANIFEST_NAME, write_manifest
 
 PARITY_ATOL = 1e-4  # max |logit difference| allowed between onnxruntime and torch
 VARIANTS = ("fp16", "int8")
@@ -129,9 +131,12 @@ def export_classifier(model: torch.nn.Module, meta: dict, out_dir: str | os.Path
                 for ext in ("onnx", "json")]
         for stale in {f"model.{v}.{ext}" for v in VARIANTS for ext in ("onnx", "json")} - set(made):
             (out_dir / stale).unlink(missing_ok=True)
-        for name in ["weights.safetensors", "card.json", *made, "model.onnx"]:  # model.onnx last: the commit point
+        write_manifest(tmp, ["weights.safetensors", "card.json", *made, "model.onnx"])
+        # model.onnx is the commit point; until manifest.json follows it, serving refuses the mismatch
+        for name in ["weights.safetensors", "card.json", *made, "model.onnx", MANIFEST_NAME]:
             os.replace(tmp / name, out_dir / name)
-    report["files"] = [str(out_dir / name) for name in ["model.onnx", "weights.safetensors", "card.json", *made]]
+    report["files"] = [str(out_dir / name) for name in ["model.onnx", "weights.safetensors", "card.json", *made,
+                                                         MANIFEST_NAME]]
     return report
 
 

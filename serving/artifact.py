@@ -37,6 +37,7 @@ import onnx
 import onnxruntime as ort
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from serving.integrity import read_verified
 from tailwise import UserError, __version__
 
 FORMAT_VERSION = 1
@@ -155,17 +156,30 @@ def parse_metadata(text: str | None, where: str | os.PathLike) -> dict:
         raise UserError(f"{where}: {exc}") from None
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The "tailwise" metadata of a model file (or of a model folder's model.onnx)."""
+def read_metadata(path: str | os.PathLike, verify: bool | None = None) -> dict:
+    """The "tailwise" metadata of a model file (or of a model folder's model.onnx), its bytes checked against
+    the folder's manifest first (serving.integrity; `verify` None: unless TAILWISE_VERIFY=0)."""
     path = resolve_model_path(path)
+    data = read_verified(path, verify)
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises its own DecodeError; onnx may raise others
         raise UserError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from None
     props = {p.key: p.value for p in model.metadata_props}
     if not model.graph.node and not props:
         raise UserError(f"{path}: not an ONNX model (no graph)")
     return parse_metadata(props.get(METADATA_KEY), path)
+
+
+def model_summary(meta: dict) -> str:
+    """'10 classes, test top-1 82.66 %': the accuracy of what is served (logit-adjusted when the model is), in
+    percent, as everywhere a person reads it."""
+    metrics = meta["metrics"]
+    if meta["logit_adjustment"] is not None and isinstance(metrics.get("logit_adjusted"), dict):
+        metrics = metrics["logit_adjusted"]
+    top1 = metrics.get("top1")
+    accuracy = f", test top-1 {100 * top1:.2f} %" if isinstance(top1, (int, float)) else ""
+    return f"{meta['num_classes']} classes{accuracy}"
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -179,24 +193,26 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 
 
 def default_model_path(models_dir: str | os.PathLike | None = None) -> Path:
-    """The model to use when none is given: $TAILWISE_MODEL (file or folder), else the shipped
-    `models/fmnist-lt-bns-ipdpp/model.onnx`, else the newest `models/*/model.onnx` (by modification time).
-    `models_dir` defaults to the `models/` folder of the repository this file lives in."""
+    """The model to use when none is given, in this order:
+
+    1. $TAILWISE_MODEL (a model folder or .onnx file);
+    2. the newest `models/*/model.onnx` (by modification time) under the current directory;
+    3. the newest `models/*/model.onnx` of the repository this file lives in (the shipped model).
+
+    `models_dir` replaces both folders of 2 and 3 (tests)."""
     env = os.environ.get("TAILWISE_MODEL")
     if env:
         try:
             return resolve_model_path(env)
         except UserError as exc:
             raise UserError(f"TAILWISE_MODEL: {exc}") from None
-    models_dir = Path(models_dir) if models_dir is not None else REPO_ROOT / "models"
-    shipped = models_dir / SHIPPED_MODEL / "model.onnx"
-    if shipped.is_file():
-        return shipped
-    found = sorted(models_dir.glob("*/model.onnx"), key=lambda p: p.stat().st_mtime)
-    if found:
-        return found[-1]
-    raise UserError(f"no model in {models_dir}/*/model.onnx: pass --model, set TAILWISE_MODEL, "
-                    "or export one with `tailwise export`")
+    folders = [Path(models_dir)] if models_dir is not None else [Path("models"), REPO_ROOT / "models"]
+    for folder in folders:
+        found = sorted(folder.glob("*/model.onnx"), key=lambda p: (p.stat().st_mtime, str(p)))
+        if found:
+            return found[-1]
+    raise UserError(f"no model in {' or '.join(f'{f}/*/model.onnx' for f in dict.fromkeys(folders))}: pass "
+                    "--model, set TAILWISE_MODEL, or export one with `tailwise export`")
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -299,19 +315,26 @@ class OnnxClassifier:
     `providers`: onnxruntime execution providers in order of preference; default CUDA first when this
     onnxruntime has it, then CPU. `.providers` lists those the session really uses.
     `intra_op_threads`: CPU threads per inference call (default: onnxruntime's, one per physical core).
+    `verify`: check the file against its folder's manifest before loading (serving.integrity; None: unless
+    TAILWISE_VERIFY=0); the session is built from the very bytes that were checked.
+    `spinning`: False stops onnxruntime's idle threads from busy-waiting for the next call (cores shared with
+    request handling, as in the service); None keeps onnxruntime's default (spinning).
     """
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None,
-                 intra_op_threads: int | None = None):
+                 intra_op_threads: int | None = None, verify: bool | None = None, spinning: bool | None = None):
         self.path = resolve_model_path(path)
+        data = read_verified(self.path, verify)
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        if spinning is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+            self.session = ort.InferenceSession(data, options, providers=providers)
         except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile ...
             raise UserError(f"{self.path}: onnxruntime cannot load this model ({exc})") from None
         self.meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), self.path)
@@ -345,13 +368,20 @@ class OnnxClassifier:
         return (np.asarray(logits, dtype=np.float32)
                 - np.float32(la["tau"]) * np.asarray(la["log_prior"], dtype=np.float32))
 
+    def check_top_k(self, k: int) -> int:
+        """`k` if 1 <= k <= num_classes, else ValueError: the one top_k rule of `predict` and the service."""
+        n = self.meta["num_classes"]
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"top_k must be an integer from 1 to {n} (this model's classes), got {k!r}")
+        return k
+
     def top_k(self, logits: np.ndarray, k: int = 3) -> list[list[dict]]:
         """Per image, the k most probable classes (softmax of the adjusted logits), best first, as
-        {"label", "index", "probability", "group"}."""
+        {"label", "index", "probability", "group"}. `k` must pass check_top_k."""
+        k = self.check_top_k(k)
         adjusted = self.adjusted_logits(logits).astype(np.float64)
         probs = np.exp(adjusted - adjusted.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
-        k = max(1, min(int(k), probs.shape[1]))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[{"label": self.class_names[c], "index": int(c), "probability": float(row[c]),
                   "group": self.meta["groups"][c]} for c in top] for row, top in zip(probs, order)]

@@ -1,4 +1,4 @@
-"""Subcommands owned by serving/: `predict` and `serve`.
+"""Subcommands owned by serving/: `predict`, `serve` and `manifest`.
 
 Registering imports neither torch nor onnxruntime; each handler imports what it needs.
 """
@@ -15,9 +15,9 @@ def register(subparsers) -> None:
                     "reported on stderr and as error records; the exit code is then 1.")
     predict.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image files, folders (recursive), glob patterns, or @list.txt (one path a line)")
-    predict.add_argument("--model", help="model folder (models/NAME) or .onnx file; default: $TAILWISE_MODEL, "
-                                         "else the shipped model, else the newest models/*/model.onnx")
-    predict.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
+    predict.add_argument("--model", help=MODEL_HELP)
+    predict.add_argument("--top-k", type=int, default=3,
+                         help="classes per image, 1 to the model's number of classes (default 3)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime call (default 64)")
     predict.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
     predict.add_argument("--output", help="output file (default: stdout)")
@@ -27,22 +27,50 @@ def register(subparsers) -> None:
     predict.add_argument("--max-pixels", type=int,
                          help="refuse images with more pixels (width * height) than this "
                               "(default: Pillow's limit, 89478485)")
+    predict.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     predict.set_defaults(handler=run_predict_command)
 
     serve = subparsers.add_parser(
         "serve", help="serve an exported model over HTTP (BentoML, onnxruntime)",
-        description="Start the BentoML service serving.service:TailwiseClassifier for an exported model: POST "
-                    "/classify (multipart file field 'image', optional top_k), /classify_batch (file fields "
-                    "'images'), /model_info; GET /readyz, /livez, /metrics, and the OpenAPI UI at / (or /docs). "
-                    "Limits come from the environment: TAILWISE_MAX_UPLOAD_BYTES (default 16 MiB), "
-                    "TAILWISE_MAX_PIXELS (default 50000000), TAILWISE_MAX_BATCH_FILES (default 64), "
-                    "TAILWISE_MAX_BATCH_SIZE (default 64); TAILWISE_BATCHING=0 turns adaptive batching off.")
-    serve.add_argument("--model", help="model folder (models/NAME) or .onnx file; default: $TAILWISE_MODEL, "
-                                       "else the shipped model, else the newest models/*/model.onnx")
+        description="Check the model against its manifest and the port, then become the BentoML server of "
+                    "serving.service:TailwiseClassifier: POST /classify (multipart file field 'image', optional "
+                    "top_k from 1 to the number of classes), /classify_batch (file fields 'images'), /model_info; "
+                    "GET /readyz, /livez, /metrics, and the docs page at / (or /docs). Every 4xx body is "
+                    "{\"error\": \"...\"}. Limits come from the environment: TAILWISE_MAX_UPLOAD_BYTES (default "
+                    "16 MiB), TAILWISE_MAX_PIXELS (default 50000000), TAILWISE_MAX_BATCH_FILES (default 64), "
+                    "TAILWISE_MAX_BATCH_SIZE (default 64), TAILWISE_MAX_IN_FLIGHT (default: the batch size; past "
+                    "it, 503 with Retry-After); TAILWISE_BATCHING=0 turns adaptive batching off. SIGTERM or "
+                    "Ctrl+C: new connections are refused, in-flight requests finish, the process exits within "
+                    "--shutdown-timeout + about 10 s.")
+    serve.add_argument("--model", help=MODEL_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; "
                                                            "0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=3000, help="port (default 3000)")
+    serve.add_argument("--keep-alive", type=int, default=75, metavar="SECONDS",
+                       help="close an idle keep-alive connection after this long (default 75, above the idle "
+                            "timeouts of common client pools (httpx 5 s, aiohttp 15 s), so such a client does not "
+                            "reuse a connection the server is closing)")
+    serve.add_argument("--shutdown-timeout", type=int, default=20, metavar="SECONDS",
+                       help="on SIGTERM or Ctrl+C, stop accepting, let in-flight requests finish for at most "
+                            "this long, then exit (default 20)")
+    serve.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     serve.set_defaults(handler=run_serve_command)
+
+    manifest = subparsers.add_parser(
+        "manifest", help="write or check a model folder's manifest.json (sha256 of each model file)",
+        description="Write MODEL_DIR/manifest.json with the size and sha256 of each model file (model.onnx, "
+                    "model.*.onnx, model.*.json, weights.safetensors, card.json), as `tailwise export` does; "
+                    "predict and serve refuse a model file that does not match it. Use it after changing a "
+                    "model on purpose. --check verifies every listed file instead (exit 1 on a mismatch).")
+    manifest.add_argument("model_dir", metavar="MODEL_DIR", help="model folder, e.g. models/NAME")
+    manifest.add_argument("--check", action="store_true", help="verify instead of writing")
+    manifest.set_defaults(handler=run_manifest_command)
+
+
+MODEL_HELP = ("model folder (models/NAME) or .onnx file; default: $TAILWISE_MODEL, else the newest "
+              "./models/*/model.onnx, else the newest model shipped with tailwise")
+NO_VERIFY_HELP = ("load the model without checking it against its folder's manifest.json (also: TAILWISE_VERIFY=0); "
+                  "for a model you changed on purpose")
 
 
 def run_predict_command(args) -> int:
@@ -51,27 +79,69 @@ def run_predict_command(args) -> int:
 
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
     return run_predict(args.inputs, model=args.model, top_k=args.top_k, batch_size=args.batch_size, fmt=args.format,
-                       output=args.output, shard=args.shard, max_pixels=max_pixels)
+                       output=args.output, shard=args.shard, max_pixels=max_pixels,
+                       verify=False if args.no_verify else None)
 
 
 def run_serve_command(args) -> int:
-    """Check the model, then run `bentoml serve serving.service:TailwiseClassifier` with TAILWISE_MODEL set."""
+    """Check the model and the port, then become `bentoml serve serving.service:TailwiseClassifier` (exec, so
+    that a signal to this process reaches the server itself and stopping it stops the server)."""
     import os
-    import subprocess
+    import socket
     import sys
 
-    from serving.artifact import REPO_ROOT, default_model_path, read_metadata, resolve_model_path
+    from serving.artifact import REPO_ROOT, default_model_path, model_summary, read_metadata, resolve_model_path
+    from serving.integrity import verify_enabled
     from tailwise import UserError
 
+    from serving.settings import limits
+
+    limits()               # a bad TAILWISE_* value is a one-line error here, not a traceback in the server
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535, got {args.port}")
+    for option in ("keep_alive", "shutdown_timeout"):
+        if getattr(args, option) < 1:
+            raise UserError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     path = (resolve_model_path(args.model) if args.model is not None else default_model_path()).resolve()
-    meta = read_metadata(path)  # fail here, with the path, rather than in the server's worker
-    print(f"tailwise serve: model {path} ({meta['num_classes']} classes) on http://{args.host}:{args.port}",
-          file=sys.stderr)
-    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:TailwiseClassifier", "--host", args.host,
-               "--port", str(args.port), "--working-dir", str(REPO_ROOT)]
+    verify = verify_enabled(False if args.no_verify else None)
+    meta = read_metadata(path, verify)  # fail here, with the path, rather than in the server's worker
     try:
-        return subprocess.call(command, env={**os.environ, "TAILWISE_MODEL": str(path)})
-    except KeyboardInterrupt:
-        return 130
+        family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+            probe.bind((args.host, args.port))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+                        + (" (another server is using it: pick another --port)"
+                           if getattr(exc, "errno", None) == 98 else "")) from None
+    print(f"tailwise serve: starting {path} ({model_summary(meta)}{'' if verify else ', NOT verified'}) on "
+          f"http://{args.host}:{args.port}; ready when /readyz answers 200; SIGTERM or Ctrl+C stops it",
+          file=sys.stderr, flush=True)
+    command = [sys.executable, "-m", "bentoml", "serve", "serving.service:TailwiseClassifier", "--host", args.host,
+               "--port", str(args.port), "--working-dir", str(REPO_ROOT), "--timeout-keep-alive",
+               str(args.keep_alive), "--timeout-graceful-shutdown", str(args.shutdown_timeout)]
+    env = {**os.environ, "TAILWISE_MODEL": str(path), "TAILWISE_VERIFY": "1" if verify else "0"}
+    sys.stdout.flush()
+    os.execve(sys.executable, command, env)  # does not return
+
+
+def run_manifest_command(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from serving.integrity import check_folder, write_manifest
+    from tailwise import UserError
+
+    folder = Path(args.model_dir)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    if args.check:
+        problems = check_folder(folder)
+        for problem in problems:
+            print(f"tailwise manifest: {problem}", file=sys.stderr)
+        print(f"tailwise manifest: {folder}: {'mismatch' if problems else 'every listed file matches'}",
+              file=sys.stderr)
+        return 1 if problems else 0
+    path = write_manifest(folder)
+    print(f"tailwise manifest: wrote {path}", file=sys.stderr)
+    return 0

@@ -26,7 +26,8 @@ from typing import TextIO
 import numpy as np
 from tqdm import tqdm
 
-from serving.artifact import DEFAULT_MAX_PIXELS, ImageError, OnnxClassifier, default_model_path, load_image
+from serving.artifact import (DEFAULT_MAX_PIXELS, ImageError, OnnxClassifier, default_model_path, load_image,
+                              model_summary)
 from tailwise import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -119,8 +120,8 @@ def write_jsonl(records: Iterable[dict], stream: TextIO) -> Iterator[dict]:
 
 
 def write_csv(records: Iterable[dict], stream: TextIO, k: int) -> Iterator[dict]:
-    """Columns: path, label_1, probability_1, group_1, ..., label_k, probability_k, group_k, error."""
-    writer = csv.writer(stream)
+    """Columns: path, label_1, probability_1, group_1, ..., label_k, probability_k, group_k, error; "\n" line ends."""
+    writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(["path", *(f"{col}_{i}" for i in range(1, k + 1) for col in ("label", "probability", "group")),
                      "error"])
     for record in records:
@@ -131,12 +132,11 @@ def write_csv(records: Iterable[dict], stream: TextIO, k: int) -> Iterator[dict]
 
 def run_predict(inputs: list[str], model: str | None = None, top_k: int = 3, batch_size: int = 64,
                 fmt: str = "jsonl", output: str | None = None, shard: str | None = None,
-                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> int:
-    """`tailwise predict`: write one record per input file; returns 1 if any file failed, else 0."""
+                max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool | None = None) -> int:
+    """`tailwise predict`: write one record per input file; returns 1 if any file failed, else 0.
+    `verify`: check the model against its manifest first (None: unless TAILWISE_VERIFY=0)."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {top_k}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if max_pixels is not None and max_pixels < 1:
@@ -146,10 +146,13 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 3, bat
     if not all_paths:
         raise UserError(f"no input files in {' '.join(inputs)}")
     paths = select_shard(all_paths, index, count)
-    classifier = OnnxClassifier(model if model is not None else default_model_path())
-    k = min(top_k, classifier.meta["num_classes"])
+    classifier = OnnxClassifier(model if model is not None else default_model_path(), verify=verify)
+    try:
+        k = classifier.check_top_k(top_k)
+    except ValueError as exc:
+        raise UserError(f"--top-k: {exc}") from None
     c, h, w = classifier.input_shape
-    print(f"tailwise predict: model {classifier.path} ({classifier.meta['num_classes']} classes, input {c}x{h}x{w}, "
+    print(f"tailwise predict: model {classifier.path} ({model_summary(classifier.meta)}, input {c}x{h}x{w}, "
           f"{classifier.meta['input']['resize_policy']}); providers: {', '.join(classifier.providers)}",
           file=sys.stderr)
     print(f"tailwise predict: {len(paths)} of {len(all_paths)} files (shard {index}/{count})", file=sys.stderr)

@@ -22,7 +22,7 @@ def tailwise_commands(path: Path) -> list[list[str]]:
     """Every `tailwise ...` command line (also under torchrun) in the file's bash blocks, as argv after `tailwise`."""
     commands = []
     for block in bash_blocks(path):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():       # continuation lines are one command
             for part in re.split(r"\s*(?:&&|;)\s*", line.split("  #")[0].strip().removesuffix("&")):
                 words = shlex.split(part, comments=True)
                 for i, word in enumerate(words):

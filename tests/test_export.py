@@ -92,7 +92,11 @@ def exported(tmp_path_factory):
 def test_export_writes_a_model_that_reproduces_torch(exported):
     model, out, report, val_images, val_labels = exported
     assert {p.name for p in out.iterdir()} == {"model.onnx", "weights.safetensors", "card.json", "model.fp16.onnx",
-                                               "model.fp16.json", "model.int8.onnx", "model.int8.json"}
+                                               "model.fp16.json", "model.int8.onnx", "model.int8.json", "manifest.json"}
+    from serving.integrity import check_folder, read_manifest
+
+    assert set(read_manifest(out)["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert check_folder(out) == []
     assert report["exporter"] in ("dynamo", "torchscript")
     assert report["parity"]["n_images"] == 64 and report["parity"]["max_abs_logit_diff"] <= 1e-4
     # the model is trained (not at init): it beats chance on the validation images

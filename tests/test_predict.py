@@ -16,10 +16,12 @@ from PIL import Image
 
 from serving.artifact import (ImageError, OnnxClassifier, build_metadata, default_model_path, load_image,
                               read_metadata, write_metadata)
+from serving.integrity import MANIFEST_NAME, check_folder, write_manifest
 from serving.predict import expand_inputs, parse_shard, select_shard
 from tailwise import UserError
 
 REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "models" / "fmnist-lt-bns-ipdpp"
 CLASSES = ["ant", "bee", "cat"]
 
 
@@ -44,6 +46,7 @@ def write_identity_model(path, meta):
         write_metadata(model, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
+    write_manifest(path.parent, [p.name for p in path.parent.glob("*.onnx")])  # as `tailwise export` does
     return path
 
 
@@ -53,9 +56,9 @@ def png_bytes(image, fmt="PNG", **save_args):
     return buffer.getvalue()
 
 
-def tailwise(*args, cwd=REPO):
+def tailwise(*args, cwd=REPO, **env):
     return subprocess.run([sys.executable, "-m", "tailwise", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO), **env}, timeout=120)
 
 
 # ------------------------------------------------------------------------------------------ torch-free
@@ -105,7 +108,9 @@ def test_read_metadata_names_the_path_of_a_bad_model(tmp_path):
     with pytest.raises(UserError, match="missing.onnx: no such model file"):
         read_metadata(tmp_path / "missing.onnx")
     (tmp_path / "text.onnx").write_text("this is not a protobuf, just words")
-    with pytest.raises(UserError, match="text.onnx"):
+    with pytest.raises(UserError, match="text.onnx: not an ONNX model"):
+        read_metadata(tmp_path / "text.onnx", verify=False)
+    with pytest.raises(UserError, match="text.onnx: no manifest.json"):
         read_metadata(tmp_path / "text.onnx")
     bare = write_identity_model(tmp_path / "bare.onnx", None)
     with pytest.raises(UserError, match="bare.onnx: no 'tailwise' metadata"):
@@ -115,6 +120,8 @@ def test_read_metadata_names_the_path_of_a_bad_model(tmp_path):
 
 
 def test_default_model_path(tmp_path, monkeypatch):
+    """$TAILWISE_MODEL, else the newest ./models/*/model.onnx, else the newest shipped one; a newer export wins
+    over the shipped model."""
     models = tmp_path / "models"
     monkeypatch.delenv("TAILWISE_MODEL", raising=False)
     with pytest.raises(UserError, match="no model in"):
@@ -125,12 +132,21 @@ def test_default_model_path(tmp_path, monkeypatch):
     assert default_model_path(models) == newer
     shipped = write_identity_model(models / "fmnist-lt-bns-ipdpp" / "model.onnx", meta_for())
     os.utime(shipped, (1_000, 1_000))
-    assert default_model_path(models) == shipped
+    assert default_model_path(models) == newer  # the shipped model no longer wins over a newer export
     monkeypatch.setenv("TAILWISE_MODEL", str(older.parent))
     assert default_model_path(models) == older
     monkeypatch.setenv("TAILWISE_MODEL", str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="TAILWISE_MODEL"):
         default_model_path(models)
+
+
+def test_default_model_is_the_current_directorys_models_first(tmp_path, monkeypatch):
+    monkeypatch.delenv("TAILWISE_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_model_path().resolve() == (SHIPPED / "model.onnx").resolve()  # no ./models: the shipped one
+    mine = write_identity_model(tmp_path / "models" / "mine" / "model.onnx", meta_for())
+    os.utime(mine, (1_000, 1_000))  # older than the shipped model, still first: ./models comes first
+    assert default_model_path().resolve() == mine.resolve()
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -294,7 +310,7 @@ def test_top_k_applies_the_logit_adjustment(tmp_path):
 
     expected = np.array([10, 12, 11]) - log_prior  # adjusted = logits - tau * log_prior
     expected = np.exp(expected - expected.max()) / np.exp(expected - expected.max()).sum()
-    top = adjusted.top_k(logits, k=5)[0]  # k is capped at the number of classes
+    top = adjusted.top_k(logits, k=3)[0]
     assert [p["index"] for p in top] == [2, 1, 0]
     np.testing.assert_allclose([p["probability"] for p in top], expected[[2, 1, 0]], rtol=1e-6)
 
@@ -441,3 +457,131 @@ def test_predict_matches_torch_on_png_files(tmp_path):
     predicted = [json.loads(line)["predictions"][0]["index"] for line in result.stdout.splitlines()]
     with torch.inference_mode():
         assert predicted == model(images).argmax(1).tolist()
+
+
+# ------------------------------------------------------------------------------------------ one top_k rule, CSV, errors
+
+def test_top_k_must_be_within_the_classes(tmp_path, identity_model):
+    classifier = OnnxClassifier(identity_model)
+    for bad in (0, 4, 1000):
+        with pytest.raises(ValueError, match=f"top_k must be an integer from 1 to 3 .*got {bad}"):
+            classifier.top_k(np.zeros((1, 3), np.float32), bad)
+    write_pixels(tmp_path / "x.png", [1, 2, 3])
+    for bad in ("4", "1000", "0"):
+        result = tailwise("predict", "--model", identity_model, "--top-k", bad, tmp_path / "x.png")
+        assert result.returncode == 2 and f"--top-k: top_k must be an integer from 1 to 3" in result.stderr, bad
+    assert tailwise("predict", "--model", identity_model, "--top-k", "3", tmp_path / "x.png").returncode == 0
+
+
+def test_csv_has_unix_line_ends(tmp_path, identity_model):
+    write_pixels(tmp_path / "x.png", [3, 2, 1])
+    result = subprocess.run([sys.executable, "-m", "tailwise", "predict", "--model", str(identity_model), "--format",
+                             "csv", str(tmp_path / "x.png")], cwd=REPO, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert b"\r" not in result.stdout and result.stdout.count(b"\n") == 2
+
+
+def test_predict_prints_the_test_accuracy_in_percent(tmp_path):
+    (tmp_path / "m").mkdir()
+    write_identity_model(tmp_path / "m" / "model.onnx", meta_for(metrics={"top1": 0.2617}))
+    write_pixels(tmp_path / "x.png", [3, 2, 1])
+    result = tailwise("predict", "--model", tmp_path / "m", tmp_path / "x.png")
+    assert result.returncode == 0 and "test top-1 26.17 %" in result.stderr, result.stderr
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    """A model whose graph does not take the input its metadata promises fails inside onnxruntime."""
+    write_identity_model(tmp_path / "m" / "model.onnx", meta_for(height=2, width=3))
+    write_pixels(tmp_path / "x.png", [1, 2, 3])
+    result = tailwise("predict", "--model", tmp_path / "m", tmp_path / "x.png")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert line.startswith("tailwise predict: error: ") and "--debug" in line
+    result = tailwise("--debug", "predict", "--model", tmp_path / "m", tmp_path / "x.png")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ integrity
+
+def flip_byte(path, offset=None):
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def shipped_copy(tmp_path):
+    folder = tmp_path / "models" / "shipped"
+    folder.mkdir(parents=True)
+    for name in json.loads((SHIPPED / MANIFEST_NAME).read_text())["files"]:
+        (folder / name).write_bytes((SHIPPED / name).read_bytes())
+    (folder / MANIFEST_NAME).write_bytes((SHIPPED / MANIFEST_NAME).read_bytes())
+    return folder
+
+
+def test_shipped_manifest_matches_the_files_and_the_model_card():
+    manifest = json.loads((SHIPPED / MANIFEST_NAME).read_text())
+    assert set(manifest["files"]) == {"model.onnx", "model.int8.onnx", "model.int8.json", "weights.safetensors",
+                                      "card.json"}
+    assert check_folder(SHIPPED) == []
+    card = (SHIPPED / "README.md").read_text()
+    for name, entry in manifest["files"].items():
+        assert f"| `{name}` | `{entry['sha256']}` |" in card, name
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx", "model.int8.json", "weights.safetensors",
+                                  "card.json"])
+def test_a_flipped_byte_in_any_model_file_is_found(shipped_copy, name):
+    expected = json.loads((shipped_copy / MANIFEST_NAME).read_text())["files"][name]["sha256"]
+    flip_byte(shipped_copy / name)
+    (problem,) = check_folder(shipped_copy)
+    assert f"{shipped_copy / name}: sha256 " in problem and expected in problem
+    result = tailwise("manifest", "--check", shipped_copy)
+    assert result.returncode == 1 and name in result.stderr
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx"])
+def test_predict_and_the_classifier_refuse_a_tampered_model(shipped_copy, name, tmp_path):
+    """64 bytes flipped inside the weights (the issue's case): refused, naming the file and both hashes."""
+    path = shipped_copy / name
+    expected = json.loads((shipped_copy / MANIFEST_NAME).read_text())["files"][name]["sha256"]
+    for i in range(64):
+        flip_byte(path, len(path.read_bytes()) // 2 + i)
+    actual = __import__("hashlib").sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(UserError) as caught:
+        OnnxClassifier(path)
+    assert str(path) in str(caught.value) and expected in str(caught.value) and actual in str(caught.value)
+    with pytest.raises(UserError, match=actual):
+        read_metadata(path)
+    sample = SHIPPED / "samples" / "bag-18.png"
+    result = tailwise("predict", "--model", path, sample)
+    assert result.returncode == 2 and expected in result.stderr and actual in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
+    # the explicit opt-outs load it anyway
+    assert tailwise("predict", "--model", path, "--no-verify", sample).returncode == 0
+    assert tailwise("predict", "--model", path, sample, TAILWISE_VERIFY="0").returncode == 0
+    # re-signing an edit made on purpose
+    assert tailwise("manifest", shipped_copy).returncode == 0
+    assert tailwise("predict", "--model", path, sample).returncode == 0
+
+
+def test_a_folder_without_a_manifest_or_an_unlisted_file_is_refused(shipped_copy):
+    sample = SHIPPED / "samples" / "bag-18.png"
+    (shipped_copy / "model.extra.onnx").write_bytes((shipped_copy / "model.onnx").read_bytes())
+    result = tailwise("predict", "--model", shipped_copy / "model.extra.onnx", sample)
+    assert result.returncode == 2 and "not listed in" in result.stderr
+    (shipped_copy / MANIFEST_NAME).unlink()
+    result = tailwise("predict", "--model", shipped_copy, sample)
+    assert result.returncode == 2 and f"no {MANIFEST_NAME}" in result.stderr
+    assert f"tailwise manifest {shipped_copy}" in result.stderr and "--no-verify" in result.stderr
+    (shipped_copy / MANIFEST_NAME).write_text("{not json")
+    result = tailwise("predict", "--model", shipped_copy, sample)
+    assert result.returncode == 2 and "unreadable manifest" in result.stderr
+    assert tailwise("predict", "--model", shipped_copy, "--no-verify", sample).returncode == 0
+
+
+def test_export_writes_the_manifest(tiny_model_dir):
+    manifest = json.loads((tiny_model_dir / MANIFEST_NAME).read_text())
+    assert set(manifest["files"]) == {"model.onnx", "weights.safetensors", "card.json"}
+    assert check_folder(tiny_model_dir) == []

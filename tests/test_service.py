@@ -1,5 +1,7 @@
-"""The BentoML service over real HTTP: answers agree with `tailwise predict`, every bad input gets a 4xx and the
-server goes on answering, a burst of concurrent requests all succeed; `tailwise serve`, `bentoml build`."""
+"""The BentoML service over real HTTP: answers agree with `tailwise predict`, every bad input gets a 4xx of one
+shape and one log line and the server goes on answering, a burst of concurrent requests all succeed, overload
+gets 503 + Retry-After, a tampered model is refused, SIGTERM under load drops nothing; `tailwise serve`,
+`bentoml build`."""
 
 import io
 import os
@@ -175,7 +177,11 @@ def test_top_k_and_groups(url):
     groups = {p["label"]: p["group"] for p in answer["predictions"]}
     assert groups == {"ant": "many", "bee": "medium", "cat": "few", "dog": "few", "eel": "few"}
     assert sum(p["probability"] for p in answer["predictions"]) == pytest.approx(1.0)
-    assert len(classify(url, {"image": ("a.png", gray_png(240))}, {"top_k": "100"}).json()["predictions"]) == 5
+    # one rule with `tailwise predict`: 1 to the number of classes, else a 400
+    assert len(classify(url, {"image": ("a.png", gray_png(240))}, {"top_k": "5"}).json()["predictions"]) == 5
+    for k in ("6", "50", "1000"):
+        response = classify(url, {"image": ("a.png", gray_png(240))}, {"top_k": k})
+        assert response.status_code == 400 and "less than or equal to 5" in response.json()["error"], k
 
 
 def test_classify_batch_reports_bad_files_and_classifies_the_others(url, images):
@@ -243,7 +249,9 @@ BAD_REQUESTS = {  # name: (route, () -> httpx.post keyword arguments, status, te
     "malformed multipart": ("/classify", lambda: {"content": b"--x\r\ngarbage", "headers": MULTIPART}, 400,
                             "multipart"),
     "top_k 0": ("/classify", lambda: one(gray_png(9), data={"top_k": "0"}), 400, "top_k"),
-    "top_k 101": ("/classify", lambda: one(gray_png(9), data={"top_k": "101"}), 400, "top_k"),
+    "top_k above the classes": ("/classify", lambda: one(gray_png(9), data={"top_k": "6"}), 400,
+                                "top_k: Input should be less than or equal to 5"),
+    "top_k 1000": ("/classify", lambda: one(gray_png(9), data={"top_k": "1000"}), 400, "top_k"),
     "top_k text": ("/classify", lambda: one(gray_png(9), data={"top_k": "all"}), 400, "top_k"),
     "65 files": ("/classify_batch", lambda: {"files": [("images", (f"{i}.png", b"x")) for i in range(65)]}, 400,
                  "at most 64 items"),
@@ -256,7 +264,9 @@ def test_bad_input_gets_a_4xx_and_the_server_goes_on(url, case):
     route, arguments, status, text = BAD_REQUESTS[case]
     response = httpx.post(f"{url}{route}", timeout=60, **arguments())
     assert response.status_code == status, response.text
-    assert text.lower() in response.text.lower()
+    body = response.json()
+    assert list(body) == ["error"] and isinstance(body["error"], str), body  # one shape for every 4xx
+    assert text.lower() in body["error"].lower()
     assert_serving(url)
 
 
@@ -347,29 +357,222 @@ def test_health_metrics_and_openapi_docs(url):
     assert "image" in str(body["multipart/form-data"])
 
 
-def test_tailwise_serve_starts_the_service(server_env, tiny_model_dir):
+def start_serve(env, *args, log=None):
+    """`tailwise serve ARGS` in its own process (not a new session: stopping it must stop the server)."""
     port = free_port()
-    env = {**os.environ, **server_env, "TAILWISE_MODEL": "/nowhere", "TAILWISE_BATCHING": "0"}
-    process = subprocess.Popen([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir),
-                                "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen([sys.executable, "-m", "tailwise", "serve", "--port", str(port), *map(str, args)],
+                               cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                               stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
     try:
-        base = f"http://127.0.0.1:{port}"
         wait_ready(base, process=process)
+    except AssertionError:
+        stop(process)
+        raise
+    return process, base
+
+
+def stop(process, seconds=60):
+    """SIGTERM to the process itself (as a supervisor sends it); SIGKILL only if it outlives `seconds`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(os.getpgid(process.pid), signal.SIGKILL)
+            process.wait()
+            raise AssertionError(f"tailwise serve did not exit within {seconds} s of SIGTERM") from None
+
+
+@pytest.fixture(scope="module")
+def served(server_env, tiny_model_dir, tmp_path_factory):
+    """`tailwise serve` with its log in a file and room for only 2 requests in flight: (url, log path)."""
+    log_path = tmp_path_factory.mktemp("served") / "server.log"
+    with open(log_path, "wb") as log:
+        process, base = start_serve({**server_env, "TAILWISE_MAX_IN_FLIGHT": "2"}, "--model", tiny_model_dir,
+                                    log=log)
+        try:
+            yield base, log_path
+        finally:
+            stop(process)
+
+
+def log_lines_for(log_path, base, send):
+    """The server's log lines written while `send()` ran (a good request after it marks the end)."""
+    start = log_path.stat().st_size
+    send()
+    marker = f"marker{time.monotonic_ns()}.png"
+    assert classify(base, {"image": (marker, gray_png(100))}).status_code == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = log_path.read_bytes()[start:].decode()
+        lines = text.splitlines()
+        done = [i for i, line in enumerate(lines) if "status=200" in line and "path=/classify" in line]
+        if done:
+            return lines[:done[-1]]
+        time.sleep(0.2)
+    raise AssertionError(f"no access line for the marker request in {log_path}")
+
+
+@pytest.mark.parametrize("case", ["non-image bytes", "wrong field name", "top_k above the classes",
+                                  "oversized chunked upload", "malformed multipart"])
+def test_a_malformed_request_leaves_one_log_line(served, case):
+    base, log_path = served
+    route, arguments, status, text = BAD_REQUESTS[case]
+    if case == "oversized chunked upload":  # this server has the default upload limit
+        arguments = lambda: {"content": chunked_multipart("image", 17 * 2**20), "headers": MULTIPART}  # noqa: E731
+    answers = []
+    lines = log_lines_for(log_path, base, lambda: answers.append(httpx.post(f"{base}{route}", timeout=60,
+                                                                            **arguments())))
+    assert answers[0].status_code == status
+    assert len(lines) == 1, lines
+    assert "[WARNING]" in lines[0] and f"client error {status} POST {route}" in lines[0]
+    assert answers[0].json()["error"] in lines[0] and "Traceback" not in lines[0]
+
+
+def test_overload_answers_503_with_retry_after_at_once(served):
+    """More concurrent requests than TAILWISE_MAX_IN_FLIGHT (2): each gets a 200 or a 503 with Retry-After and
+    the one error shape, none is dropped, and the server goes on."""
+    base, _ = served
+    big = encode(Image.fromarray(np.tile(np.arange(1500, dtype=np.uint16) % 256, (1500, 1)).astype(np.uint8)))
+
+    def send(i):
+        with httpx.Client(timeout=60) as client:
+            response = client.post(f"{base}/classify", files={"image": (f"{i}.png", big)})
+        return response.status_code, response.headers.get("retry-after"), response.json()
+
+    answers = []
+
+    def burst():
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            answers.extend(pool.map(send, range(96)))
+
+    lines = log_lines_for(served[1], base, burst)
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and 503 in statuses, statuses
+    for status, retry_after, body in answers:
+        if status == 503:
+            assert retry_after == "1" and list(body) == ["error"] and "TAILWISE_MAX_IN_FLIGHT" in body["error"]
+    # refusals do not flood the log: no line each, a summary line at most every 10 s
+    assert not [line for line in lines if "status=503" in line]
+    assert 1 <= len([line for line in lines if "overloaded:" in line and "refused with 503" in line]) <= 2
+    assert_serving(base)
+
+
+def test_docs_page_is_tailwises_own(url):
+    from tailwise import __version__
+
+    page = httpx.get(f"{url}/", timeout=10).text
+    assert "<title>tailwise: tiny (" in page and "BentoML" not in page
+    assert "googletagmanager" not in page and "http" not in page.replace("<!DOCTYPE html>", "")  # no outside URL
+    spec = httpx.get(f"{url}/docs.json", timeout=10).json()
+    assert spec["info"]["title"] == "tailwise: tiny" and spec["info"]["version"] == __version__
+    assert "contact" not in spec["info"] and "BentoML" not in spec["info"]["description"]
+    for path in ("/classify", "/classify_batch", "/model_info"):
+        operation = spec["paths"][path]["post"]
+        assert operation["description"].strip(), path
+        assert operation["responses"]["400"]["content"]["application/json"]["schema"]["required"] == ["error"]
+    assert "503" in spec["paths"]["/classify"]["post"]["responses"]
+
+
+def test_tailwise_serve_starts_the_service_and_sigterm_under_load_drops_nothing(server_env, tiny_model_dir, tmp_path):
+    """--model wins over $TAILWISE_MODEL; SIGTERM to `tailwise serve` while 16 clients send requests: every
+    request sent gets its 200 (later connections are refused, never reset after sending), the process and its
+    children exit, and the port is free."""
+    import psutil
+
+    env = {**server_env, "TAILWISE_MODEL": "/nowhere", "TAILWISE_BATCHING": "0"}
+    log = open(tmp_path / "server.log", "wb")
+    process, base = start_serve(env, "--model", tiny_model_dir, "--shutdown-timeout", "10", log=log)
+    children = psutil.Process(process.pid).children(recursive=True)
+    try:
         info = httpx.post(f"{base}/model_info", json={}, timeout=10).json()
-        assert info["model"] == "tiny" and info["batching"] is False  # --model wins over $TAILWISE_MODEL
+        assert info["model"] == "tiny" and info["batching"] is False and info["verified"] is True
         assert classify(base, {"image": ("a.png", gray_png(10))}).json()["predictions"][0]["label"] == "ant"
         assert batch_sizes(base) == (1, 1)  # without batching: one model call per request
+
+        outcomes, stop_sending = [], time.monotonic() + 120
+
+        def client(worker):
+            with httpx.Client(timeout=60) as http:
+                while time.monotonic() < stop_sending:
+                    try:
+                        response = http.post(f"{base}/classify", files={"image": ("a.png", gray_png(60, seed=worker))})
+                    except httpx.ConnectError:  # refused: nothing was sent, the client may go elsewhere
+                        outcomes.append("refused")
+                        return
+                    except httpx.TransportError as exc:  # sent, then dropped: what must not happen
+                        outcomes.append(f"dropped: {type(exc).__name__}: {exc}")
+                        return
+                    outcomes.append(response.status_code)
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            futures = [pool.submit(client, w) for w in range(16)]
+            while outcomes.count(200) < 50:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            for future in futures:
+                future.result()
+        process.wait(timeout=60)  # a bound, not a timing claim: the stated limit is --shutdown-timeout + a few s
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop(process)
+        log.close()
+    assert not [o for o in outcomes if o not in (200, "refused")], (outcomes, (tmp_path / "server.log").read_text())
+    assert outcomes.count("refused") == 16  # each client ends when the server is gone
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/readyz", timeout=5)
+
+
+def test_tailwise_serve_errors_are_one_line(server_env, tiny_model_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir), "--port",
+                                 str(port)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                                env={**os.environ, **server_env})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (f"tailwise serve: error: cannot listen on 127.0.0.1:{port}: Address already in "
+                                     "use (another server is using it: pick another --port)")
     result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir / "nothing")],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "nothing: no such model file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **server_env, "TAILWISE_MAX_PIXELS": "abc"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == "tailwise serve: error: TAILWISE_MAX_PIXELS must be an integer, got 'abc'"
+
+
+def test_serve_and_the_service_refuse_a_tampered_model(server_env, tiny_model_dir, tmp_path):
+    """64 bytes flipped in model.onnx: `tailwise serve` and the service module (what a Bento's worker and
+    `bentoml build` import) refuse it, naming the file and both hashes; TAILWISE_VERIFY=0 accepts it."""
+    import hashlib
+    import json
+
+    folder = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    data = bytearray((folder / "model.onnx").read_bytes())
+    for i in range(64):
+        data[len(data) // 2 + i] ^= 0xFF
+    (folder / "model.onnx").write_bytes(bytes(data))
+    expected = json.loads((folder / "manifest.json").read_text())["files"]["model.onnx"]["sha256"]
+    actual = hashlib.sha256(data).hexdigest()
+    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(folder), "--port",
+                             str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **server_env})
+    assert result.returncode == 2 and expected in result.stderr and actual in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "model.onnx" in result.stderr
+    code = "import serving.service"
+    env = {**os.environ, **server_env, "TAILWISE_MODEL": str(folder)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode != 0 and expected in result.stderr and actual in result.stderr
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**env, "TAILWISE_VERIFY": "0"})
+    assert result.returncode == 0, result.stderr
 
 
 def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, tmp_path):
@@ -379,7 +582,7 @@ def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, t
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / name, source / name)
     (source / "models" / "tiny").mkdir(parents=True)
-    for name in ("model.onnx", "card.json", "weights.safetensors"):
+    for name in ("model.onnx", "card.json", "weights.safetensors", "manifest.json"):
         shutil.copyfile(tiny_model_dir / name, source / "models" / "tiny" / name)
     env = {**os.environ, **server_env, "BENTOML_HOME": str(tmp_path / "home")}
     env.pop("TAILWISE_MODEL")
@@ -388,7 +591,8 @@ def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, t
     assert result.returncode == 0, result.stdout + result.stderr
     (bento,) = [p for p in (tmp_path / "home" / "bentos" / "tailwise").iterdir() if p.name != "latest"]
     files = {str(p.relative_to(bento / "src")) for p in (bento / "src").rglob("*") if p.is_file()}
-    assert {"serving/service.py", "serving/artifact.py", "tailwise/__init__.py", "models/tiny/model.onnx"} <= files
+    assert {"serving/service.py", "serving/artifact.py", "serving/integrity.py", "tailwise/__init__.py",
+            "models/tiny/model.onnx", "models/tiny/manifest.json"} <= files
     assert "models/tiny/weights.safetensors" not in files  # serving needs model.onnx only
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime" in requirements and "torch" not in requirements

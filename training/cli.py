@@ -64,6 +64,8 @@ def register(subparsers) -> None:
     probe.add_argument("run", nargs="?", help="run folder (its stage-1 checkpoint)")
     probe.add_argument("--random-init", metavar="CONFIG", help="probe a randomly initialised encoder of this recipe")
     probe.add_argument("--per-class", type=int, default=100, help="balanced probe training images per class")
+    probe.add_argument("--on", choices=("test", "val"), default="test",
+                       help="score the probe on the test set (default) or on the validation split")
     probe.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     probe.add_argument("--seed", type=int, default=0)
     probe.add_argument("--json", action="store_true")
@@ -241,11 +243,13 @@ def run_probe(args) -> int:
     if args.run:
         weights = load_weights(card)
         model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
-    report = linear_probe(model, data, engine.resolve_device(args.device), per_class=args.per_class, seed=args.seed)
+    report = linear_probe(model, data, engine.resolve_device(args.device), per_class=args.per_class, seed=args.seed,
+                          on=args.on)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"linear probe of the {'randomly initialised' if args.random_init else 'stage-1'} encoder, test set:")
+    where = "validation split" if args.on == "val" else "test set"
+    print(f"linear probe of the {'randomly initialised' if args.random_init else 'stage-1'} encoder, {where}:")
     for label, key in (("overall (top-1)", "top1"), ("mean per class", "mean_per_class"), ("many", "many"),
                        ("medium", "medium"), ("few", "few")):
         value = report[key]

@@ -1,0 +1,124 @@
+"""The model folder's manifest: each model file's size and sha256, written by export, checked before loading.
+
+`manifest.json`, beside model.onnx:
+
+    {"format_version": 1, "files": {"model.onnx": {"size": int, "sha256": str}, ...}}
+
+It lists MODEL_FILES (the files `tailwise export` writes: model.onnx, its variants and their reports,
+weights.safetensors, card.json), never itself. `predict`, `serve` and the Bento read a model file's bytes once,
+check them against the manifest and load those same bytes. A mismatch, a file the manifest does not list, or a
+folder without a manifest is refused with a UserError naming the file (and both hashes). Opt out with
+`--no-verify` or TAILWISE_VERIFY=0; after editing a model on purpose, `tailwise manifest MODEL_DIR` rewrites it.
+Torch-free (hashlib and json only), so export, serving and the Bento share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from tailwise import UserError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+MODEL_FILES = ("model.onnx", "model.*.onnx", "model.*.json", "weights.safetensors", "card.json")
+OPT_OUT = "--no-verify or TAILWISE_VERIFY=0"
+
+
+def verify_enabled(verify: bool | None = None) -> bool:
+    """`verify` if given, else False only when $TAILWISE_VERIFY is "0"."""
+    if verify is not None:
+        return bool(verify)
+    return os.environ.get("TAILWISE_VERIFY", "1").strip() != "0"
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_files(folder: str | os.PathLike) -> list[str]:
+    """The names in `folder` that a manifest covers (MODEL_FILES that exist), sorted."""
+    folder = Path(folder)
+    return sorted({p.name for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file()})
+
+
+def build_manifest(folder: str | os.PathLike, names: list[str] | None = None) -> dict:
+    """The manifest of `names` (default: model_files(folder)) in `folder`."""
+    folder = Path(folder)
+    names = model_files(folder) if names is None else sorted(names)
+    files = {}
+    for name in names:
+        data = (folder / name).read_bytes()
+        files[name] = {"size": len(data), "sha256": sha256_hex(data)}
+    return {"format_version": MANIFEST_FORMAT, "files": files}
+
+
+def write_manifest(folder: str | os.PathLike, names: list[str] | None = None) -> Path:
+    """Write `folder`/manifest.json for `names` (default: model_files(folder)), atomically; returns its path."""
+    folder = Path(folder)
+    manifest = build_manifest(folder, names)
+    if not manifest["files"]:
+        raise UserError(f"{folder}: no model files ({', '.join(MODEL_FILES)}) to put in a manifest")
+    path, tmp = folder / MANIFEST_NAME, folder / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(folder: str | os.PathLike, for_file: str | os.PathLike | None = None) -> dict:
+    """`folder`/manifest.json, checked for shape; UserError naming it (and `for_file`) if absent or malformed."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{for_file or folder}: no {MANIFEST_NAME} in {Path(folder)} to verify it against; if you "
+                        f"trust these files, create one with `tailwise manifest {Path(folder)}`, or skip the check "
+                        f"with {OPT_OUT}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable manifest ({exc})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    ok = (isinstance(files, dict) and manifest.get("format_version") == MANIFEST_FORMAT
+          and all(isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+                  and len(v["sha256"]) == 64 for v in files.values()))
+    if not ok:
+        raise UserError(f"{path}: not a tailwise manifest (format {MANIFEST_FORMAT}: "
+                        "{\"format_version\", \"files\": {name: {\"size\", \"sha256\"}}})")
+    return manifest
+
+
+def read_verified(path: str | os.PathLike, verify: bool | None = None) -> bytes:
+    """The bytes of model file `path`, checked against the manifest beside it (unless verification is off).
+    UserError naming the file and both hashes on a mismatch."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not verify_enabled(verify):
+        return data
+    manifest = read_manifest(path.parent, path)
+    entry = manifest["files"].get(path.name)
+    where = path.parent / MANIFEST_NAME
+    if entry is None:
+        raise UserError(f"{path}: not listed in {where}; refusing an unverified model file "
+                        f"(`tailwise manifest {path.parent}` adds it, or skip the check with {OPT_OUT})")
+    actual = sha256_hex(data)
+    if actual != entry["sha256"] or len(data) != entry["size"]:
+        raise UserError(f"{path}: sha256 {actual} ({len(data)} bytes) does not match {entry['sha256']} "
+                        f"({entry['size']} bytes) in {where}: the file changed after export. Re-export it; if you "
+                        f"changed it on purpose, run `tailwise manifest {path.parent}` or skip the check with {OPT_OUT}")
+    return data
+
+
+def check_folder(folder: str | os.PathLike) -> list[str]:
+    """Problems with every file the manifest of `folder` lists (missing, size or sha256 mismatch); [] if none."""
+    folder = Path(folder)
+    problems = []
+    for name in read_manifest(folder)["files"]:
+        try:
+            read_verified(folder / name, verify=True)
+        except UserError as exc:
+            problems.append(str(exc))
+    return problems
