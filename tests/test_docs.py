@@ -23,7 +23,7 @@ def tailwise_commands(path: Path) -> list[list[str]]:
     commands = []
     for block in bash_blocks(path):
         for line in block.replace("\\\n", " ").splitlines():       # continuation lines are one command
-            for part in re.split(r"\s*(?:&&|;)\s*", line.split("  #")[0].strip()):
+            for part in re.split(r"\s*(?:&&|;)\s*", line.split("  #")[0].strip().removesuffix("&")):
                 words = shlex.split(part, comments=True)
                 for i, word in enumerate(words):
                     if word in ("tailwise", "tailwise.cli") and (i == 0 or words[i - 1] == "-m"):
