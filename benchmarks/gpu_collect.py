@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = "models/fmnist-lt-bns-ipdpp"
+SHIPPED = "models/fmnist-lt-tailwise"
 
 
 def served_val(card: dict) -> float | None:

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models" / "fmnist-lt-bns-ipdpp"
+SHIPPED = REPO / "models" / "fmnist-lt-tailwise"
 BOUNDARY = "tailwisebench"
 
 

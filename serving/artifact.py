@@ -53,7 +53,7 @@ OUTPUT_NAME = "logits"
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the repository (or Bento) root; in a wheel, tailwise/
 # The folder that holds the `tailwise` package: the repository root, a Bento's src/, or site-packages.
 PACKAGE_PARENT = Path(tailwise.__file__).resolve().parent.parent
-SHIPPED_MODEL = "fmnist-lt-bns-ipdpp"
+SHIPPED_MODEL = "fmnist-lt-tailwise"
 
 
 # --------------------------------------------------------------------------------------------- metadata

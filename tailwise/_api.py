@@ -125,14 +125,18 @@ def load(path: str | os.PathLike, *, providers: list[str] | None = None,
     return Classifier(path, providers=providers, max_pixels=max_pixels, verify=verify)
 
 
-def train(config: str | os.PathLike | None = None, *, out: str | os.PathLike | None = None,
-          stage: int | None = None, epochs: int | None = None, device: str | None = None, seed: int | None = None,
-          resume: bool = False, progress: bool = True, **overrides: Any) -> Path:
+def train(config: str | os.PathLike | None = None, *, data: str | os.PathLike | None = None,
+          test: str | os.PathLike | None = None, budget: float | None = None, minutes: float | None = None,
+          out: str | os.PathLike | None = None, stage: int | None = None, epochs: int | None = None,
+          device: str | None = None, seed: int | None = None, resume: bool = False, progress: bool = True,
+          **overrides: Any) -> Path:
     """`tailwise train`: train a recipe (a name from training/recipes/ or a TOML file; default the `tailwise`
-    recipe) into `out` (default runs/<config name>) and return the run folder. `overrides` set config fields,
-    as `--set` does: `stage2={"sampler": "random"}` or `stage2__sampler="random"`."""
+    recipe), or the default recipe sized for your own folder (`data`, with `test`, `budget` or `minutes`), into
+    `out` (default runs/<config name>) and return the run folder. `overrides` set config fields, as `--set`
+    does: `stage2={"sampler": "random"}` or `stage2__sampler="random"`."""
     argv = ["train", "--no-progress"] if not progress else ["train"]
-    for flag, value in (("--config", config), ("--out", out), ("--stage", stage), ("--epochs", epochs),
+    for flag, value in (("--config", config), ("--data", data), ("--test", test), ("--budget", budget),
+                        ("--minutes", minutes), ("--out", out), ("--stage", stage), ("--epochs", epochs),
                         ("--device", device), ("--seed", seed)):
         if value is not None:
             argv += [flag, str(value)]

@@ -23,7 +23,7 @@ def tailwise_commands(path: Path) -> list[list[str]]:
     commands = []
     for block in bash_blocks(path):
         for line in block.replace("\\\n", " ").splitlines():       # continuation lines are one command
-            for part in re.split(r"\s*(?:&&|;)\s*", line.split("  #")[0].strip()):
+            for part in re.split(r"\s*(?:&&|;)\s*", line.split("  #")[0].strip().removesuffix("&")):
                 words = shlex.split(part, comments=True)
                 for i, word in enumerate(words):
                     if word in ("tailwise", "tailwise.cli") and (i == 0 or words[i - 1] == "-m"):
@@ -64,7 +64,7 @@ def test_readme_commands_parse_and_name_real_recipes_and_files():
         if argv[0] == "train":
             load_config(args.config, args.overrides)   # the recipe exists and every --set value is valid
     text = (REPO / "README.md").read_text()
-    for path in set(re.findall(r"models/fmnist-lt-bns-ipdpp/[\w./-]+\w", text)):
+    for path in set(re.findall(r"models/fmnist-lt-tailwise/[\w./-]+\w", text)):
         assert (REPO / path).exists(), path
 
 

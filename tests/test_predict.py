@@ -21,7 +21,7 @@ from tailwise.serving.predict import expand_inputs, parse_shard, select_shard
 from tailwise import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models" / "fmnist-lt-bns-ipdpp"
+SHIPPED = REPO / "models" / "fmnist-lt-tailwise"
 CLASSES = ["ant", "bee", "cat"]
 
 
@@ -131,7 +131,7 @@ def test_default_model_path(tmp_path, monkeypatch):
     newer = write_identity_model(models / "newer" / "model.onnx", meta_for())
     os.utime(older, (1_000_000, 1_000_000))
     assert default_model_path(models) == newer
-    shipped = write_identity_model(models / "fmnist-lt-bns-ipdpp" / "model.onnx", meta_for())
+    shipped = write_identity_model(models / "fmnist-lt-tailwise" / "model.onnx", meta_for())
     os.utime(shipped, (1_000, 1_000))
     assert default_model_path(models) == newer  # the shipped model no longer wins over a newer export
     monkeypatch.setenv("TAILWISE_MODEL", str(older.parent))

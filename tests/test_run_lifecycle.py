@@ -24,7 +24,9 @@ def _config_of(command: str) -> tuple[dict, tuple]:
     from tailwise.cli import build_parser
 
     args = build_parser().parse_args(shlex.split(command)[1:])
-    return load_config(args.config, args.overrides), (args.stage,) if args.stage else (1, 2)
+    from tailwise.training.config import DEFAULT_RECIPE
+
+    return load_config(args.config or DEFAULT_RECIPE, args.overrides), (args.stage,) if args.stage else (1, 2)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "models" / "fmnist-lt-bns-ipdpp"
+MODEL = REPO / "models" / "fmnist-lt-tailwise"
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -99,7 +99,7 @@ def test_default_model_is_the_shipped_one(monkeypatch):
 
 
 def test_evaluate_the_shipped_model_folder(test_set, capsys):
-    """`tailwise evaluate models/fmnist-lt-bns-ipdpp` (README): onnxruntime on the data its card names, the plain
+    """`tailwise evaluate models/fmnist-lt-tailwise` (README): onnxruntime on the data its card names, the plain
     and the served numbers of the card, labelled, in percent; nothing is written into the model folder."""
     from tailwise.cli import main
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models" / "fmnist-lt-bns-ipdpp"
+SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # serving.artifact.SHIPPED_MODEL
 SOURCES = ("pyproject.toml", "README.md", "tailwise", "training", "export", "serving")
 
 

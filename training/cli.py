@@ -17,6 +17,8 @@ def register(subparsers) -> None:
                     "training/validation counts, many/medium/few groups and the sha256 of the selected indices.")
     add_data_arguments(data)
     data.add_argument("--json", action="store_true", help="print the dataset card as one JSON object")
+    data.add_argument("--out", metavar="DIR", help="also write DIR/data.json (the card) and DIR/class_counts.png "
+                                                   "(the class-count histogram with the many/medium/few bands)")
     data.set_defaults(handler=run_data)
 
     train = subparsers.add_parser(
@@ -35,6 +37,15 @@ def register(subparsers) -> None:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set stage2.sampler=random (repeatable)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    own = train.add_argument_group(
+        "your own folder", "--data DIR: the default recipe sized for the folder; every derived value is printed, "
+                           "with the --set that overrides it and the estimated time, before training")
+    own.add_argument("--data", metavar="DIR", help="a folder with one subfolder of images per class")
+    own.add_argument("--test", metavar="DIR", help="a test folder laid out the same way (scored at the end)")
+    own.add_argument("--budget", type=float, metavar="PASSES",
+                     help="passes over the training images (default: 50,000 / N, between 20 and 200)")
+    own.add_argument("--minutes", type=float, metavar="M", help="budget in minutes on this machine instead "
+                                                                "(images/s measured on a few steps)")
     train.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser(
@@ -75,12 +86,14 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-holdout-kept", dest="holdout_kept", action="store_false",
                        help="LT benchmarks: keep the literature's LDAM subset exactly (then a class kept whole, "
                             "the head, has no validation images)")
-    group.add_argument("--many-threshold", type=int, help="many: count > this (default 100 with 100+ classes, else 500)")
+    group.add_argument("--many-threshold", type=int, help="many: count > this (default 100 with 100+ classes, else "
+                                                          "500; a small folder: see training.data.folder_group_thresholds)")
     group.add_argument("--few-threshold", type=int, help="few: count < this (default 20 with 100+ classes, else 200)")
     group.add_argument("--train-split", help="splits: 'relative/path label' file of the training images")
     group.add_argument("--val-split", help="splits: validation split file (default: held out from train)")
     group.add_argument("--test-split", help="splits: test split file; folder: a test folder with class subfolders")
-    group.add_argument("--image-size", type=int, help="splits/folder: square side images are decoded to (default 224)")
+    group.add_argument("--image-size", type=int, help="splits/folder: square side images are decoded to (default: splits 224, folder from "
+                            "the images' median shorter side)")
 
 
 def data_from_args(args):
@@ -95,18 +108,39 @@ def data_from_args(args):
 
 
 def run_data(args) -> int:
+    from pathlib import Path
+
+    from tailwise.training.metrics import count_bars, plot_class_counts
+
     data = data_from_args(args)
     card = data.card()
     card["val_size"] = card["num_val"]
+    many, few = data.group_thresholds()
+    card["group_thresholds"] = {"many_above": many, "few_below": few}
+    written = []
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "data.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        plot_class_counts(card["counts"], card["groups"], card["class_names"], (many, few),
+                          f"{card['name']}: {card['num_train']} training images, {len(card['counts'])} classes",
+                          out / "class_counts.png")
+        written = [out / "data.json", out / "class_counts.png"]
     if args.json:
         print(json.dumps(card, indent=2))
         return 0
     build = card["build_args"]
+    for line in data.skipped_report():
+        print(line)
     print(f"{card['name']}  root={build['root']}  profile={build['profile']}  "
           f"imbalance_factor={build['imbalance_factor']:g}")
     print(f"image {card['channels']}x{card['image_size'][0]}x{card['image_size'][1]}  "
           f"train {card['num_train']}  val {card['num_val']}  test {card['num_test']}")
     print(f"index_sha256 {card['index_sha256']}")
+    if data.file_stats:
+        modes = ", ".join(f"{m} {n}" for m, n in sorted(data.file_stats["modes"].items(), key=lambda kv: -kv[1]))
+        print(f"files: {modes} (Pillow modes; all decoded to RGB); median shorter side "
+              f"{data.file_stats['median_shorter_side']} px; {data.file_stats['ignored_files']} non-image files ignored")
     width = max(5, *(len(n) for n in card["class_names"]))
     print(f"\n{'class':>5}  {'name':<{width}}  {'train':>7}  {'val':>5}  group")
     for c, (name, n, v, g) in enumerate(zip(card["class_names"], card["counts"], card["val_counts"],
@@ -115,6 +149,11 @@ def run_data(args) -> int:
     for group in ("many", "medium", "few"):
         members = [n for n, g in zip(card["counts"], card["groups"]) if g == group]
         print(f"{group}: {len(members)} classes, {sum(members)} training images")
+    print(f"\ntraining images per class (many: more than {many}, few: fewer than {few}; "
+          f"--many-threshold / --few-threshold set them):")
+    print("\n".join(count_bars(card["counts"], card["groups"], card["class_names"])))
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -140,12 +179,21 @@ def train_from_args(args):
         overrides.append(f"device='{args.device}'")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
+    data = None
+    if args.data:
+        from tailwise.training.plan import plan_for_folder
+
+        cfg, data, lines = plan_for_folder(args, overrides)
+        print("\n".join(lines), flush=True)
+    elif args.test or args.budget is not None or args.minutes is not None:
+        raise UserError("--test, --budget and --minutes go with --data DIR")
+    else:
+        cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
     run_dir = Path(args.out or Path("runs") / cfg["name"])
     if args.resume and not any((run_dir / f"stage{s}.json").exists() for s in (1, 2)):
         raise UserError(f"{run_dir}: nothing to resume (no stage1.json or stage2.json checkpoint card there); "
                         "drop --resume to start a new run")
-    run(cfg, run_dir, stages=stages, resume=args.resume, progress=not args.no_progress)
+    run(cfg, run_dir, stages=stages, resume=args.resume, progress=not args.no_progress, data=data)
     return run_dir
 
 
@@ -166,8 +214,12 @@ def run_evaluate(args) -> int:
         from tailwise.training.train import evaluate_run
 
         report = evaluate_run(path, engine.resolve_device(args.device), out_dir=out)
-        class_names = load_card(path)["data"]["class_names"]
+        card = load_card(path)
+        class_names = card["data"]["class_names"]
+        out = out or Path(card["_dir"]) / "eval"
     print(json.dumps(report, indent=2) if args.json else format_evaluation(report, class_names))
+    if out is not None and not args.json:
+        print(f"\nper-class accuracy against training count: {out / 'per_class.png'} (report: {out / 'report.json'})")
     return 0
 
 

@@ -29,6 +29,7 @@ DEFAULTS: dict = {
     "data": {
         "dataset": "fmnist", "root": "", "imbalance_factor": 100.0, "profile": "exp", "val_per_class": 100,
         "val_seed": 0, "train_split": "", "val_split": "", "test_split": "", "image_size": 0, "holdout_kept": True,
+        "many_threshold": 0, "few_threshold": 0,   # group bands: many = count > many, few = count < few; 0: auto
     },
     "model": {"arch": "resnet32", "proj_hidden": 2048, "proj_dim": 128},
     # Stage 1: representation. method "bns" (contrastive, this paper) or "supervised" (a classifier trained
@@ -75,6 +76,8 @@ RULES: dict[str, tuple | Range] = {
     "data.val_per_class": AT_LEAST_0,
     "data.val_seed": AT_LEAST_0,
     "data.image_size": AT_LEAST_0,             # 0: the dataset's default
+    "data.many_threshold": AT_LEAST_0,         # 0: auto (training.data.group_thresholds)
+    "data.few_threshold": AT_LEAST_0,          # 0: auto
     "model.arch": ("resnet32", "resnet18", "resnet34", "resnet50", "resnext50"),
     "model.proj_hidden": AT_LEAST_1,
     "model.proj_dim": AT_LEAST_1,
@@ -228,8 +231,8 @@ def reproduce_command(cfg: dict, out: str, stage: int | None = None) -> str:
     With `stage`, the command trains that stage only (`--stage N`) and names no field of the other stage."""
     try:
         base, head = load_config(cfg["name"]), [f"--config {cfg['name']}"]
-    except UserError:  # a recipe file outside the repo: spell out everything against the defaults
-        base, head = load_config(None), [f"--set {_shell('name=' + json.dumps(cfg['name']))}"]
+    except UserError:  # no recipe of that name: spell out everything against the default recipe (no --config)
+        base, head = load_config(DEFAULT_RECIPE), [f"--set {_shell('name=' + json.dumps(cfg['name']))}"]
     skip = {f"stage{3 - stage}"} if stage else set()
     changed = []
     for section, values in cfg.items():

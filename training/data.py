@@ -31,9 +31,11 @@ import functools
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import struct
+import sys
 import tarfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +52,7 @@ from tailwise._core import IMAGE_EXTENSIONS, ImageError, load_image
 DATASETS = ("fmnist", "cifar10", "cifar100", "splits", "folder")
 PROFILES = ("exp", "step", "none")
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+MAX_LISTED_SKIPPED = 20     # unreadable files named one by one (the rest are counted)
 MAX_HOLDOUT_FRACTION = 0.2  # without LT subsampling, validation takes at most this share of a class
 
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -101,25 +104,65 @@ class FileSource:
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.image_size = (image_size, image_size)
+        self.unreadable: dict[int, str] = {}   # row -> why it failed to decode (found while training)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def load(self, indices) -> torch.Tensor:
-        """uint8 ``[n, 3, S, S]`` for the given row indices, decoded on a thread pool (Pillow releases the GIL)."""
+        """uint8 ``[n, 3, S, S]`` for the given row indices, decoded on a thread pool (Pillow releases the GIL).
+
+        A file that fails to decode (truncated after its header, changed since the scan) is reported once on
+        stderr and left out from then on: the next readable image of its class stands in for it."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         out = torch.empty((len(indices), 3, *self.image_size), dtype=torch.uint8)
 
         def fill(row):
-            out[row] = torch.from_numpy(decode_image(self.paths[indices[row]], self.image_size[0])).permute(2, 0, 1)
+            out[row] = torch.from_numpy(self._decode_or_stand_in(int(indices[row]))).permute(2, 0, 1)
 
         list(_decode_pool().map(fill, range(len(indices))))
         return out
+
+    def _decode_or_stand_in(self, index: int) -> np.ndarray:
+        candidates = [index]
+        if index in self.unreadable:
+            candidates = []
+        else:
+            try:
+                return decode_image(self.paths[index], self.image_size[0])
+            except UserError as exc:
+                self._report_unreadable(index, exc)
+        same_class = np.flatnonzero(self.labels == self.labels[index])
+        for candidate in np.roll(same_class, -int(np.searchsorted(same_class, index))):
+            if int(candidate) in self.unreadable or int(candidate) in candidates:
+                continue
+            try:
+                return decode_image(self.paths[candidate], self.image_size[0])
+            except UserError as exc:
+                self._report_unreadable(int(candidate), exc)
+        raise UserError(f"no image of the class of {self.paths[index]} can be decoded "
+                        f"(e.g. {self.unreadable.get(index, self.paths[index])})")
+
+    def _report_unreadable(self, index: int, exc: UserError) -> None:
+        if index not in self.unreadable:
+            self.unreadable[index] = str(exc)
+            print(f"tailwise: {exc}; another image of its class stands in for it", file=sys.stderr, flush=True)
 
 
 @functools.cache
 def _decode_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="tailwise-decode")
+
+
+IMAGE_SIZES = (28, 32, 48, 64, 96, 128, 160, 192, 224)   # what a folder's images are decoded to, by default
+
+
+def image_size_for(median_shorter_side: int) -> int:
+    """The square side a folder's images are decoded to when none is given: the largest of IMAGE_SIZES not
+    above the images' median shorter side (so images are not blown up; 224 at most), or that side itself
+    when it is below 28."""
+    fitting = [s for s in IMAGE_SIZES if s <= median_shorter_side]
+    return fitting[-1] if fitting else max(1, int(median_shorter_side))
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
@@ -187,6 +230,24 @@ def group_thresholds(num_classes: int, many_threshold=None, few_threshold=None) 
     many = (100 if large else 500) if many_threshold is None else many_threshold
     few = (20 if large else 200) if few_threshold is None else few_threshold
     return many, few
+
+
+def folder_group_thresholds(counts, many_threshold=None, few_threshold=None) -> tuple[int, int]:
+    """(many, few) for a user's own folder, where not given: group_thresholds' literature bands when its
+    largest class is above the many threshold; otherwise (a small set, where those bands would make no class
+    'many') the log range of the class counts cut into thirds: many = count > n_min * (n_max/n_min)^(2/3),
+    few = count < n_min * (n_max/n_min)^(1/3). A balanced set is all 'many'."""
+    many, few = group_thresholds(len(counts))
+    if not (many_threshold is None or few_threshold is None) or not len(counts) or max(counts) > many:
+        return group_thresholds(len(counts), many_threshold, few_threshold)
+    low, high = max(1, min(counts)), max(counts)
+    if high <= low:
+        auto_many, auto_few = high - 1, 0
+    else:
+        auto_many = int(math.floor(low * (high / low) ** (2 / 3)))
+        auto_few = min(auto_many, int(math.ceil(low * (high / low) ** (1 / 3))))
+    return (auto_many if many_threshold is None else many_threshold,
+            auto_few if few_threshold is None else few_threshold)
 
 
 def groups_from_counts(counts, many_threshold=None, few_threshold=None) -> list[str]:
@@ -263,6 +324,9 @@ class LTData:
     groups: list[str]
     index_sha256: str  # of train_idx, see index_sha256()
     build_args: dict = field(default_factory=dict)  # build_lt_data(**build_args) rebuilds this
+    skipped: list = field(default_factory=list)     # (path, reason) of unreadable image files left out
+    notes: list = field(default_factory=list)       # other things left out (empty class folders)
+    file_stats: dict = field(default_factory=dict)  # folder data: median shorter side, Pillow modes, ignored files
 
     @property
     def num_classes(self) -> int:
@@ -285,7 +349,22 @@ class LTData:
             "num_val": int(len(self.val_idx)),
             "num_test": 0 if self.test_source is None else len(self.test_source),
             "build_args": dict(self.build_args),
+            "num_skipped": len(self.skipped),
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped[:MAX_LISTED_SKIPPED]],
         }
+
+    def group_thresholds(self) -> tuple[int, int]:
+        """(many, few) this set's groups were drawn with: many = count > many, few = count < few."""
+        return group_thresholds(self.num_classes, self.build_args.get("many_threshold"),
+                                self.build_args.get("few_threshold"))
+
+    def skipped_report(self) -> list[str]:
+        """Lines that tell the user which files were left out and why (empty when none were)."""
+        lines = [f"skipped {len(self.skipped)} unreadable image file(s):"] if self.skipped else []
+        lines += [f"  {path}: {reason}" for path, reason in self.skipped[:MAX_LISTED_SKIPPED]]
+        if len(self.skipped) > MAX_LISTED_SKIPPED:
+            lines.append(f"  ... and {len(self.skipped) - MAX_LISTED_SKIPPED} more")
+        return lines + list(self.notes)
 
 
 def build_lt_data(dataset: str, root: str | None = None, imbalance_factor: float = 100, profile: str = "exp",
@@ -301,7 +380,9 @@ def build_lt_data(dataset: str, root: str | None = None, imbalance_factor: float
     splits/folder: used as they are; ``imbalance_factor`` and ``profile`` do not apply (recorded as 1 / "none").
     splits: ``root`` is the image root, ``train_split`` (required), ``val_split`` and ``test_split`` split files.
     folder: ``root`` holds one subfolder per class; ``test_split`` may name a second such folder as test set.
-    ``image_size`` (file data only, default 224) is the square side images are decoded to.
+    ``image_size`` (file data only) is the square side images are decoded to; default: 224 for splits, for a
+    folder ``image_size_for`` its images' median shorter side. A folder's unreadable files are left out and
+    listed in ``LTData.skipped``; its many/medium/few bands default to ``folder_group_thresholds``.
     """
     if dataset not in DATASETS:
         raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
@@ -316,11 +397,12 @@ def build_lt_data(dataset: str, root: str | None = None, imbalance_factor: float
                                  many_threshold, few_threshold, holdout_kept)
     if dataset == "folder" and (train_split is not None or val_split is not None):
         raise UserError("--train-split/--val-split apply to --dataset splits; a folder dataset is its own train set")
-    image_size = 224 if image_size is None else int(image_size)
-    if image_size < 1:
+    if image_size is None and dataset == "splits":
+        image_size = 224
+    if image_size is not None and int(image_size) < 1:
         raise UserError(f"--image-size must be positive, got {image_size}")
     return _build_file_data(dataset, root, val_per_class, val_seed, many_threshold, few_threshold,
-                            train_split, val_split, test_split, image_size)
+                            train_split, val_split, test_split, None if image_size is None else int(image_size))
 
 
 def rebuild_lt_data(build_args: dict) -> LTData:
@@ -374,12 +456,25 @@ def _build_file_data(dataset, root, val_per_class, val_seed, many_threshold, few
     if not os.path.isdir(root):
         raise UserError(f"--root {root} is not a directory")
     test_paths = test_labels = None
+    skipped, notes, file_stats = [], [], {}
     if dataset == "folder":
-        class_names, train_paths, train_labels = read_class_folder(root)
+        scan = scan_class_folder(root)
+        class_names, train_paths, train_labels = scan.class_names, scan.paths, scan.labels
+        skipped += scan.skipped
+        shorter = np.sort(scan.sizes.min(axis=1))
+        file_stats = {"median_shorter_side": int(shorter[len(shorter) // 2]), "modes": dict(scan.modes),
+                      "ignored_files": scan.ignored}
+        if image_size is None:
+            image_size = image_size_for(file_stats["median_shorter_side"])
+        if scan.empty_classes:
+            notes.append(f"{len(scan.empty_classes)} class folder(s) without a readable image left out: "
+                         + ", ".join(scan.empty_classes[:10]))
         val_paths, val_labels = [], None
         if test_split is not None:
             test_split = os.path.abspath(test_split)
-            test_names, test_paths, test_labels = read_class_folder(test_split)
+            test_scan = scan_class_folder(test_split)
+            test_names, test_paths, test_labels = test_scan.class_names, test_scan.paths, test_scan.labels
+            skipped += test_scan.skipped
             unknown = sorted(set(test_names) - set(class_names))
             if unknown:
                 raise UserError(f"test folder {test_split} has classes not in {root}: {', '.join(unknown)}")
@@ -409,6 +504,8 @@ def _build_file_data(dataset, root, val_per_class, val_seed, many_threshold, few
         train_idx, val_idx = holdout_split(train_labels, num_classes, val_per_class, val_seed)
     test = None if test_paths is None else FileSource(test_paths, test_labels, image_size)
     counts = np.bincount(source.labels[train_idx], minlength=num_classes).tolist()
+    if dataset == "folder":  # record the bands used, so a rebuild, the export and the served model agree
+        many_threshold, few_threshold = folder_group_thresholds(counts, many_threshold, few_threshold)
     mean, std = MEAN_STD["imagenet"]
     return LTData(
         name=dataset, class_names=class_names, channels=3, image_size=(image_size, image_size), mean=mean, std=std,
@@ -418,7 +515,8 @@ def _build_file_data(dataset, root, val_per_class, val_seed, many_threshold, few
         build_args=dict(dataset=dataset, root=root, imbalance_factor=1, profile="none",
                         val_per_class=val_per_class, val_seed=val_seed, many_threshold=many_threshold,
                         few_threshold=few_threshold, train_split=train_split, val_split=val_split,
-                        test_split=test_split, image_size=image_size, holdout_kept=False))
+                        test_split=test_split, image_size=image_size, holdout_kept=False),
+        skipped=skipped, notes=notes, file_stats=file_stats)
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -623,21 +721,109 @@ def _class_names_from_paths(paths: list[str], labels: np.ndarray, num_classes: i
     return names
 
 
-def read_class_folder(root: str) -> tuple[list[str], list[str], np.ndarray]:
-    """(class_names, paths, labels) of a folder with one subfolder of images per class (sorted names)."""
+@dataclass
+class FolderScan:
+    """A class folder as found on disk: the readable images, and what was left out and why."""
+
+    class_names: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    sizes: np.ndarray                  # (width, height) of each readable image, from its header
+    modes: dict                        # Pillow mode -> number of images (L, RGB, RGBA, CMYK, I;16 ...)
+    skipped: list[tuple[str, str]]     # (path, reason) of image files that cannot be read
+    ignored: int = 0                   # files without an image extension (notes, .DS_Store, Thumbs.db ...)
+    empty_classes: list[str] = field(default_factory=list)   # class subfolders left without a readable image
+
+
+def probe_image(path: str) -> tuple[int, int, str]:
+    """(width, height, mode) from an image file's header; UserError naming the file when it cannot be read.
+    Pixel data is not decoded here: a file truncated after its header is caught when it is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            raise UserError(f"{path}: empty file")
+        with Image.open(path) as image:
+            return image.width, image.height, image.mode
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: cannot read file (missing, or a broken symlink)") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image Pillow can read") from None
+    except Exception as exc:  # permissions, decompression bombs, malformed headers
+        raise UserError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+
+
+def _image_files(class_dir: str) -> tuple[list[str], int]:
+    """(image files under class_dir, sorted; number of non-image files): nested folders and symlinks followed
+    (each real folder once, so a symlink loop ends), hidden files and folders skipped."""
+    files, ignored, seen = [], 0, set()
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.join(dirpath, name))
+            else:
+                ignored += 1
+    return sorted(files), ignored
+
+
+def scan_class_folder(root: str) -> FolderScan:
+    """Scan a folder with one subfolder of images per class (sorted names): every image's header is read (on a
+    thread pool), and files that cannot be read are listed in ``skipped`` rather than failing the scan."""
     if not os.path.isdir(root):
         raise UserError(f"image folder {root} does not exist")
-    class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    paths, labels = [], []
-    for label, name in enumerate(class_names):
-        files = sorted(
-            os.path.join(dirpath, f)
-            for dirpath, _, filenames in os.walk(os.path.join(root, name), followlinks=True)
-            for f in filenames if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise UserError(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        paths += files
-        labels += [label] * len(files)
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not names:
+        raise UserError(f"{root} has no class subfolders (expected one subfolder of images per class)")
+    found, ignored = [], 0
+    for name in names:
+        files, n_ignored = _image_files(os.path.join(root, name))
+        found.append(files)
+        ignored += n_ignored
+
+    def probe(path):
+        try:
+            return probe_image(path)
+        except UserError as exc:
+            return str(exc)
+
+    flat = [p for files in found for p in files]
+    probes = list(_decode_pool().map(probe, flat, chunksize=256)) if flat else []
+    class_names, paths, labels, sizes, modes, skipped, empty = [], [], [], [], {}, [], []
+    k = 0
+    for name, files in zip(names, found):
+        kept = 0
+        for path in files:
+            result = probes[k]
+            k += 1
+            if isinstance(result, str):
+                skipped.append((path, result.split(": ", 1)[1] if result.startswith(path) else result))
+                continue
+            paths.append(path)
+            labels.append(len(class_names))
+            sizes.append(result[:2])
+            modes[result[2]] = modes.get(result[2], 0) + 1
+            kept += 1
+        if kept:
+            class_names.append(name)
+        else:
+            empty.append(name)
     if not class_names:
-        raise UserError(f"{root} has no class subfolders")
-    return class_names, paths, np.array(labels, dtype=np.int64)
+        raise UserError(f"{root}: no readable images in any class subfolder ({', '.join(IMAGE_EXTENSIONS)})")
+    return FolderScan(class_names, paths, np.array(labels, dtype=np.int64),
+                      np.array(sizes, dtype=np.int64).reshape(-1, 2), modes, skipped, ignored, empty)
+
+
+def read_class_folder(root: str) -> tuple[list[str], list[str], np.ndarray]:
+    """(class_names, paths, labels) of the readable images of a class folder (see scan_class_folder)."""
+    scan = scan_class_folder(root)
+    return scan.class_names, scan.paths, scan.labels

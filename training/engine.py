@@ -3,7 +3,8 @@ progress bar, JSONL metrics, checkpoint/resume.
 
 One plain loop (`fit`) drives every stage and baseline; a stage supplies `step_fn(images, labels) -> loss`
 and optional `on_epoch_start` / `on_epoch_end` hooks. In-memory datasets are moved to the training device once
-and indexed there, so a GPU never waits on per-image CPU work.
+and indexed there, so a GPU never waits on per-image CPU work; file-backed ones decode the next batch on a
+background thread while the current one trains, holding at most two batches of decoded images.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -75,10 +77,11 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------- batches
 class DeviceImages:
-    """Images of a data source, fetched by index on the training device (in-memory sources live there)."""
+    """Images of a data source, fetched by index on the training device (in-memory sources live there;
+    file-backed ones are decoded on demand, the next batch ahead of time unless `prefetch` is False)."""
 
-    def __init__(self, source, device: torch.device):
-        self.source, self.device = source, device
+    def __init__(self, source, device: torch.device, prefetch: bool = True):
+        self.source, self.device, self.prefetch = source, device, prefetch
         images = getattr(source, "images", None)
         self.images = images.to(device) if images is not None else None
 
@@ -86,6 +89,28 @@ class DeviceImages:
         if self.images is not None:
             return self.images[torch.as_tensor(indices, device=self.device)]
         return self.source.load(indices).to(self.device, non_blocking=True)
+
+    def batches(self, batches: list[np.ndarray], waited: list[float] | None = None):
+        """The images of each batch in turn. A file-backed source decodes the next batch on a background thread
+        while the caller trains on this one; the seconds spent waiting for a batch are added to `waited[0]`."""
+        if self.images is not None or not self.prefetch:
+            for idx in batches:
+                t0 = time.perf_counter()
+                images = self(idx)
+                if waited is not None and self.images is None:
+                    waited[0] += time.perf_counter() - t0
+                yield images
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tailwise-prefetch") as prefetch:
+            pending = prefetch.submit(self.source.load, batches[0]) if batches else None
+            for k in range(len(batches)):
+                t0 = time.perf_counter()
+                images = pending.result()
+                if waited is not None:
+                    waited[0] += time.perf_counter() - t0
+                if k + 1 < len(batches):
+                    pending = prefetch.submit(self.source.load, batches[k + 1])
+                yield images.to(self.device, non_blocking=True)
 
 
 def epoch_order(indices: np.ndarray, labels: np.ndarray, seed: int, epoch: int, class_balanced: bool = False,
@@ -192,11 +217,13 @@ def fit(stage: Stage, run_dir: Path, seed: int, d: Dist, start_epoch: int = 0, p
         t0, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=stage.images.device)
         bar = tqdm(batches, desc=f"stage {stage.number} epoch {epoch + 1}/{epochs}", disable=not (progress and d.main),
                    leave=False, dynamic_ncols=True)
+        waited = [0.0]
+        loaded = stage.images.batches(batches, waited)
         for i, idx in enumerate(bar):
             step = epoch * steps_per_epoch + i
             for group in stage.optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, peak)
-            x = stage.images(idx)
+            x = next(loaded)
             y = torch.as_tensor(stage.labels[idx], device=x.device)
             loss = stage.step_fn(x, y, epoch)
             loss_sum += loss.detach()
@@ -209,10 +236,13 @@ def fit(stage: Stage, run_dir: Path, seed: int, d: Dist, start_epoch: int = 0, p
             seen += len(idx) * d.world
             if i % 10 == 0 and bar.disable is False:
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        loaded.close()
         seconds = time.perf_counter() - t0
         last = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(batches))).item(), "images": seen,
                 "seconds": round(seconds, 3), "images_per_second": round(seen / seconds, 1),
                 "lr_end": stage.optimizer.param_groups[0]["lr"], **extra}
+        if stage.images.images is None:   # file data: the share of the epoch spent waiting for decoded images
+            last["data_wait_fraction"] = round(waited[0] / seconds, 4)
         if stage.on_epoch_end:
             last.update(stage.on_epoch_end(epoch))
         if d.main:

@@ -4,6 +4,7 @@ numpy and matplotlib only (no torch), so it evaluates logits from a torch model 
 """
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +214,56 @@ def format_evaluation(report: dict, class_names: list[str]) -> str:
                      + ("    n/a" if plain is None else f"{100 * plain:>7.2f}") + "  "
                      + ("     n/a" if adj is None else f"{100 * adj:>8.2f}"))
     return "\n".join(lines)
+
+
+GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+
+
+def plot_class_counts(counts: list[int], groups: list[str], class_names: list[str], thresholds: tuple[int, int],
+                      title: str, path: Path) -> None:
+    """The class-count histogram, classes sorted by count (log scale), coloured by group, with the many and few
+    bands' thresholds drawn across; written atomically to `path` (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import ScalarFormatter
+
+    order = sorted(range(len(counts)), key=lambda c: -counts[c])
+    fig = Figure(figsize=(max(6, min(16, 0.35 * len(counts) + 3)), 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(range(len(order)), [max(counts[c], 0.8) for c in order], color=[GROUP_COLOURS[groups[c]] for c in order])
+    many, few = thresholds
+    ax.axhline(many + 0.5, color=GROUP_COLOURS["many"], ls="--", lw=1, label=f"many: more than {many}")
+    ax.axhline(max(few - 0.5, 0.5), color=GROUP_COLOURS["few"], ls="--", lw=1, label=f"few: fewer than {few}")
+    handles = [Patch(color=GROUP_COLOURS[group], label=f"{group} ({sum(g == group for g in groups)} classes)")
+               for group in GROUPS]
+    if len(order) <= 40:
+        ax.set_xticks(range(len(order)), [class_names[c] for c in order], rotation=60, ha="right", fontsize=7)
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{len(order)} classes, by training count")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_ylabel("training images (log scale)")
+    ax.set_title(title)
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, loc="upper right", fontsize=8)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def count_bars(counts: list[int], groups: list[str], class_names: list[str], width: int = 40,
+               max_rows: int = 40) -> list[str]:
+    """A terminal bar chart of the class counts (largest first, bars on a linear scale), each row tagged with
+    its group; with more than `max_rows` classes, every k-th class by count is shown."""
+    order = sorted(range(len(counts)), key=lambda c: -counts[c])
+    step = max(1, math.ceil(len(order) / max_rows))
+    shown = order[::step] + ([order[-1]] if (len(order) - 1) % step else [])
+    top = max(1, max(counts))
+    name_width = max(len(class_names[c]) for c in shown)
+    lines = [] if step == 1 else [f"(every {step}th class by count, of {len(order)})"]
+    for c in shown:
+        bar = "#" * max(1 if counts[c] else 0, round(width * counts[c] / top))
+        lines.append(f"{class_names[c]:<{name_width}}  {counts[c]:>7}  {groups[c]:<6}  {bar}")
+    return lines

@@ -31,7 +31,8 @@ LA_TAU_GRID = tuple(round(0.25 * i, 2) for i in range(9))   # post-hoc logit adj
 
 def data_from_config(cfg: dict) -> LTData:
     """Build the LT data set a config describes (empty strings / zeros mean 'not given')."""
-    args = {k: v for k, v in cfg["data"].items() if v != "" and not (k == "image_size" and v == 0)}
+    zero_is_auto = ("image_size", "many_threshold", "few_threshold")
+    args = {k: v for k, v in cfg["data"].items() if v != "" and not (k in zero_is_auto and v == 0)}
     return build_lt_data(**args)
 
 
@@ -342,6 +343,8 @@ def evaluate_run(run_dir: Path, device: torch.device, data: LTData | None = None
     model, card = checkpoint.load_classifier(run_dir)
     if data is None:
         data = rebuild_lt_data(card["data"]["build_args"])
+    if data.test_source is None:
+        raise UserError(f"{run_dir}: its data has no test set (train with --test DIR or data.test_split)")
     model.to(device)
     images = engine.DeviceImages(data.test_source, device)
     logits = predict_logits(model, images, np.arange(len(data.test_source))).cpu()
@@ -433,12 +436,14 @@ def _with_stage1_as_trained(cfg: dict, run_dir: Path) -> dict:
     return dict(cfg, **copy.deepcopy(trained))
 
 
-def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool = False, progress: bool = True) -> dict:
+def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool = False, progress: bool = True,
+        data: LTData | None = None) -> dict:
     """Train the configured stages, then (on rank 0) choose logit adjustment on validation and score the test set.
 
     The config is validated and the run folder checked before any data loads; a start that fails before its
     first checkpoint leaves no run folder behind. With `resume` on a finished run nothing is retrained or
-    re-scored (the stored test report is returned)."""
+    re-scored (the stored test report is returned). `data`, when given, must be what data_from_config(cfg)
+    builds (it saves building it twice)."""
     validate_config(cfg)
     if check_start(cfg, run_dir, stages, resume):
         final = checkpoint.load_card(run_dir)
@@ -449,7 +454,7 @@ def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool
     device = engine.resolve_device(cfg["device"])
     d = engine.init_distributed(device)
     engine.seed_everything(cfg["seed"] + d.rank)
-    data = data_from_config(cfg)
+    data = data if data is not None else data_from_config(cfg)
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -463,8 +468,12 @@ def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool
 def _train_and_score(cfg, data, run_dir, device, d, stages, resume, progress) -> dict:
     if d.main:
         print(f"tailwise: {cfg['name']} on {device} ({d.world} process(es)), {data.name}: "
-              f"{len(data.train_idx)} train / {len(data.val_idx)} val / {len(data.test_source)} test, "
+              f"{len(data.train_idx)} train / {len(data.val_idx)} val / "
+              f"{0 if data.test_source is None else len(data.test_source)} test, "
               f"index sha256 {data.index_sha256[:16]}", flush=True)
+        report = data.skipped_report()
+        if report:
+            print("tailwise: " + "\n".join(report), flush=True)
     if 1 in stages:
         train_stage1(cfg, data, run_dir, device, d, resume, progress)
         if d.main:
@@ -489,6 +498,9 @@ def _train_and_score(cfg, data, run_dir, device, d, stages, resume, progress) ->
         stored = json.loads(path.read_text())
         stored.update(update)
         checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
+        if data.test_source is None:
+            print("tailwise: no test set (give one with --test DIR, or data.test_split): nothing scored", flush=True)
+            return result
         result = evaluate_run(run_dir, device, data)
         stored["test"] = {k: result[k] for k in ("num_samples", "top1", "many", "medium", "few", "mean_per_class",
                                                   "per_class", "nll", "ece")}

@@ -1,0 +1,241 @@
+"""A user's own, messy folder of images (issue 16): every case a real folder holds, and the sizes derived from it."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tailwise import UserError
+from tailwise.cli import main as tailwise_main
+from tailwise.training.config import load_config
+from tailwise.training.data import build_lt_data, folder_group_thresholds, image_size_for
+from tailwise.training.plan import batch_for, default_passes
+
+
+def save(path, image, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+def solid(mode, colour, size=(20, 16)):
+    return Image.new(mode, size, colour)
+
+
+def build(root, **kwargs):
+    return build_lt_data("folder", root=str(root), val_per_class=0, **kwargs)
+
+
+def pixels(data, path):
+    row = data.train_source.paths.index(str(path))
+    return data.train_source.load([row])[0]
+
+
+def test_mixed_modes_all_decode_to_rgb(tmp_path):
+    root = tmp_path / "mixed"
+    files = {
+        "gray.png": solid("L", 128), "rgb.png": solid("RGB", (200, 10, 10)),
+        "rgba.png": solid("RGBA", (0, 0, 255, 0)),  # fully transparent: white, as the service composites it
+        "cmyk.jpg": solid("CMYK", (0, 255, 255, 0)), "palette.gif": solid("RGB", (0, 200, 0)).convert("P"),
+    }
+    for name, image in files.items():
+        save(root / "a" / name, image)
+    save(root / "a" / "deep16.png", Image.fromarray(np.full((16, 20), 257 * 100, dtype=np.uint16)))
+    data = build(root, image_size=8)
+    assert data.file_stats["modes"] == {"L": 1, "RGB": 1, "RGBA": 1, "CMYK": 1, "P": 1, "I;16": 1}
+    assert data.skipped == []
+    assert pixels(data, root / "a" / "gray.png").unique().tolist() == [128]
+    assert pixels(data, root / "a" / "rgba.png").unique().tolist() == [255]
+    assert pixels(data, root / "a" / "deep16.png").unique().tolist() == [100]
+    red = pixels(data, root / "a" / "cmyk.jpg")[:, 4, 4].tolist()   # CMYK (0, 255, 255, 0) is red
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60
+    assert data.train_source.load(np.arange(6)).shape == (6, 3, 8, 8)
+
+
+def test_unreadable_files_are_listed_and_skipped(tmp_path, capsys):
+    root = tmp_path / "bad"
+    for i in range(3):
+        save(root / "cat" / f"{i}.png", solid("RGB", (i, 0, 0)))
+    (root / "cat" / "garbage.png").write_bytes(b"not a png at all")
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    (root / "cat" / "notes.txt").write_text("not an image, not counted as one")
+    save(root / "dog" / "0.png", solid("RGB", (0, 255, 0)))
+    data = build(root, image_size=8)
+    assert data.counts == [3, 1] and data.card()["num_skipped"] == 2
+    assert sorted(os.path.basename(p) for p, _ in data.skipped) == ["empty.jpg", "garbage.png"]
+    assert data.file_stats["ignored_files"] == 1
+    assert tailwise_main(["data", "--dataset", "folder", "--root", str(root), "--image-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 unreadable image file(s):" in out
+    assert f"{root / 'cat' / 'garbage.png'}: not an image" in out and f"{root / 'cat' / 'empty.jpg'}: empty" in out
+
+
+def test_a_file_that_fails_to_decode_while_training_is_replaced_by_its_class(tmp_path, capsys):
+    root = tmp_path / "trunc"
+    save(root / "cat" / "0.png", solid("RGB", (255, 0, 0)))
+    whole = save(root / "cat" / "1.png", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3),
+                                                                                           dtype=np.uint8)))
+    save(root / "dog" / "0.png", solid("RGB", (0, 255, 0)))
+    whole.write_bytes(whole.read_bytes()[:200])  # the header reads, the pixels do not
+    data = build(root, image_size=8)
+    assert data.skipped == [] and data.counts == [2, 1]
+    batch = data.train_source.load([1, 2, 1])
+    assert batch[0].tolist() == batch[2].tolist() == data.train_source.load([0])[0].tolist()
+    err = capsys.readouterr().err
+    assert err.count("1.png") >= 1 and "another image of its class stands in" in err
+    assert len(err.strip().splitlines()) == 1  # reported once
+    (root / "cat" / "0.png").write_bytes(b"gone bad too")
+    with pytest.raises(UserError, match="no image of the class"):
+        data.train_source.load([0])
+
+
+def test_non_ascii_names(tmp_path):
+    root = tmp_path / "données"
+    save(root / "chat_été" / "photo_ü.png", solid("RGB", (255, 0, 0)))
+    save(root / "猫" / "写真.jpg", solid("RGB", (0, 0, 255)))
+    data = build(root, image_size=8)
+    assert data.class_names == ["chat_été", "猫"]
+    assert json.loads(json.dumps(data.card(), ensure_ascii=False))["class_names"] == ["chat_été", "猫"]
+    assert data.train_source.load([0, 1]).shape == (2, 3, 8, 8)
+
+
+def test_nested_folders_count_for_their_class(tmp_path):
+    root = tmp_path / "nested"
+    save(root / "cat" / "a.png", solid("RGB", (255, 0, 0)))
+    save(root / "cat" / "2024" / "june" / "b.png", solid("RGB", (255, 0, 0)))
+    save(root / "dog" / "x" / "c.png", solid("RGB", (0, 255, 0)))
+    data = build(root, image_size=8)
+    assert data.class_names == ["cat", "dog"] and data.counts == [2, 1]
+
+
+def test_a_class_with_one_image(tmp_path):
+    root = tmp_path / "one"
+    for i in range(10):
+        save(root / "many" / f"{i}.png", solid("RGB", (255, 0, 0)))
+    save(root / "single" / "0.png", solid("RGB", (0, 255, 0)))
+    data = build_lt_data("folder", root=str(root), image_size=8)  # default validation hold-out
+    assert data.counts == [8, 1] and data.val_counts == [2, 0]   # the lone image trains, none held out
+    assert data.groups == ["many", "few"]
+
+
+def test_symlinks_followed_loops_ended_broken_listed(tmp_path):
+    root, elsewhere = tmp_path / "links", tmp_path / "elsewhere"
+    save(root / "cat" / "0.png", solid("RGB", (255, 0, 0)))
+    save(elsewhere / "bird" / "0.png", solid("RGB", (0, 0, 255)))
+    save(elsewhere / "bird" / "1.png", solid("RGB", (0, 0, 250)))
+    os.symlink(elsewhere / "bird", root / "bird")                       # a class folder that is a link
+    os.symlink(root / "cat" / "0.png", root / "cat" / "same.png")       # a file that is a link
+    os.symlink(root / "cat", root / "cat" / "loop")                     # a loop
+    os.symlink(tmp_path / "nowhere.png", root / "cat" / "broken.png")   # a broken link
+    data = build(root, image_size=8)
+    assert data.class_names == ["bird", "cat"] and data.counts == [2, 2]
+    assert [os.path.basename(p) for p, _ in data.skipped] == ["broken.png"]
+    assert "broken symlink" in data.skipped[0][1]
+
+
+def test_hidden_files_and_folders_are_ignored(tmp_path):
+    root = tmp_path / "hidden"
+    save(root / "cat" / "0.png", solid("RGB", (255, 0, 0)))
+    save(root / "cat" / ".1.png", solid("RGB", (255, 0, 0)))            # e.g. macOS ._ files
+    save(root / "cat" / ".thumbnails" / "2.png", solid("RGB", (255, 0, 0)))
+    save(root / ".git" / "objects" / "3.png", solid("RGB", (255, 0, 0)))
+    (root / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "cat" / "Thumbs.db").write_bytes(b"\xd0\xcf")
+    data = build(root, image_size=8)
+    assert data.class_names == ["cat"] and data.counts == [1] and data.skipped == []
+
+
+def test_image_size_and_groups_are_derived_from_the_folder(tmp_path):
+    assert [image_size_for(s) for s in (20, 28, 31, 32, 100, 375, 5000)] == [20, 28, 28, 32, 96, 224, 224]
+    root = tmp_path / "sizes"
+    for i, size in enumerate([(28, 40), (30, 28), (28, 28)]):
+        save(root / "a" / f"{i}.png", solid("L", 9, size))
+    data = build(root)
+    assert data.image_size == (28, 28) and data.build_args["image_size"] == 28
+    # small set: log thirds of the counts; a large head keeps the literature's bands; balanced: all many
+    assert folder_group_thresholds([48, 37, 28, 22, 17, 13, 10, 8, 6, 5]) == (22, 11)
+    assert folder_group_thresholds([6000, 60]) == (500, 200)
+    assert folder_group_thresholds([7, 7, 7]) == (6, 0)
+    assert folder_group_thresholds([48, 5], many_threshold=40, few_threshold=6) == (40, 6)
+
+
+def test_group_thresholds_in_the_config(tmp_path):
+    cfg = load_config("tailwise", ["data.many_threshold=30", "data.few_threshold=7"])
+    assert (cfg["data"]["many_threshold"], cfg["data"]["few_threshold"]) == (30, 7)
+    assert load_config("tailwise")["data"]["many_threshold"] == 0     # 0: auto
+    with pytest.raises(UserError, match="data.few_threshold must be >= 0"):
+        load_config("tailwise", ["data.few_threshold=-1"])
+    root = tmp_path / "bands"
+    for c, n in (("a", 40), ("b", 10), ("c", 3)):
+        for i in range(n):
+            save(root / c / f"{i}.png", solid("RGB", (i, 0, 0), (8, 8)))
+    from tailwise.training.train import data_from_config
+
+    cfg = load_config("tailwise", ["data.dataset='folder'", f"data.root='{root}'", "data.val_per_class=0",
+                                   "data.many_threshold=30", "data.few_threshold=7"])
+    data = data_from_config(cfg)
+    assert data.groups == ["many", "medium", "few"]
+    assert data.build_args["many_threshold"] == 30 and data.build_args["few_threshold"] == 7
+
+
+def test_sizes_derived_for_small_and_large_sets():
+    assert [batch_for(n, 512) for n in (50, 194, 1000, 20000, 115000)] == [16, 32, 128, 512, 512]
+    assert batch_for(194, 16) == 16
+    assert [default_passes(n) for n in (194, 1000, 5000, 115000)] == [200, 50, 20, 20]
+
+
+def test_train_data_refuses_budget_without_data(capsys):
+    assert tailwise_main(["train", "--budget", "3"]) == 2
+    assert "--data DIR" in capsys.readouterr().err
+
+
+def test_file_batches_are_decoded_ahead_in_order(tmp_path):
+    from tailwise.training import engine
+
+    root = tmp_path / "stream"
+    for i in range(12):
+        save(root / f"c{i % 3}" / f"{i}.png", solid("RGB", (20 * i, 0, 0), (8, 8)))
+    data = build(root, image_size=8)
+    batches = [np.array([0, 5]), np.array([11, 3, 7]), np.array([2])]
+    waited = [0.0]
+    ahead = list(engine.DeviceImages(data.train_source, torch.device("cpu")).batches(batches, waited))
+    inline = list(engine.DeviceImages(data.train_source, torch.device("cpu"), prefetch=False).batches(batches))
+    direct = [data.train_source.load(b) for b in batches]
+    assert [x.tolist() for x in ahead] == [x.tolist() for x in inline] == [x.tolist() for x in direct]
+    assert waited[0] >= 0.0
+
+
+def test_plan_prints_every_derived_value_and_respects_set_and_minutes(tmp_path):
+    import argparse
+
+    from tailwise.training.plan import plan_for_folder
+
+    root = tmp_path / "plan"
+    rng = np.random.default_rng(0)
+    for c, n in (("a", 30), ("b", 12), ("c", 4)):
+        for i in range(n):
+            save(root / c / f"{i}.png", Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)))
+
+    def args(**kw):
+        return argparse.Namespace(**{"data": str(root), "test": None, "config": None, "budget": None,
+                                     "minutes": None, **kw})
+
+    cfg, data, lines = plan_for_folder(args(budget=8), ["stage2.batch_size=16", "device='cpu'"])
+    text = "\n".join(lines)
+    assert cfg["data"]["dataset"] == "folder" and cfg["data"]["image_size"] == 12 == data.image_size[0]
+    assert cfg["stage1"]["epochs"] == 6 and cfg["stage2"]["batch_size"] == 16    # 3/4 of 8 passes; --set wins
+    assert cfg["stage1"]["batch_size"] == 16 and cfg["stage1"]["lr_scale_batch"] == 0
+    for field in ("data.image_size", "data.many_threshold", "stage1.batch_size", "stage1.lr", "stage1.epochs",
+                  "stage1.warmup_epochs", "stage2.epochs"):
+        assert f"  {field} " in text and f"[--set {field}=...]" in text, field
+    assert "stage2.batch_size as given by --set" in text and "estimated time:" in text
+    assert (cfg["data"]["many_threshold"], cfg["data"]["few_threshold"]) == folder_group_thresholds(data.counts)
+
+    by_minutes, _, lines = plan_for_folder(args(minutes=0.5), ["device='cpu'"])
+    assert any("--minutes 0.5 at" in line for line in lines)
+    assert by_minutes["stage1"]["epochs"] >= 1 and by_minutes["stage2"]["epochs"] >= 1
+    with pytest.raises(UserError, match="not both"):
+        plan_for_folder(args(minutes=1, budget=3), [])
