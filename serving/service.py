@@ -241,6 +241,15 @@ class BatchClassification(BaseModel):
 
 # --------------------------------------------------------------------------------------------- upload limit
 
+async def send_error(send, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+    """An ASGI response `{"error": message}` with `status`, sent before the request reaches BentoML."""
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
 class BodyTooLarge(OSError):
     """Raised into the request parser when a streamed body passes the upload limit (not logged: a 413)."""
 
@@ -278,12 +287,8 @@ class UploadLimit:
         await self.app(scope, counted_receive, guarded_send)
 
     async def refuse(self, send):
-        body = json.dumps({"error": f"request body over {self.max_bytes} bytes (TAILWISE_MAX_UPLOAD_BYTES) "
-                                    "or without a valid Content-Length"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body over {self.max_bytes} bytes (TAILWISE_MAX_UPLOAD_BYTES) or without "
+                                    "a valid Content-Length", [(b"connection", b"close")])
 
 
 # --------------------------------------------------------------------------------------------- overload
@@ -319,12 +324,8 @@ class Overload:
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
-        body = json.dumps({"error": f"overloaded: {self.limit} requests in progress (TAILWISE_MAX_IN_FLIGHT); "
-                                    "retry after 1 s"}).encode()
-        await send({"type": "http.response.start", "status": 503,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"retry-after", b"1")]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 503, f"overloaded: {self.limit} requests in progress (TAILWISE_MAX_IN_FLIGHT); retry "
+                                    "after 1 s", [(b"retry-after", b"1")])
 
 
 # --------------------------------------------------------------------------------------------- client errors

@@ -547,6 +547,17 @@ def test_tailwise_serve_errors_are_one_line(server_env, tiny_model_dir, tmp_path
     assert result.stderr.strip() == "tailwise serve: error: TAILWISE_MAX_PIXELS must be an integer, got 'abc'"
 
 
+def weights_offset(model_bytes: bytes) -> int:
+    """Where the raw bytes of the model's largest initializer (a weight tensor) start in the ONNX file."""
+    import onnx
+
+    raw = max((t.raw_data for t in onnx.load_from_string(model_bytes).graph.initializer), key=len)
+    assert len(raw) >= 128
+    offset = model_bytes.find(raw)
+    assert offset > 0
+    return offset + len(raw) // 2 - 32
+
+
 def test_serve_and_the_service_refuse_a_tampered_model(server_env, tiny_model_dir, tmp_path):
     """64 bytes flipped in model.onnx: `tailwise serve` and the service module (what a Bento's worker and
     `bentoml build` import) refuse it, naming the file and both hashes; TAILWISE_VERIFY=0 accepts it."""
@@ -556,8 +567,9 @@ def test_serve_and_the_service_refuse_a_tampered_model(server_env, tiny_model_di
     folder = tmp_path / "models" / "tiny"
     shutil.copytree(tiny_model_dir, folder)
     data = bytearray((folder / "model.onnx").read_bytes())
-    for i in range(64):
-        data[len(data) // 2 + i] ^= 0xFF
+    start = weights_offset(bytes(data))
+    for i in range(64):          # inside the largest weight tensor: still a valid ONNX file, silently wrong weights
+        data[start + i] ^= 0xFF
     (folder / "model.onnx").write_bytes(bytes(data))
     expected = json.loads((folder / "manifest.json").read_text())["files"]["model.onnx"]["sha256"]
     actual = hashlib.sha256(data).hexdigest()
