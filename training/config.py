@@ -108,16 +108,18 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
 
 
-def _merge(base: dict, update: dict, where: str = "") -> dict:
+def _merge(base: dict, update: dict, where: str = "", check=None) -> dict:
+    """Write `update`'s fields into `base` (same nesting); unknown fields and non-tables where a table belongs
+    are errors. `check(field, current, new)` may vet or convert each value on the way in."""
     for key, value in update.items():
         if key not in base:
             raise UserError(f"unknown config field '{where}{key}' (known: {', '.join(base)})")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise UserError(f"config field {where}{key} must be a table")
-            _merge(base[key], value, f"{where}{key}.")
+            _merge(base[key], value, f"{where}{key}.", check)
         else:
-            base[key] = value
+            base[key] = check(f"{where}{key}", base[key], value) if check else value
     return base
 
 
@@ -170,22 +172,20 @@ def _check_value(field: str, default, value):
 def validate_config(cfg: dict) -> dict:
     """Check every field of `cfg` (types, ranges, choices) against DEFAULTS and RULES; UserError naming the
     first bad field. Returns cfg (ints given for float fields become floats)."""
-    def walk(defaults: dict, node: dict, where: str) -> None:
-        for key, value in node.items():
-            field = f"{where}{key}"
-            if key not in defaults:
-                raise UserError(f"unknown config field '{field}' (known: {', '.join(defaults)})")
-            if isinstance(defaults[key], dict):
-                if not isinstance(value, dict):
-                    raise UserError(f"config field {field} must be a table")
-                walk(defaults[key], value, f"{field}.")
-            else:
-                node[key] = _check_value(field, defaults[key], value)
-        missing = [k for k in defaults if k not in node]
-        if missing:
-            raise UserError(f"config misses field '{where}{missing[0]}'")
+    def missing(defaults: dict, node: dict, where: str) -> None:
+        for key, default in defaults.items():
+            if key not in node:
+                raise UserError(f"config misses field '{where}{key}'")
+            if isinstance(default, dict) and isinstance(node[key], dict):
+                missing(default, node[key], f"{where}{key}.")
 
-    walk(DEFAULTS, cfg, "")
+    checked = _merge(copy.deepcopy(DEFAULTS), cfg, check=_check_value)
+    missing(DEFAULTS, cfg, "")
+    for section, value in checked.items():          # in place, as callers rely on (ints become floats)
+        if isinstance(value, dict):
+            cfg[section].update(value)
+        else:
+            cfg[section] = value
     return cfg
 
 
