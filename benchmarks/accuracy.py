@@ -102,7 +102,11 @@ def stage1_key(cfg: dict) -> str:
     """What makes two rows' stage 1 the same run: data, model, stage-1 config and seed."""
     import hashlib
 
-    same = {k: cfg[k] for k in ("data", "model", "stage1", "seed", "device")}
+    from tailwise.training.config import DEFAULTS
+
+    # only what differs from the defaults, so a config field added later (at its default) keeps the key
+    same = {k: {f: v for f, v in cfg[k].items() if DEFAULTS[k].get(f) != v} for k in ("data", "model", "stage1")}
+    same.update(seed=cfg["seed"], device=cfg["device"])
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:12]
 
 
