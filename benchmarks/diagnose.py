@@ -26,17 +26,13 @@ def diagnose(run_dir: Path) -> dict:
 
     from tailwise.training import checkpoint, engine
     from tailwise.training.data import rebuild_lt_data
-    from tailwise.training.networks import ContrastiveModel
-    from tailwise.training.probe import linear_probe
+    from tailwise.training.probe import linear_probe, stage1_encoder
     from tailwise.training.train import predict_logits
     from tailwise.training.metrics import evaluate_logits
 
     card1 = checkpoint.load_card(run_dir, stage=1)
     cfg, data = card1["config"], rebuild_lt_data(card1["data"]["build_args"])
-    encoder = ContrastiveModel(cfg["model"]["arch"], data.channels, data.mean, data.std,
-                               cfg["model"]["proj_hidden"], cfg["model"]["proj_dim"])
-    weights = checkpoint.load_weights(card1)
-    encoder.encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
+    encoder = stage1_encoder(cfg, data, checkpoint.load_weights(card1))
     device = torch.device("cpu")
     row = {"run": str(run_dir), "probe": linear_probe(encoder, data, device, on="val")["mean_per_class"]}
     model, card = checkpoint.load_classifier(run_dir)

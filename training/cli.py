@@ -228,8 +228,7 @@ def run_probe(args) -> int:
     from tailwise.training.checkpoint import load_card, load_weights
     from tailwise.training.config import load_config
     from tailwise.training.data import rebuild_lt_data
-    from tailwise.training.networks import ContrastiveModel
-    from tailwise.training.probe import linear_probe
+    from tailwise.training.probe import linear_probe, stage1_encoder
     from tailwise import UserError
 
     if bool(args.run) == bool(args.random_init):
@@ -244,11 +243,7 @@ def run_probe(args) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    model = ContrastiveModel(cfg["model"]["arch"], data.channels, data.mean, data.std,
-                             cfg["model"]["proj_hidden"], cfg["model"]["proj_dim"])
-    if args.run:
-        weights = load_weights(card)
-        model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
+    model = stage1_encoder(cfg, data, load_weights(card) if args.run else None)
     report = linear_probe(model, data, engine.resolve_device(args.device), per_class=args.per_class, seed=args.seed,
                           on=args.on)
     if args.json:

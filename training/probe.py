@@ -25,6 +25,18 @@ def encode(model: torch.nn.Module, images: engine.DeviceImages, indices: np.ndar
     return torch.cat(feats)
 
 
+def stage1_encoder(cfg: dict, data: LTData, weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The network `linear_probe` takes for a config: its encoder (with `weights`' encoder.* tensors, a stage-1
+    checkpoint's; randomly initialised without them) behind the data's normalisation."""
+    from tailwise.training.networks import ContrastiveModel
+
+    model = ContrastiveModel(cfg["model"]["arch"], data.channels, data.mean, data.std, cfg["model"]["proj_hidden"],
+                             cfg["model"]["proj_dim"])
+    if weights is not None:
+        model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
+    return model
+
+
 def balanced_subset(data: LTData, per_class: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     labels = data.train_source.labels[data.train_idx]
