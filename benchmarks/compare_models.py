@@ -12,11 +12,8 @@ it; the output says so.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,8 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--imbalance-factor", type=float, default=100)
     args = parser.parse_args(argv)
 
-    import onnxruntime as ort
-
+    import tailwise
     from tailwise.training.data import build_lt_data
     from tailwise.training.metrics import evaluate_logits
 
@@ -38,15 +34,10 @@ def main(argv=None) -> int:
     print(f"validation split: {len(labels)} images, index sha256 {data.index_sha256[:12]}...")
     print("| model | trained on | plain | served | served many / medium / few |\n|---|---|---:|---:|---|")
     for folder in map(Path, args.models):
-        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-        meta = json.loads(session.get_modelmeta().custom_metadata_map["tailwise"])
-        logits = np.concatenate([session.run(None, {session.get_inputs()[0].name: images[i:i + 256]})[0]
-                                 for i in range(0, len(images), 256)])
-        plain = evaluate_logits(logits, labels, data.counts, data.groups)
-        la = meta.get("logit_adjustment")
-        served = evaluate_logits(logits - la["tau"] * np.asarray(la["log_prior"]), labels, data.counts, data.groups) \
-            if la else plain
-        sha = (meta.get("dataset") or {}).get("index_sha256") or ""
+        model = tailwise.load(folder, verify=False)     # as before: a model copied out of git has no manifest
+        plain, served = (evaluate_logits(model.predict_logits(images, adjusted=adjusted), labels, data.counts,
+                                         data.groups) for adjusted in (False, True))
+        sha = (model.metadata.get("dataset") or {}).get("index_sha256") or ""
         trained = "this split" if sha == data.index_sha256 else f"other data ({sha[:8]}: saw head val images)"
         groups = " / ".join("-" if served[g] is None else f"{100 * served[g]:.1f}" for g in ("many", "medium", "few"))
         print(f"| {folder.name} | {trained} | {100 * plain['mean_per_class']:.1f} | "
