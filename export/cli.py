@@ -105,7 +105,9 @@ def metadata_from_card(card: dict) -> dict:
     build = data.get("build_args", {})
     dataset = build.get("dataset", data.get("name"))
     counts = data["counts"]
-    many, few = group_thresholds(len(counts), build.get("many_threshold"), build.get("few_threshold"))
+    bands = data.get("group_thresholds")   # cards before they recorded their bands: computed as they were
+    many, few = ((bands["many_above"], bands["few_below"]) if bands else
+                 group_thresholds(len(counts), build.get("many_threshold"), build.get("few_threshold")))
     height, width = data["image_size"]
     la = card.get("logit_adjustment")
     return build_metadata(

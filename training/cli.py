@@ -5,8 +5,9 @@ Registering imports no torch; each handler imports what it needs.
 
 from __future__ import annotations
 
-import argparse
 import json
+
+from tailwise.training.dataspec import DataSpec
 
 
 def register(subparsers) -> None:
@@ -15,7 +16,7 @@ def register(subparsers) -> None:
         "data", help="build a long-tailed dataset and show its counts, groups and validation split",
         description="Build a long-tailed dataset (LDAM-DRW protocol for fmnist/cifar) and show its per-class "
                     "training/validation counts, many/medium/few groups and the sha256 of the selected indices.")
-    add_data_arguments(data)
+    DataSpec.add_arguments(data)
     data.add_argument("--json", action="store_true", help="print the dataset card as one JSON object")
     data.add_argument("--out", metavar="DIR", help="also write DIR/data.json (the card) and DIR/class_counts.png "
                                                    "(the class-count histogram with the many/medium/few bands)")
@@ -72,39 +73,12 @@ def register(subparsers) -> None:
     probe.set_defaults(handler=run_probe)
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``build_lt_data`` (shared by every subcommand that builds data)."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset", required=True, choices=("fmnist", "cifar10", "cifar100", "splits", "folder"))
-    group.add_argument("--root", help="data location (fmnist default: /usr/share/datasets/fashion-mnist; "
-                                      "cifar: the python archive or its extracted folder; splits: image root; "
-                                      "folder: one subfolder per class)")
-    group.add_argument("--imbalance-factor", type=float, default=100.0, help="n_max / n_min (default 100)")
-    group.add_argument("--profile", choices=("exp", "step", "none"), default="exp", help="default exp")
-    group.add_argument("--val-per-class", type=int, default=100, help="validation images per class (default 100)")
-    group.add_argument("--val-seed", type=int, default=0, help="seed of the validation draw (default 0)")
-    group.add_argument("--no-holdout-kept", dest="holdout_kept", action="store_false",
-                       help="LT benchmarks: keep the literature's LDAM subset exactly (then a class kept whole, "
-                            "the head, has no validation images)")
-    group.add_argument("--many-threshold", type=int, help="many: count > this (default 100 with 100+ classes, else "
-                                                          "500; a small folder: see training.data.folder_group_thresholds)")
-    group.add_argument("--few-threshold", type=int, help="few: count < this (default 20 with 100+ classes, else 200)")
-    group.add_argument("--train-split", help="splits: 'relative/path label' file of the training images")
-    group.add_argument("--val-split", help="splits: validation split file (default: held out from train)")
-    group.add_argument("--test-split", help="splits: test split file; folder: a test folder with class subfolders")
-    group.add_argument("--image-size", type=int, help="splits/folder: square side images are decoded to (default: splits 224, folder from "
-                            "the images' median shorter side)")
-
-
 def data_from_args(args):
-    """``build_lt_data`` called with the options of ``add_data_arguments``."""
+    """The data of the options DataSpec.add_arguments registered."""
     from tailwise.training.data import build_lt_data
+    from tailwise.training.dataspec import DataSpec
 
-    return build_lt_data(
-        args.dataset, root=args.root, imbalance_factor=args.imbalance_factor, profile=args.profile,
-        val_per_class=args.val_per_class, val_seed=args.val_seed, many_threshold=args.many_threshold,
-        few_threshold=args.few_threshold, train_split=args.train_split, val_split=args.val_split,
-        test_split=args.test_split, image_size=args.image_size, holdout_kept=args.holdout_kept)
+    return build_lt_data(DataSpec.from_args(args))
 
 
 def run_data(args) -> int:
@@ -116,7 +90,6 @@ def run_data(args) -> int:
     card = data.card()
     card["val_size"] = card["num_val"]
     many, few = data.group_thresholds()
-    card["group_thresholds"] = {"many_above": many, "few_below": few}
     written = []
     if args.out:
         out = Path(args.out)

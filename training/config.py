@@ -18,6 +18,7 @@ from pathlib import Path
 from dataclasses import dataclass
 
 from tailwise import UserError
+from tailwise.training.dataspec import DataSpec, config_rules as dataspec_rules
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = "tailwise"    # what `tailwise train` trains when no --config is named (chosen on validation)
@@ -26,11 +27,7 @@ DEFAULTS: dict = {
     "name": "run",
     "seed": 0,
     "device": "auto",          # auto | cpu | cuda
-    "data": {
-        "dataset": "fmnist", "root": "", "imbalance_factor": 100.0, "profile": "exp", "val_per_class": 100,
-        "val_seed": 0, "train_split": "", "val_split": "", "test_split": "", "image_size": 0, "holdout_kept": True,
-        "many_threshold": 0, "few_threshold": 0,   # group bands: many = count > many, few = count < few; 0: auto
-    },
+    "data": DataSpec().config(),   # training.dataspec: the fields, their help and allowed values
     "model": {"arch": "resnet32", "proj_hidden": 2048, "proj_dim": 128},
     # Stage 1: representation. method "bns" (contrastive, this paper) or "supervised" (a classifier trained
     # with `loss`: the baselines and the CE-encoder ablation). With method "bns", sup_loss (ce | la | bsce |
@@ -70,14 +67,6 @@ AT_LEAST_0, AT_LEAST_1, ABOVE_0, FRACTION = Range(0), Range(1), Range(0, low_ope
 RULES: dict[str, tuple | Range] = {
     "seed": AT_LEAST_0,
     "device": ("auto", "cpu", "cuda"),
-    "data.dataset": ("fmnist", "cifar10", "cifar100", "splits", "folder"),
-    "data.imbalance_factor": AT_LEAST_1,
-    "data.profile": ("exp", "step", "none"),
-    "data.val_per_class": AT_LEAST_0,
-    "data.val_seed": AT_LEAST_0,
-    "data.image_size": AT_LEAST_0,             # 0: the dataset's default
-    "data.many_threshold": AT_LEAST_0,         # 0: auto (training.data.group_thresholds)
-    "data.few_threshold": AT_LEAST_0,          # 0: auto
     "model.arch": ("resnet32", "resnet18", "resnet34", "resnet50", "resnext50"),
     "model.proj_hidden": AT_LEAST_1,
     "model.proj_dim": AT_LEAST_1,
@@ -97,6 +86,7 @@ RULES: dict[str, tuple | Range] = {
     "stage2.loss": LOSSES,
     "stage2.aug": AUGS,
 }
+RULES.update({field: rule if isinstance(rule, tuple) else Range(rule) for field, rule in dataspec_rules().items()})
 for _stage in ("stage1", "stage2"):   # the optimisation fields both stages share
     RULES.update({f"{_stage}.epochs": AT_LEAST_1, f"{_stage}.batch_size": AT_LEAST_1, f"{_stage}.lr": AT_LEAST_0,
                   f"{_stage}.lr_scale_batch": AT_LEAST_0, f"{_stage}.weight_decay": AT_LEAST_0,

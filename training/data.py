@@ -48,9 +48,8 @@ import torch
 
 from tailwise import UserError
 from tailwise._core import IMAGE_EXTENSIONS, ImageError, load_image
+from tailwise.training.dataspec import DATASETS, PROFILES, DataSpec
 
-DATASETS = ("fmnist", "cifar10", "cifar100", "splits", "folder")
-PROFILES = ("exp", "step", "none")
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 MAX_LISTED_SKIPPED = 20     # unreadable files named one by one (the rest are counted)
 MAX_HOLDOUT_FRACTION = 0.2  # without LT subsampling, validation takes at most this share of a class
@@ -323,7 +322,8 @@ class LTData:
     val_counts: list[int]
     groups: list[str]
     index_sha256: str  # of train_idx, see index_sha256()
-    build_args: dict = field(default_factory=dict)  # build_lt_data(**build_args) rebuilds this
+    spec: DataSpec                                  # resolved: build_lt_data(spec) rebuilds this
+    bands: tuple[int, int]                          # (many, few) the groups were drawn with
     skipped: list = field(default_factory=list)     # (path, reason) of unreadable image files left out
     notes: list = field(default_factory=list)       # other things left out (empty class folders)
     file_stats: dict = field(default_factory=dict)  # folder data: median shorter side, Pillow modes, ignored files
@@ -344,19 +344,24 @@ class LTData:
             "counts": [int(n) for n in self.counts],
             "val_counts": [int(n) for n in self.val_counts],
             "groups": list(self.groups),
+            "group_thresholds": {"many_above": int(self.bands[0]), "few_below": int(self.bands[1])},
             "index_sha256": self.index_sha256,
             "num_train": int(len(self.train_idx)),
             "num_val": int(len(self.val_idx)),
             "num_test": 0 if self.test_source is None else len(self.test_source),
-            "build_args": dict(self.build_args),
+            "build_args": self.build_args,
             "num_skipped": len(self.skipped),
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped[:MAX_LISTED_SKIPPED]],
         }
 
+    @property
+    def build_args(self) -> dict:
+        """The spec as a card records it (DataSpec.card)."""
+        return self.spec.card()
+
     def group_thresholds(self) -> tuple[int, int]:
         """(many, few) this set's groups were drawn with: many = count > many, few = count < few."""
-        return group_thresholds(self.num_classes, self.build_args.get("many_threshold"),
-                                self.build_args.get("few_threshold"))
+        return self.bands
 
     def skipped_report(self) -> list[str]:
         """Lines that tell the user which files were left out and why (empty when none were)."""
@@ -367,11 +372,10 @@ class LTData:
         return lines + list(self.notes)
 
 
-def build_lt_data(dataset: str, root: str | None = None, imbalance_factor: float = 100, profile: str = "exp",
-                  val_per_class: int = 100, val_seed: int = 0, many_threshold=None, few_threshold=None,
-                  train_split=None, val_split=None, test_split=None, image_size=None,
-                  holdout_kept: bool = True) -> LTData:
+def build_lt_data(spec: DataSpec | str | None = None, **values) -> LTData:
     """Load a dataset and build its long-tailed training subset, validation split and groups.
+
+    `spec` is a DataSpec; or give the DataSpec fields as keywords (None: not given), the dataset name first.
 
     fmnist/cifar10/cifar100: LT subset by ``lt_counts`` + ``ldam_select`` with ``n_max`` = the smallest class
     size (all classes are equal in these sets, so this is LDAM's ``len(data) / num_classes``); validation from
@@ -383,36 +387,31 @@ def build_lt_data(dataset: str, root: str | None = None, imbalance_factor: float
     ``image_size`` (file data only) is the square side images are decoded to; default: 224 for splits, for a
     folder ``image_size_for`` its images' median shorter side. A folder's unreadable files are left out and
     listed in ``LTData.skipped``; its many/medium/few bands default to ``folder_group_thresholds``.
+    The LTData records the spec resolved (absolute paths, the size and bands used): building it again gives
+    the same data.
     """
-    if dataset not in DATASETS:
-        raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
-    if profile not in PROFILES:
-        raise UserError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
-    if val_per_class < 0:
-        raise UserError(f"--val-per-class must be >= 0, got {val_per_class}")
-    if dataset in ("fmnist", "cifar10", "cifar100"):
-        if image_size is not None:
-            raise UserError(f"--image-size applies to file datasets (splits, folder), not to {dataset}")
-        return _build_array_data(dataset, root, imbalance_factor, profile, val_per_class, val_seed,
-                                 many_threshold, few_threshold, holdout_kept)
-    if dataset == "folder" and (train_split is not None or val_split is not None):
+    if not isinstance(spec, DataSpec):
+        spec = DataSpec.create(**values) if spec is None else DataSpec.create(dataset=spec, **values)
+    elif values:
+        raise TypeError("build_lt_data: give a DataSpec or a dataset name with keywords, not both")
+    if spec.dataset in ("fmnist", "cifar10", "cifar100"):
+        if spec.image_size:
+            raise UserError(f"{DataSpec.where('image_size')} applies to file datasets (splits, folder), "
+                            f"not to {spec.dataset}")
+        return _build_array_data(spec)
+    if spec.dataset == "folder" and (spec.train_split or spec.val_split):
         raise UserError("--train-split/--val-split apply to --dataset splits; a folder dataset is its own train set")
-    if image_size is None and dataset == "splits":
-        image_size = 224
-    if image_size is not None and int(image_size) < 1:
-        raise UserError(f"--image-size must be positive, got {image_size}")
-    return _build_file_data(dataset, root, val_per_class, val_seed, many_threshold, few_threshold,
-                            train_split, val_split, test_split, None if image_size is None else int(image_size))
+    return _build_file_data(spec)
 
 
 def rebuild_lt_data(build_args: dict) -> LTData:
-    """The data a card's ``build_args`` describe. Cards written before ``holdout_kept`` existed had no such
-    hold-out, so a missing key means False."""
-    return build_lt_data(**{"holdout_kept": False, **build_args})
+    """The data a card's ``build_args`` describe (DataSpec.from_card)."""
+    return build_lt_data(DataSpec.from_card(build_args))
 
 
-def _build_array_data(dataset, root, imbalance_factor, profile, val_per_class, val_seed,
-                      many_threshold, few_threshold, holdout_kept=True) -> LTData:
+def _build_array_data(spec: DataSpec) -> LTData:
+    dataset, root, profile, imbalance_factor = spec.dataset, spec.given("root"), spec.profile, spec.imbalance_factor
+    val_per_class, val_seed = spec.val_per_class, spec.val_seed
     if dataset == "fmnist":
         root = os.path.abspath(root or FMNIST_ROOT)
         train, test = load_fmnist(root)
@@ -433,23 +432,25 @@ def _build_array_data(dataset, root, imbalance_factor, profile, val_per_class, v
     else:
         train_idx = ldam_select(labels, lt_counts(int(class_sizes.min()), num_classes, imbalance_factor, profile))
         val_idx = leftover_val(labels, train_idx, num_classes, val_per_class, val_seed)
-        if holdout_kept:
+        if spec.holdout_kept:
             train_idx, val_idx = holdout_kept_classes(labels, train_idx, val_idx, num_classes, val_per_class, val_seed)
     counts = np.bincount(labels[train_idx], minlength=num_classes).tolist()
+    bands = group_thresholds(num_classes, spec.given("many_threshold"), spec.given("few_threshold"))
     mean, std = MEAN_STD[dataset]
     return LTData(
         name=dataset, class_names=list(class_names), channels=train.channels, image_size=train.image_size,
         mean=mean, std=std, train_source=train, train_idx=train_idx, val_idx=val_idx, test_source=test,
         counts=counts, val_counts=np.bincount(labels[val_idx], minlength=num_classes).tolist(),
-        groups=groups_from_counts(counts, many_threshold, few_threshold), index_sha256=index_sha256(train_idx),
-        build_args=dict(dataset=dataset, root=root, imbalance_factor=imbalance_factor, profile=profile,
-                        val_per_class=val_per_class, val_seed=val_seed, many_threshold=many_threshold,
-                        few_threshold=few_threshold, train_split=None, val_split=None, test_split=None,
-                        image_size=None, holdout_kept=bool(holdout_kept and profile != "none")))
+        groups=groups_from_counts(counts, *bands), index_sha256=index_sha256(train_idx), bands=bands,
+        spec=spec.replace(root=root, imbalance_factor=float(imbalance_factor),
+                          holdout_kept=spec.holdout_kept and profile != "none"))
 
 
-def _build_file_data(dataset, root, val_per_class, val_seed, many_threshold, few_threshold,
-                     train_split, val_split, test_split, image_size) -> LTData:
+def _build_file_data(spec: DataSpec) -> LTData:
+    dataset, root, val_per_class, val_seed = spec.dataset, spec.given("root"), spec.val_per_class, spec.val_seed
+    train_split, val_split, test_split = spec.given("train_split"), spec.given("val_split"), spec.given("test_split")
+    many_threshold, few_threshold = spec.given("many_threshold"), spec.given("few_threshold")
+    image_size = spec.given("image_size") or (224 if dataset == "splits" else None)
     if root is None:
         raise UserError(f"--root is required for --dataset {dataset}")
     root = os.path.abspath(root)
@@ -505,17 +506,19 @@ def _build_file_data(dataset, root, val_per_class, val_seed, many_threshold, few
     test = None if test_paths is None else FileSource(test_paths, test_labels, image_size)
     counts = np.bincount(source.labels[train_idx], minlength=num_classes).tolist()
     if dataset == "folder":  # record the bands used, so a rebuild, the export and the served model agree
-        many_threshold, few_threshold = folder_group_thresholds(counts, many_threshold, few_threshold)
+        bands = folder_group_thresholds(counts, many_threshold, few_threshold)
+        many_threshold, few_threshold = bands
+    else:
+        bands = group_thresholds(num_classes, many_threshold, few_threshold)
     mean, std = MEAN_STD["imagenet"]
     return LTData(
         name=dataset, class_names=class_names, channels=3, image_size=(image_size, image_size), mean=mean, std=std,
         train_source=source, train_idx=train_idx, val_idx=val_idx, test_source=test, counts=counts,
         val_counts=np.bincount(source.labels[val_idx], minlength=num_classes).tolist(),
-        groups=groups_from_counts(counts, many_threshold, few_threshold), index_sha256=index_sha256(train_idx),
-        build_args=dict(dataset=dataset, root=root, imbalance_factor=1, profile="none",
-                        val_per_class=val_per_class, val_seed=val_seed, many_threshold=many_threshold,
-                        few_threshold=few_threshold, train_split=train_split, val_split=val_split,
-                        test_split=test_split, image_size=image_size, holdout_kept=False),
+        groups=groups_from_counts(counts, *bands), index_sha256=index_sha256(train_idx), bands=bands,
+        spec=spec.replace(root=root, imbalance_factor=1.0, profile="none", many_threshold=many_threshold or 0,
+                          few_threshold=few_threshold or 0, train_split=train_split or "", val_split=val_split or "",
+                          test_split=test_split or "", image_size=image_size, holdout_kept=False),
         skipped=skipped, notes=notes, file_stats=file_stats)
 
 
