@@ -139,16 +139,28 @@ def load_resume(card: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     return _optimizer_state(optim, card["resume"]["optimizer"]), extra
 
 
+def update_card(card: dict, fields: dict) -> None:
+    """Add `fields` to the checkpoint card `card` (as load_card returned it) and write it back atomically."""
+    stored = {k: v for k, v in card.items() if k != "_dir"}
+    stored.update(fields)
+    atomic_write_text(Path(card["_dir"]) / f"stage{card['stage']}.json", json.dumps(stored, indent=2, sort_keys=True))
+    card.update(fields)
+
+
 def load_classifier(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     """The final classifier of a run folder (or a classifier card/weights file), in eval mode, and its card."""
-
     card = load_card(path)
+    return classifier_from_card(card), card
+
+
+def classifier_from_card(card: dict) -> torch.nn.Module:
+    """The classifier a card (from load_card) describes, its weights verified and loaded, in eval mode."""
     if card.get("kind") != "classifier":
         raise UserError(f"{card['_dir']}: stage{card['stage']} holds a {card.get('kind')} model, not a classifier "
                         "(stage 1 of a BNS run is an encoder: train stage 2 first)")
     model = build_classifier(card)
     model.load_state_dict(load_weights(card))
-    return model.eval(), card
+    return model.eval()
 
 
 def build_classifier(card: dict) -> torch.nn.Module:

@@ -75,6 +75,33 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+@dataclass(frozen=True)
+class Streams:
+    """A run's random streams, by name. Each is a pure function of the run's seed and of where it is drawn
+    (epoch, rank), so a resumed run draws exactly what an unbroken one would. The entropy of each is kept as
+    first released, so runs trained before the streams had names reproduce exactly; one overlap comes with it:
+    redraw(e) and augment(1, e, rank=2) start from the same entropy (a numpy PCG64 and a torch seed drawn from
+    it, used for unrelated things)."""
+
+    seed: int
+
+    def init(self, rank: int) -> int:
+        """Seed of torch's and numpy's global generators (weight initialisation) on process `rank`."""
+        return self.seed + rank
+
+    def order(self, epoch: int) -> np.random.Generator:
+        """The order of an epoch's training items (every rank draws the same order, then takes its share)."""
+        return np.random.default_rng([self.seed, epoch])
+
+    def augment(self, stage: int, epoch: int, rank: int) -> int:
+        """Seed of the augmentation generator of stage 1 or 2 in `epoch` on process `rank`."""
+        return int(np.random.SeedSequence([self.seed + stage - 1, epoch, rank]).generate_state(1)[0])
+
+    def redraw(self, epoch: int) -> np.random.Generator:
+        """The IP-DPP subset drawn at the start of stage-2 `epoch` (the same on every rank)."""
+        return np.random.default_rng([self.seed, epoch, 2])
+
+
 # ----------------------------------------------------------------------------- batches
 class DeviceImages:
     """Images of a data source, fetched by index on the training device (in-memory sources live there;
@@ -115,11 +142,11 @@ class DeviceImages:
 
 def epoch_order(indices: np.ndarray, labels: np.ndarray, seed: int, epoch: int, class_balanced: bool = False,
                 num_samples: int | None = None) -> np.ndarray:
-    """The order of training items for one epoch, reproducible from (seed, epoch).
+    """The order of training items for one epoch, reproducible from (seed, epoch) (Streams.order).
 
     Uniform: a permutation of `indices`. Class-balanced: each draw picks a class uniformly, then an item of it.
     """
-    rng = np.random.default_rng([seed, epoch])
+    rng = Streams(seed).order(epoch)
     if not class_balanced:
         return indices[rng.permutation(len(indices))]
     num_samples = num_samples or len(indices)

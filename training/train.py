@@ -23,6 +23,7 @@ from tailwise.training import checkpoint, engine
 from tailwise.training.augment import BatchAugment
 from tailwise.training.config import reproduce_command, validate_config
 from tailwise.training.data import LTData, build_lt_data, rebuild_lt_data
+from tailwise.training.dataspec import DataSpec
 from tailwise.training.metrics import evaluate_logits, format_evaluation, save_report
 from tailwise.training.networks import Classifier, ContrastiveModel
 
@@ -30,10 +31,8 @@ LA_TAU_GRID = tuple(round(0.25 * i, 2) for i in range(9))   # post-hoc logit adj
 
 
 def data_from_config(cfg: dict) -> LTData:
-    """Build the LT data set a config describes (empty strings / zeros mean 'not given')."""
-    zero_is_auto = ("image_size", "many_threshold", "few_threshold")
-    args = {k: v for k, v in cfg["data"].items() if v != "" and not (k in zero_is_auto and v == 0)}
-    return build_lt_data(**args)
+    """Build the LT data set a config's [data] table describes."""
+    return build_lt_data(DataSpec.from_config(cfg["data"]))
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -90,16 +89,16 @@ def _wrap_ddp(model: torch.nn.Module, d: engine.Dist, device: torch.device) -> t
 
 
 class EpochGenerator:
-    """The augmentation generator of an epoch, seeded from (seed, epoch, rank): a resumed run draws the same views."""
+    """The augmentation generator of an epoch (engine.Streams.augment): a resumed run draws the same views."""
 
-    def __init__(self, device: torch.device, seed: int, rank: int):
-        self.device, self.seed, self.rank = device, seed, rank
+    def __init__(self, device: torch.device, streams: engine.Streams, stage: int, rank: int):
+        self.device, self.streams, self.stage, self.rank = device, streams, stage, rank
         self.epoch, self.gen = None, None
 
     def __call__(self, epoch: int) -> torch.Generator:
         if epoch != self.epoch:
             self.epoch, self.gen = epoch, torch.Generator(device=self.device)
-            self.gen.manual_seed(int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0]))
+            self.gen.manual_seed(self.streams.augment(self.stage, epoch, self.rank))
         return self.gen
 
 
@@ -171,7 +170,7 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     net = _wrap_ddp(model, d, device)
     images = engine.DeviceImages(data.train_source, device)
     aug = BatchAugment(data.channels, tuple(data.image_size), strength=s["aug_strength"], kind=s["aug"])
-    generator = EpochGenerator(device, cfg["seed"], d.rank)
+    generator = EpochGenerator(device, engine.Streams(cfg["seed"]), 1, d.rank)
 
     if kind == "contrastive":
         from tailwise.training import losses
@@ -228,7 +227,7 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
 def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d: engine.Dist,
                  resume: bool = False, progress: bool = True) -> dict:
     """Stage 2: stage-1 encoder + new linear classifier, trained on the (redrawn) IP-DPP subset."""
-    from tailwise.training.ipdpp import class_targets, select_subset
+    from tailwise.training.ipdpp import class_targets
 
     s = cfg["stage2"]
     card1 = checkpoint.load_card(run_dir / "stage1.json")
@@ -258,48 +257,27 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
         params = None
     optimizer = engine.make_optimizer(model, s, params)
 
-    labels = data.train_source.labels
-    lt_labels = labels[data.train_idx]
-    state: dict = {"subset": None}
+    streams = engine.Streams(cfg["seed"])
+    images = engine.DeviceImages(data.train_source, device)
+    pool = SubsetRedraw(s, data, model, images, streams, run_dir / "stage2_redraws.jsonl" if d.main else None)
     start = 0
     if card0:
         _check_same_data(card0, data)
         model.load_state_dict(checkpoint.load_weights(card0))
         optim_state, extra = checkpoint.load_resume(card0)
         optimizer.load_state_dict(optim_state)
-        state["subset"] = extra["subset"].numpy() if "subset" in extra else None
+        pool.subset = extra["subset"].numpy() if "subset" in extra else None
         start = card0["epoch"]
     net = _wrap_ddp(model, d, device)
-    images = engine.DeviceImages(data.train_source, device)
     aug = BatchAugment(data.channels, tuple(data.image_size), strength=s["aug_strength"], kind=s["aug"])
-    if s["sampler"] == "none":
-        pool_counts = list(data.counts)
-    else:
-        pool_counts = class_targets(data.counts, s["ratio"])
+    pool_counts = list(data.counts) if s["sampler"] == "none" else class_targets(data.counts, s["ratio"])
     pool_size = int(sum(pool_counts))
     if s["class_balanced"]:
         pool_counts = [1] * len(pool_counts)
     # a balanced loss (la, bsce, ldam-drw) corrects for the class frequencies of what stage 2 trains on
     criterion = supervised_criterion(s["loss"], pool_counts, s["epochs"], cfg["stage1"]["ldam_drw_start"], device)
     steps = max(1, pool_size // s["batch_size"])
-
-    def on_epoch_start(epoch):
-        if s["sampler"] == "none":
-            state["subset"] = data.train_idx
-            return {}
-        if state["subset"] is not None and epoch % s["redraw_every"] != 0:
-            return {}
-        probs = torch.softmax(predict_logits(model, images, data.train_idx), dim=1)
-        p_true = probs[torch.arange(len(lt_labels)), torch.as_tensor(lt_labels, device=probs.device)]
-        rng = np.random.default_rng([cfg["seed"], epoch, 2])
-        chosen, stats = select_subset(p_true.cpu().numpy().astype(np.float64), lt_labels, s["sampler"], s["ratio"], rng)
-        state["subset"] = data.train_idx[chosen]
-        if d.main:
-            with open(run_dir / "stage2_redraws.jsonl", "a") as f:
-                f.write(json.dumps({"epoch": epoch, "sampler": s["sampler"], **stats}, default=float) + "\n")
-        return {"redraw": True, "subset_size": int(len(chosen))}
-
-    generator = EpochGenerator(device, cfg["seed"] + 1, d.rank)
+    generator = EpochGenerator(device, streams, 2, d.rank)
 
     def step_fn(x, y, epoch):
         if s["freeze_encoder"]:
@@ -310,17 +288,53 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
 
     stage = engine.Stage(
         number=2, cfg=s, model=net, optimizer=optimizer, step_fn=step_fn,
-        train_indices=lambda epoch: state["subset"], labels=labels, images=images,
+        train_indices=pool.indices, labels=data.train_source.labels, images=images,
         card=lambda epoch, last: dict(_card_base(cfg, data, "classifier", head), metrics=last,
-                                      finished=epoch == s["epochs"],
-                                      train_distribution=_subset_counts(state["subset"], labels, len(data.class_names))),
-        on_epoch_start=on_epoch_start, on_epoch_end=lambda epoch: _val_metrics(model, data, images),
-        extra_state=lambda: {"subset": torch.as_tensor(state["subset"])}, steps_per_epoch=steps)
+                                      finished=epoch == s["epochs"], train_distribution=pool.class_counts()),
+        on_epoch_start=pool.start_epoch, on_epoch_end=lambda epoch: _val_metrics(model, data, images),
+        extra_state=pool.resume_state, steps_per_epoch=steps)
     return engine.fit(stage, run_dir, cfg["seed"], d, start_epoch=start, progress=progress)
 
 
-def _subset_counts(subset, labels, num_classes) -> list[int]:
-    return np.bincount(labels[subset], minlength=num_classes).tolist() if subset is not None else []
+class SubsetRedraw:
+    """Stage 2's training pool, epoch by epoch: the IP-DPP subset of the LT set (or a random one), redrawn every
+    `redraw_every` epochs from the current model's probability of the true class on un-augmented images
+    (engine.Streams.redraw); sampler "none": the whole LT set. The current subset travels in the resume file and
+    each draw's statistics go to `log_path` (stage2_redraws.jsonl)."""
+
+    def __init__(self, s: dict, data: LTData, model: torch.nn.Module, images: engine.DeviceImages,
+                 streams: engine.Streams, log_path: Path | None):
+        self.s, self.data, self.model, self.images, self.streams, self.log_path = s, data, model, images, streams, log_path
+        self.subset: np.ndarray | None = None
+
+    def start_epoch(self, epoch: int) -> dict:
+        from tailwise.training.ipdpp import select_subset
+
+        if self.s["sampler"] == "none":
+            self.subset = self.data.train_idx
+            return {}
+        if self.subset is not None and epoch % self.s["redraw_every"] != 0:
+            return {}
+        lt_labels = self.data.train_source.labels[self.data.train_idx]
+        probs = torch.softmax(predict_logits(self.model, self.images, self.data.train_idx), dim=1)
+        p_true = probs[torch.arange(len(lt_labels)), torch.as_tensor(lt_labels, device=probs.device)]
+        chosen, stats = select_subset(p_true.cpu().numpy().astype(np.float64), lt_labels, self.s["sampler"],
+                                      self.s["ratio"], self.streams.redraw(epoch))
+        self.subset = self.data.train_idx[chosen]
+        if self.log_path is not None:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"epoch": epoch, "sampler": self.s["sampler"], **stats}, default=float) + "\n")
+        return {"redraw": True, "subset_size": int(len(chosen))}
+
+    def indices(self, epoch: int) -> np.ndarray:
+        return self.subset
+
+    def class_counts(self) -> list[int]:
+        labels = self.data.train_source.labels
+        return np.bincount(labels[self.subset], minlength=self.data.num_classes).tolist() if self.subset is not None else []
+
+    def resume_state(self) -> dict:
+        return {"subset": torch.as_tensor(self.subset)}
 
 
 # ----------------------------------------------------------------------------- final classifier: LA and test
@@ -343,14 +357,22 @@ def evaluate_run(run_dir: Path, device: torch.device, data: LTData | None = None
     model, card = checkpoint.load_classifier(run_dir)
     if data is None:
         data = rebuild_lt_data(card["data"]["build_args"])
+    return score_classifier(model, card, data, device, card.get("logit_adjustment"), out_dir)
+
+
+def score_classifier(model, card: dict, data: LTData, device: torch.device, logit_adjustment: dict | None,
+                     out_dir: Path | None = None) -> dict:
+    """The test report of a classifier: plain, and with `logit_adjustment` (tau, log_prior) when there is one
+    (also when validation picked tau = 0, so the adjusted row always exists). Written to out_dir (default:
+    the run's eval/)."""
     if data.test_source is None:
-        raise UserError(f"{run_dir}: its data has no test set (train with --test DIR or data.test_split)")
+        raise UserError(f"{card['_dir']}: its data has no test set (train with --test DIR or data.test_split)")
     model.to(device)
     images = engine.DeviceImages(data.test_source, device)
     logits = predict_logits(model, images, np.arange(len(data.test_source))).cpu()
     report = evaluate_logits(logits.numpy(), data.test_source.labels, data.counts, data.groups)
-    la = card.get("logit_adjustment")
-    if la:  # also when validation picked tau = 0, so the adjusted row always exists
+    la = logit_adjustment
+    if la:
         adjusted = logits - la["tau"] * torch.tensor(la["log_prior"])
         report["logit_adjusted"] = evaluate_logits(adjusted.numpy(), data.test_source.labels, data.counts,
                                                    data.groups)
@@ -405,24 +427,6 @@ def check_start(cfg: dict, run_dir: Path, stages: tuple[int, ...], resume: bool)
     return final.get("kind") != "classifier" or "test" in final   # killed while scoring: score it now
 
 
-def _stage_record(cfg: dict, run_dir: Path, stage: int, stages: tuple[int, ...], epochs: int) -> dict:
-    """What a stage's card records of how it was trained: epochs run, recipe, the command that repeats it."""
-    return {"epochs": epochs, "recipe": cfg["name"],
-            "command": reproduce_command(cfg, str(run_dir), stage=stage if stages == (stage,) else None)}
-
-
-def _record_stage(cfg: dict, run_dir: Path, stage: int, stages: tuple[int, ...]) -> None:
-    """Add `trained` ({"1": record, "2": record}) to a finished stage card that lacks its own record."""
-    path = run_dir / f"stage{stage}.json"
-    stored = json.loads(path.read_text())
-    if not stored.get("finished") or str(stage) in stored.get("trained", {}):
-        return
-    trained = dict(json.loads((run_dir / "stage1.json").read_text()).get("trained", {})) if stage == 2 else {}
-    trained[str(stage)] = _stage_record(cfg, run_dir, stage, stages, stored["epoch"])
-    stored["trained"] = trained
-    checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
-
-
 def _with_stage1_as_trained(cfg: dict, run_dir: Path) -> dict:
     """cfg with the model and stage1 sections of the run's stage-1 card: stage 2 builds on what was trained."""
     card1 = checkpoint.load_card(run_dir / "stage1.json")
@@ -453,7 +457,7 @@ def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool
         return final.get("test", {})
     device = engine.resolve_device(cfg["device"])
     d = engine.init_distributed(device)
-    engine.seed_everything(cfg["seed"] + d.rank)
+    engine.seed_everything(engine.Streams(cfg["seed"]).init(d.rank))
     data = data if data is not None else data_from_config(cfg)
     created = not run_dir.exists()
     try:
@@ -476,38 +480,62 @@ def _train_and_score(cfg, data, run_dir, device, d, stages, resume, progress) ->
             print("tailwise: " + "\n".join(report), flush=True)
     if 1 in stages:
         train_stage1(cfg, data, run_dir, device, d, resume, progress)
-        if d.main:
-            _record_stage(cfg, run_dir, 1, stages)
     if 2 in stages and cfg["stage2"]["enabled"]:
         cfg = _with_stage1_as_trained(cfg, run_dir)
         train_stage2(cfg, data, run_dir, device, d, resume, progress)
-        if d.main:
-            _record_stage(cfg, run_dir, 2, stages)
     if d.world > 1:
         torch.distributed.barrier()
+    return finish_run(cfg, data, run_dir, device, d, stages) if d.main else {}
+
+
+def finish_run(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d: engine.Dist,
+               stages: tuple[int, ...]) -> dict:
+    """The one place a run's cards are finalised once its stages have trained. Each stage card gains what it
+    records of how it was trained (`trained`: epochs, recipe, the command that repeats it; stage 2's also
+    stage 1's); the final classifier's card also the logit adjustment chosen on validation, hardware and time
+    (`training`) and its test report (`test`). One read and one write per card. Returns the test report
+    ({} when there is no test set or the run ends with an encoder)."""
+    trained = [s for s in (1, 2) if s in stages and (s == 1 or cfg["stage2"]["enabled"])]
+    final = max(trained, default=1)    # `--stage 2` with stage 2 disabled: the stage-1 classifier is the output
+    records: dict = {}
     result: dict = {}
-    card = checkpoint.load_card(run_dir)
-    if d.main and card.get("kind") == "classifier" and card.get("finished"):
-        model, card = checkpoint.load_classifier(run_dir)
-        model.to(device)
+    for stage in range(1, final + 1):
+        if not (run_dir / f"stage{stage}.json").exists():
+            continue
+        card = checkpoint.load_card(run_dir, stage=stage)
+        records.update(card.get("trained", {}))
+        if not card.get("finished"):
+            continue
         update = {}
-        if card["stage"] == 2 and cfg["stage2"]["logit_adjust"] and len(data.val_idx):
-            update["logit_adjustment"] = choose_logit_adjustment(model, data, device, card["train_distribution"])
-        update["training"] = training_record(run_dir, device, d)
-        path = Path(card["_dir"]) / f"stage{card['stage']}.json"
-        stored = json.loads(path.read_text())
-        stored.update(update)
-        checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
-        if data.test_source is None:
-            print("tailwise: no test set (give one with --test DIR, or data.test_split): nothing scored", flush=True)
-            return result
-        result = evaluate_run(run_dir, device, data)
-        stored["test"] = {k: result[k] for k in ("num_samples", "top1", "many", "medium", "few", "mean_per_class",
-                                                  "per_class", "nll", "ece")}
-        if "logit_adjusted" in result:
-            stored["test"]["logit_adjusted"] = {k: result["logit_adjusted"][k]
-                                                for k in ("top1", "many", "medium", "few", "mean_per_class", "per_class",
-                                                          "tau")}
-        checkpoint.atomic_write_text(path, json.dumps(stored, indent=2, sort_keys=True))
-        print(format_evaluation(result, data.class_names), flush=True)
+        if stage in trained and str(stage) not in records:
+            records[str(stage)] = {"epochs": card["epoch"], "recipe": cfg["name"],
+                                   "command": reproduce_command(cfg, str(run_dir),
+                                                                stage=stage if stages == (stage,) else None)}
+            update["trained"] = dict(records)
+        if stage == final and card.get("kind") == "classifier":
+            result, scored = _score_final(cfg, data, card, device, d)
+            update.update(scored)
+        if update:
+            checkpoint.update_card(card, update)
     return result
+
+
+def _score_final(cfg: dict, data: LTData, card: dict, device: torch.device, d: engine.Dist) -> tuple[dict, dict]:
+    """(test report, card fields) of the run's final classifier: logit adjustment chosen on validation (stage 2),
+    hardware and time, and the test report when there is a test set."""
+    model = checkpoint.classifier_from_card(card).to(device)
+    fields = {}
+    if card["stage"] == 2 and cfg["stage2"]["logit_adjust"] and len(data.val_idx):
+        fields["logit_adjustment"] = choose_logit_adjustment(model, data, device, card["train_distribution"])
+    fields["training"] = training_record(Path(card["_dir"]), device, d)
+    if data.test_source is None:
+        print("tailwise: no test set (give one with --test DIR, or data.test_split): nothing scored", flush=True)
+        return {}, fields
+    result = score_classifier(model, card, data, device, fields.get("logit_adjustment", card.get("logit_adjustment")))
+    fields["test"] = {k: result[k] for k in ("num_samples", "top1", "many", "medium", "few", "mean_per_class",
+                                             "per_class", "nll", "ece")}
+    if "logit_adjusted" in result:
+        fields["test"]["logit_adjusted"] = {k: result["logit_adjusted"][k] for k in
+                                            ("top1", "many", "medium", "few", "mean_per_class", "per_class", "tau")}
+    print(format_evaluation(result, data.class_names), flush=True)
+    return result, fields
