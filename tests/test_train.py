@@ -84,6 +84,23 @@ def test_supervised_baselines_train(tmp_path, cifar_archive, method):
     assert "val_top1" in card["metrics"] and "test" in card
 
 
+def test_a_tiny_run_learns_the_cifar_fixture(tmp_path, cifar_archive):
+    """The CIFAR fixture's classes are textures (conftest.learnable_colour_patterns), so a few epochs of a
+    supervised ResNet-32 score far above chance (10 %) on validation and on the test set: 70 to 90 % over
+    fixture and training seeds 0..4, and 10 to 13 % with the labels shuffled against the pixels. Training that
+    learns nothing fails here."""
+    archive, _, _ = cifar_archive(per_class=60, test_per_class=10)
+    recipe = write_recipe(tmp_path, archive, stage1={"method": "supervised", "loss": "ce", "epochs": 4, "lr": 3e-3,
+                                                     "lr_scale_batch": 0, "aug": "light"},
+                          stage2={"enabled": False})
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(recipe), "--out", str(run), "--no-progress"]) == 0
+    card = checkpoint.load_card(run)
+    assert card["stage"] == 1 and card["finished"]
+    assert card["metrics"]["val_top1"] > 0.4, card["metrics"]
+    assert card["test"]["top1"] > 0.4, card["test"]["top1"]
+
+
 def test_corrupt_weights_are_refused(tiny, tmp_path):
     run = tmp_path / "run"
     main(["train", "--config", str(tiny), "--out", str(run), "--stage", "1", "--epochs", "1", "--no-progress"])
