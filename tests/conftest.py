@@ -3,11 +3,20 @@
 import io
 import json
 import pickle
+import socket
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now (bound to port 0, then released), for a server or a
+    torchrun rendezvous started by a test, so tests never collide on a fixed port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def write_cifar_archive(directory, dataset="cifar10", num_classes=10, per_class=60, test_per_class=10, seed=0):

@@ -24,15 +24,11 @@ from PIL import Image
 from tailwise.serving.artifact import OnnxClassifier
 from tailwise.serving.predict import predict_files
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 MAX_UPLOAD = 300_000  # TAILWISE_MAX_UPLOAD_BYTES of the test server
 BRIGHTNESS = [10, 60, 100, 140, 190, 240]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_ready(url, seconds=60, process=None):
@@ -536,12 +532,12 @@ def test_tailwise_serve_errors_are_one_line(server_env, tiny_model_dir, tmp_path
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == (f"tailwise serve: error: cannot listen on 127.0.0.1:{port}: Address already in "
                                      "use (another server is using it: pick another --port)")
-    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir / "nothing")],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir / "nothing"),
+                             "--port", str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "nothing: no such model file" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir)], cwd=REPO,
-                            capture_output=True, text=True, timeout=60,
+    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir), "--port",
+                             str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=60,
                             env={**os.environ, **server_env, "TAILWISE_MAX_PIXELS": "abc"})
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == "tailwise serve: error: TAILWISE_MAX_PIXELS must be an integer, got 'abc'"

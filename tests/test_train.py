@@ -17,7 +17,7 @@ from tailwise.cli import main
 from tailwise.training import checkpoint
 from tailwise.training.config import load_config
 
-from conftest import write_recipe
+from conftest import free_port, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,7 +144,7 @@ def test_sigkill_mid_epoch_then_resume(tiny, tmp_path):
 
 def test_torchrun_two_cpu_processes(tiny, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "tailwise.cli", "train", "--config", str(tiny), "--out", str(run), "--epochs", "1", "--no-progress"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
