@@ -138,6 +138,28 @@ def write_recipe(tmp_path, archive, **sections) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory):
+    """One tiny run for the whole session: write_recipe's recipe (BNS then IP-DPP) on a CIFAR-format archive
+    (60 images per class before the IF-10 cut, 10 test images per class), stage 1 and stage 2 trained by
+    separate `tailwise train --stage N --epochs 1` commands (the recipe says 2 and 2), then exported with
+    `tailwise export` to models/tiny. Returns (recipe, run, model). Read-only: a test that changes the run or
+    the model works on a copy (shutil.copytree)."""
+    from tailwise.cli import main
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    archive, _, _ = write_cifar_archive(tmp, per_class=60, test_per_class=10)
+    recipe = write_recipe(tmp, archive)
+    run = tmp / "run"
+    assert main(["train", "--config", str(recipe), "--out", str(run), "--stage", "1", "--epochs", "1",
+                 "--no-progress"]) == 0
+    assert main(["train", "--config", str(recipe), "--out", str(run), "--stage", "2", "--epochs", "1",
+                 "--no-progress"]) == 0
+    model = tmp / "models" / "tiny"
+    assert main(["export", str(run), "--out", str(model), "--parity-images", "20"]) == 0
+    return recipe, run, model
+
+
 # ------------------------------------------------------------------------------------------ Fashion-MNIST files
 
 def _write_idx(path, array, magic):

@@ -30,22 +30,8 @@ def _config_of(command: str) -> tuple[dict, tuple]:
     return load_config(args.config or DEFAULT_RECIPE, args.overrides), (args.stage,) if args.stage else (1, 2)
 
 
-@pytest.fixture(scope="module")
-def exported_run(tmp_path_factory):
-    """Stage 1 and stage 2 trained by separate commands, one epoch each (the recipe says 2 and 2), then exported."""
-    from conftest import write_cifar_archive
-
-    tmp = tmp_path_factory.mktemp("lifecycle")
-    archive, _, _ = write_cifar_archive(tmp, per_class=60, test_per_class=10)
-    recipe = write_recipe(tmp, archive)
-    run = tmp / "run"
-    assert main(["train", "--config", str(recipe), "--out", str(run), "--stage", "1", "--epochs", "1",
-                 "--no-progress"]) == 0
-    assert main(["train", "--config", str(recipe), "--out", str(run), "--stage", "2", "--epochs", "1",
-                 "--no-progress"]) == 0
-    model = tmp / "models" / "tiny"
-    assert main(["export", str(run), "--out", str(model), "--parity-images", "20"]) == 0
-    return recipe, run, model
+# exported_run (conftest): one tiny run, stages 1 and 2 trained by separate commands (one epoch each; the
+# recipe says 2 and 2), then exported; shared by the session, so a test that changes it works on a copy.
 
 
 def test_cards_record_what_each_stage_trained(exported_run):
@@ -126,8 +112,9 @@ def test_resume_a_finished_run_does_nothing_and_says_so(exported_run, tmp_path, 
     assert (copy / "stage2.json").read_bytes() == before
 
 
-def test_resume_without_a_run_is_an_error(exported_run, tmp_path, capsys):
-    recipe = exported_run[0]
+def test_resume_without_a_run_is_an_error(tmp_path, cifar_archive, capsys):
+    archive, _, _ = cifar_archive(per_class=10, test_per_class=2)
+    recipe = write_recipe(tmp_path, archive)      # the shared run's recipe, on a smaller archive: nothing trains
     for run in (tmp_path / "missing", tmp_path / "empty"):
         if run.name == "empty":
             run.mkdir()
