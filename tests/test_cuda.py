@@ -19,7 +19,7 @@ import torch
 
 from conftest import free_port, write_fmnist_files, write_recipe
 
-pytestmark = [pytest.mark.cuda,
+pytestmark = [pytest.mark.cuda, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(),
                                  reason="no CUDA device (run on a GPU machine: benchmarks/gpu_run.sh)")]
 

@@ -34,6 +34,7 @@ def _config_of(command: str) -> tuple[dict, tuple]:
 # recipe says 2 and 2), then exported; shared by the session, so a test that changes it works on a copy.
 
 
+@pytest.mark.slow
 def test_cards_record_what_each_stage_trained(exported_run):
     recipe, run, model = exported_run
     card1, card2 = checkpoint.load_card(run, stage=1), checkpoint.load_card(run, stage=2)
@@ -59,6 +60,7 @@ def test_cards_record_what_each_stage_trained(exported_run):
     assert _config_of(reproduce[0])[0]["stage1"] == card1["config"]["stage1"]
 
 
+@pytest.mark.slow
 def test_evaluate_prints_plain_and_served_for_a_run_and_an_exported_model(exported_run, capsys, tmp_path):
     _, run, model = exported_run
     capsys.readouterr()
@@ -98,6 +100,7 @@ def test_evaluate_exported_model_without_training_card(tiny_model_dir, capsys):
     assert err.count("\n") == 1 and "card.json" in err
 
 
+@pytest.mark.slow
 def test_resume_a_finished_run_does_nothing_and_says_so(exported_run, tmp_path, capsys):
     recipe, run, _ = exported_run
     copy = tmp_path / "run"
@@ -132,6 +135,7 @@ def test_stage2_without_stage1_is_refused_before_data_loads(tmp_path, capsys):
     assert code == 2 and "train it first with --stage 1" in capsys.readouterr().err and not run.exists()
 
 
+@pytest.mark.slow
 def test_export_never_replaces_a_model_without_force(exported_run, tmp_path, capsys):
     _, run, model = exported_run
     shipped = tmp_path / "models" / "shipped"
@@ -171,6 +175,7 @@ def test_a_failed_start_leaves_no_run_folder_and_one_line(tmp_path, capsys):
         main(["train", "--config", "no-such-recipe", "--debug"])
 
 
+@pytest.mark.slow
 def test_people_read_percent(exported_run, capsys):
     from tailwise.training.engine import _short
 

@@ -38,6 +38,7 @@ def test_config_overrides_and_unknown_keys():
         load_config("no-such-recipe")
 
 
+@pytest.mark.slow
 def test_both_stages_then_evaluate(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", str(tiny), "--out", str(run), "--no-progress"]) == 0
@@ -73,6 +74,7 @@ def test_both_stages_then_evaluate(tiny, tmp_path, capsys):
     assert (run / "stage2.json").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ldam-drw", "bsce"])
 def test_supervised_baselines_train(tmp_path, cifar_archive, method):
     archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
@@ -85,6 +87,7 @@ def test_supervised_baselines_train(tmp_path, cifar_archive, method):
     assert "val_top1" in card["metrics"] and "test" in card
 
 
+@pytest.mark.slow
 def test_a_tiny_run_learns_the_cifar_fixture(tmp_path, cifar_archive):
     """The CIFAR fixture's classes are textures (conftest.learnable_colour_patterns), so a few epochs of a
     supervised ResNet-32 score far above chance (10 %) on validation and on the test set: 70 to 90 % over
@@ -102,6 +105,7 @@ def test_a_tiny_run_learns_the_cifar_fixture(tmp_path, cifar_archive):
     assert card["test"]["top1"] > 0.4, card["test"]["top1"]
 
 
+@pytest.mark.slow
 def test_corrupt_weights_are_refused(exported_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(exported_run[1], run)     # the shared tiny run; its stage 1 trained for 1 epoch
@@ -116,6 +120,7 @@ def _cli(*args):
     return [sys.executable, "-m", "tailwise.cli", *args]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume(tiny, tmp_path):
     """Kill a training process mid-epoch; --resume continues from the last checkpoint and finishes cleanly."""
     run = tmp_path / "run"
@@ -143,6 +148,7 @@ def test_sigkill_mid_epoch_then_resume(tiny, tmp_path):
     assert len(list(run.glob("stage1-e*.safetensors"))) == 2  # the last weights and their resume state only
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tiny, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -158,6 +164,7 @@ def test_torchrun_two_cpu_processes(tiny, tmp_path):
     assert line["images"] == (card2["data"]["num_train"] // 32) * 32
 
 
+@pytest.mark.slow
 def test_freeze_encoder_trains_only_the_classifier(tmp_path, cifar_archive):
     """cRT-style stage 2: frozen encoder (weights and BatchNorm statistics), class-balanced sampling."""
     archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
@@ -185,6 +192,7 @@ def test_epoch_order_uniform_and_class_balanced():
     assert np.all(np.abs(per_class - 10000) < 400) and set(balanced) == set(indices)
 
 
+@pytest.mark.slow
 def test_bns_joint_with_balanced_loss_then_la_stage2(tmp_path, cifar_archive):
     """stage1.sup_loss: BNS plus a classifier trained jointly; stage 2 keeps that classifier (no re-init) and
     trains it with the logit-adjusted loss, whose prior is the stage-2 subset's class counts."""
@@ -204,6 +212,7 @@ def test_bns_joint_with_balanced_loss_then_la_stage2(tmp_path, cifar_archive):
     assert torch.equal(w2["fc.weight"], w1["fc.weight"]) and torch.equal(w2["fc.bias"], w1["fc.bias"])
 
 
+@pytest.mark.slow
 def test_train_without_config_uses_the_default_recipe(tmp_path, cifar_archive):
     """No --config: the `tailwise` recipe (LA-loss encoder, then IP-DPP with the LA loss, classifier kept)."""
     archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
