@@ -1,12 +1,13 @@
 # tailwise: the two commands a new user runs.
 #   make serve   set up, then serve the shipped model over HTTP (port 3000)
 #   make test    set up, then run the whole test suite
+#   make test-fast  the tests not marked slow, for the inner loop (under a minute on 2 cores)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,test
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup test serve help clean gpu
+.PHONY: setup test test-fast serve help clean gpu
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +18,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q
+
+# Leaves out the tests marked slow (they train, serve, build wheels, read the real data or run the walkthrough).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 # Serves the shipped (or newest exported) model; with no model under models/ yet it prints the help instead.
 serve: setup

@@ -3,6 +3,7 @@
 import io
 import json
 import pickle
+import socket
 import tarfile
 from pathlib import Path
 
@@ -10,10 +11,19 @@ import numpy as np
 import pytest
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now (bound to port 0, then released), for a server or a
+    torchrun rendezvous started by a test, so tests never collide on a fixed port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def write_cifar_archive(directory, dataset="cifar10", num_classes=10, per_class=60, test_per_class=10, seed=0):
     """Write a small CIFAR python-pickle archive (real format: the standard member names, pickled dicts with
-    'data' uint8 N x 3072 and label lists) into ``directory``. Training images are shuffled across classes
-    like the real batches. Returns (archive_path, train_images uint8 N x 3 x 32 x 32, train_labels int64)."""
+    'data' uint8 N x 3072 and label lists) into ``directory``. Each class is a texture (learnable_colour_patterns),
+    so a tiny run can learn it; training images are shuffled across classes like the real batches. Returns
+    (archive_path, train_images uint8 N x 3 x 32 x 32, train_labels int64)."""
     rng = np.random.default_rng(seed)
     folder, archive, label_key, names_key, meta_file = {
         "cifar10": ("cifar-10-batches-py", "cifar-10-python.tar.gz", "labels", "label_names", "batches.meta"),
@@ -21,8 +31,8 @@ def write_cifar_archive(directory, dataset="cifar10", num_classes=10, per_class=
     }[dataset]
     train_labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
     test_labels = rng.permutation(np.repeat(np.arange(num_classes), test_per_class))
-    train_images = rng.integers(0, 256, (len(train_labels), 3, 32, 32), dtype=np.uint8)
-    test_images = rng.integers(0, 256, (len(test_labels), 3, 32, 32), dtype=np.uint8)
+    train_images = learnable_colour_patterns(train_labels, rng)
+    test_images = learnable_colour_patterns(test_labels, rng)
 
     def batch(images, labels):
         entry = {"batch_label": "synthetic", "data": images.reshape(len(images), 3072),
@@ -128,6 +138,28 @@ def write_recipe(tmp_path, archive, **sections) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory):
+    """One tiny run for the whole session: write_recipe's recipe (BNS then IP-DPP) on a CIFAR-format archive
+    (60 images per class before the IF-10 cut, 10 test images per class), stage 1 and stage 2 trained by
+    separate `tailwise train --stage N --epochs 1` commands (the recipe says 2 and 2), then exported with
+    `tailwise export` to models/tiny. Returns (recipe, run, model). Read-only: a test that changes the run or
+    the model works on a copy (shutil.copytree)."""
+    from tailwise.cli import main
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    archive, _, _ = write_cifar_archive(tmp, per_class=60, test_per_class=10)
+    recipe = write_recipe(tmp, archive)
+    run = tmp / "run"
+    assert main(["train", "--config", str(recipe), "--out", str(run), "--stage", "1", "--epochs", "1",
+                 "--no-progress"]) == 0
+    assert main(["train", "--config", str(recipe), "--out", str(run), "--stage", "2", "--epochs", "1",
+                 "--no-progress"]) == 0
+    model = tmp / "models" / "tiny"
+    assert main(["export", str(run), "--out", str(model), "--parity-images", "20"]) == 0
+    return recipe, run, model
+
+
 # ------------------------------------------------------------------------------------------ Fashion-MNIST files
 
 def _write_idx(path, array, magic):
@@ -138,16 +170,31 @@ def _write_idx(path, array, magic):
     path.write_bytes(gzip.compress(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes(), compresslevel=1))
 
 
-def learnable_patterns(labels, rng):
-    """28 x 28 uint8 images whose class is a texture that survives crops, flips and colour jitter: stripes,
-    checkerboards (fine and coarse), a disc, a ring, a cross, and a blank image, plus noise."""
-    yy, xx = np.mgrid[0:28, 0:28]
-    r = np.hypot(yy - 13.5, xx - 13.5)
+def learnable_patterns(labels, rng, size=28):
+    """size x size uint8 images whose class (0..9) is a texture that survives crops, flips and colour jitter:
+    stripes, checkerboards (fine and coarse), a disc, a ring, a cross, and a blank image, plus noise."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    c = (size - 1) / 2
+    r = np.hypot(yy - c, xx - c)
     patterns = np.stack([(yy // 2) % 2, (yy // 5) % 2, (xx // 2) % 2, (xx // 5) % 2,
                          (yy // 2 + xx // 2) % 2, (yy // 5 + xx // 5) % 2, r < 8, np.abs(r - 9) < 2,
-                         (np.abs(yy - 13.5) < 3) | (np.abs(xx - 13.5) < 3), np.zeros_like(yy)]).astype(np.float32)
-    images = patterns[labels] * 180 + rng.integers(0, 60, (len(labels), 28, 28))
+                         (np.abs(yy - c) < 3) | (np.abs(xx - c) < 3), np.zeros_like(yy)]).astype(np.float32)
+    images = patterns[labels] * 180 + rng.integers(0, 60, (len(labels), size, size))
     return images.astype(np.uint8)
+
+
+# Colours for more than 10 classes (CIFAR-100): class c is texture c % 10 in colour c // 10 (0: grey).
+_TINTS = np.array([(1, 1, 1), (1, .4, .4), (.4, 1, .4), (.4, .4, 1), (1, 1, .4), (1, .4, 1), (.4, 1, 1),
+                   (1, .7, .4), (.7, .4, 1), (.4, 1, .7)], dtype=np.float32)
+
+
+def learnable_colour_patterns(labels, rng, size=32):
+    """uint8 N x 3 x size x size images for CIFAR-format fixtures: the grey texture of learnable_patterns for
+    classes 0..9 (independent noise per channel), tinted by class // 10 beyond (up to 100 classes)."""
+    labels = np.asarray(labels)
+    channels = np.stack([learnable_patterns(labels % 10, rng, size) for _ in range(3)], axis=1)
+    tint = _TINTS[labels // 10][:, :, None, None]
+    return (channels * tint).astype(np.uint8)
 
 
 def write_fmnist_files(root, per_class=60, test_per_class=10, seed=0):

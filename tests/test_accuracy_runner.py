@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,6 +18,7 @@ def runner(*args, cwd):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
     archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
     recipe = write_recipe(tmp_path, archive)

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_fmnist_files, write_recipe
+from conftest import free_port, write_fmnist_files, write_recipe
 
-pytestmark = [pytest.mark.cuda,
+pytestmark = [pytest.mark.cuda, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(),
                                  reason="no CUDA device (run on a GPU machine: benchmarks/gpu_run.sh)")]
 
@@ -181,7 +181,8 @@ dist.destroy_process_group()
 
 
 def test_torchrun_nccl_one_process(tmp_path, fmnist_root):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29531"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                str(free_port())]
     snippet = tmp_path / "nccl_check.py"
     snippet.write_text(NCCL_SNIPPET)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))

@@ -8,6 +8,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from conftest import write_fmnist_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +40,7 @@ def statuses(out) -> dict:
     return {k: v["status"] for k, v in json.loads((out / "gpu_summary.json").read_text())["steps"].items()}
 
 
+@pytest.mark.slow
 def test_dry_run_layout_and_continuation(tmp_path):
     data = write_fmnist_files(tmp_path / "fashion-mnist", per_class=20, test_per_class=5)
     # no budget: nothing starts, and the output is there all the same

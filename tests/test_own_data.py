@@ -208,6 +208,7 @@ def test_file_batches_are_decoded_ahead_in_order(tmp_path):
     assert waited[0] >= 0.0
 
 
+@pytest.mark.slow
 def test_plan_prints_every_derived_value_and_respects_set_and_minutes(tmp_path):
     import argparse
 

@@ -24,15 +24,11 @@ from PIL import Image
 from tailwise.serving.artifact import OnnxClassifier
 from tailwise.serving.predict import predict_files
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 MAX_UPLOAD = 300_000  # TAILWISE_MAX_UPLOAD_BYTES of the test server
 BRIGHTNESS = [10, 60, 100, 140, 190, 240]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_ready(url, seconds=60, process=None):
@@ -153,6 +149,7 @@ def test_service_imports_no_torch(server_env):
 
 # ------------------------------------------------------------------------------------------ answers
 
+@pytest.mark.slow
 def test_classify_agrees_with_tailwise_predict(url, tiny_model_dir, images):
     import bentoml
 
@@ -171,6 +168,7 @@ def test_classify_agrees_with_tailwise_predict(url, tiny_model_dir, images):
         same_predictions(record["predictions"], expected[str(path)])
 
 
+@pytest.mark.slow
 def test_top_k_and_groups(url):
     answer = classify(url, {"image": ("a.png", gray_png(240))}, {"top_k": "5"}).json()
     assert [p["label"] for p in answer["predictions"]][:1] == ["eel"]  # brightest = last class of the toy model
@@ -185,6 +183,7 @@ def test_top_k_and_groups(url):
         assert response.status_code == 400 and "less than or equal to 5" in response.json()["error"], k
 
 
+@pytest.mark.slow
 def test_classify_batch_reports_bad_files_and_classifies_the_others(url, images):
     files = [("images", ("a.png", images[0].read_bytes())), ("images", ("b.png", b"not an image")),
              ("images", ("c.png", b"")), ("images", ("d.png", images[1].read_bytes()))]
@@ -195,6 +194,7 @@ def test_classify_batch_reports_bad_files_and_classifies_the_others(url, images)
     same_predictions(results[0]["predictions"], single)
 
 
+@pytest.mark.slow
 def test_model_info(url, tiny_model_dir):
     info = httpx.post(f"{url}/model_info", json={}, timeout=10).json()
     assert info["model"] == "tiny"
@@ -260,6 +260,7 @@ BAD_REQUESTS = {  # name: (route, () -> httpx.post keyword arguments, status, te
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_input_gets_a_4xx_and_the_server_goes_on(url, case):
     route, arguments, status, text = BAD_REQUESTS[case]
@@ -315,6 +316,7 @@ def test_batcher_merges_queued_jobs_and_survives_errors(service_module):
     assert isinstance(failing[0], RuntimeError) and after.tolist() == [14]
 
 
+@pytest.mark.slow
 def test_burst_of_concurrent_requests_all_succeed_and_are_batched(url):
     """256 requests from 64 threads at once; every 8th is a bad image and gets its own 400, the others their
     answer. Adaptive batching must have merged some of them (bentoml's batch-size histogram)."""
@@ -343,6 +345,7 @@ def test_burst_of_concurrent_requests_all_succeed_and_are_batched(url):
 
 # ------------------------------------------------------------------------------------------ operations
 
+@pytest.mark.slow
 def test_health_metrics_and_openapi_docs(url):
     assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
     assert httpx.get(f"{url}/livez", timeout=10).status_code == 200
@@ -415,6 +418,7 @@ def log_lines_for(log_path, base, send):
     raise AssertionError(f"no access line for the marker request in {log_path}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["non-image bytes", "wrong field name", "top_k above the classes",
                                   "oversized chunked upload", "malformed multipart"])
 def test_a_malformed_request_leaves_one_log_line(served, case):
@@ -431,6 +435,7 @@ def test_a_malformed_request_leaves_one_log_line(served, case):
     assert answers[0].json()["error"] in lines[0] and "Traceback" not in lines[0]
 
 
+@pytest.mark.slow
 def test_overload_answers_503_with_retry_after_at_once(served):
     """More concurrent requests than TAILWISE_MAX_IN_FLIGHT (2): each gets a 200 or a 503 with Retry-After and
     the one error shape, none is dropped, and the server goes on."""
@@ -460,6 +465,7 @@ def test_overload_answers_503_with_retry_after_at_once(served):
     assert_serving(base)
 
 
+@pytest.mark.slow
 def test_docs_page_is_tailwises_own(url):
     from tailwise import __version__
 
@@ -476,6 +482,7 @@ def test_docs_page_is_tailwises_own(url):
     assert "503" in spec["paths"]["/classify"]["post"]["responses"]
 
 
+@pytest.mark.slow
 def test_tailwise_serve_starts_the_service_and_sigterm_under_load_drops_nothing(server_env, tiny_model_dir, tmp_path):
     """--model wins over $TAILWISE_MODEL; SIGTERM to `tailwise serve` while 16 clients send requests: every
     request sent gets its 200 (later connections are refused, never reset after sending), the process and its
@@ -525,6 +532,7 @@ def test_tailwise_serve_starts_the_service_and_sigterm_under_load_drops_nothing(
         httpx.get(f"{base}/readyz", timeout=5)
 
 
+@pytest.mark.slow
 def test_tailwise_serve_errors_are_one_line(server_env, tiny_model_dir, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -536,12 +544,12 @@ def test_tailwise_serve_errors_are_one_line(server_env, tiny_model_dir, tmp_path
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == (f"tailwise serve: error: cannot listen on 127.0.0.1:{port}: Address already in "
                                      "use (another server is using it: pick another --port)")
-    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir / "nothing")],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir / "nothing"),
+                             "--port", str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "nothing: no such model file" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir)], cwd=REPO,
-                            capture_output=True, text=True, timeout=60,
+    result = subprocess.run([sys.executable, "-m", "tailwise", "serve", "--model", str(tiny_model_dir), "--port",
+                             str(free_port())], cwd=REPO, capture_output=True, text=True, timeout=60,
                             env={**os.environ, **server_env, "TAILWISE_MAX_PIXELS": "abc"})
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == "tailwise serve: error: TAILWISE_MAX_PIXELS must be an integer, got 'abc'"
@@ -558,6 +566,7 @@ def weights_offset(model_bytes: bytes) -> int:
     return offset + len(raw) // 2 - 32
 
 
+@pytest.mark.slow
 def test_serve_and_the_service_refuse_a_tampered_model(server_env, tiny_model_dir, tmp_path):
     """64 bytes flipped in model.onnx: `tailwise serve` and the service module (what a Bento's worker and
     `bentoml build` import) refuse it, naming the file and both hashes; TAILWISE_VERIFY=0 accepts it."""
@@ -588,6 +597,7 @@ def test_serve_and_the_service_refuse_a_tampered_model(server_env, tiny_model_di
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, tmp_path):
     source = tmp_path / "src"
     for name in ["bentofile.yaml", "pyproject.toml", "tailwise/__init__.py", "tailwise/_core.py",

@@ -48,6 +48,7 @@ def _pct(x):
     return round(100 * x, 2)
 
 
+@pytest.mark.slow
 def test_card_numbers_reproduce_on_the_real_test_set(test_set):
     from safetensors.torch import load_file
 
@@ -98,6 +99,7 @@ def test_default_model_is_the_shipped_one(monkeypatch):
     assert Path(default_model_path()).resolve() == (MODEL / "model.onnx").resolve()
 
 
+@pytest.mark.slow
 def test_evaluate_the_shipped_model_folder(test_set, capsys):
     """`tailwise evaluate models/fmnist-lt-tailwise` (README): onnxruntime on the data its card names, the plain
     and the served numbers of the card, labelled, in percent; nothing is written into the model folder."""

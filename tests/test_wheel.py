@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow   # builds wheels and virtual environments
+
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # serving.artifact.SHIPPED_MODEL
 SOURCES = ("pyproject.toml", "README.md", "tailwise", "training", "export", "serving")
