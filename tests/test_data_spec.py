@@ -18,7 +18,7 @@ NON_DEFAULTS = {
     "dataset": ("'cifar10'", "cifar10"), "root": ("'/data/x'", "/data/x"), "imbalance_factor": ("10", "10"),
     "profile": ("'step'", "step"), "val_per_class": ("7", "7"), "val_seed": ("3", "3"),
     "train_split": ("'t.txt'", "t.txt"), "val_split": ("'v.txt'", "v.txt"), "test_split": ("'s.txt'", "s.txt"),
-    "image_size": ("48", "48"), "holdout_kept": ("false", None), "many_threshold": ("300", "300"),
+    "image_size": ("48", "48"), "channels": ("1", "1"), "holdout_kept": ("false", None), "many_threshold": ("300", "300"),
     "few_threshold": ("30", "30"),
 }
 

@@ -55,6 +55,37 @@ def test_mixed_modes_all_decode_to_rgb(tmp_path):
     assert data.train_source.load(np.arange(6)).shape == (6, 3, 8, 8)
 
 
+def test_grayscale_decoding_on_request(tmp_path):
+    """data.channels=1: 1-channel images (L, 1-bit, 16-bit, grey with alpha, colour), decoded as the served
+    model decodes them; the default is RGB; a card from before channels existed rebuilds RGB."""
+    from tailwise._core import load_image
+    from tailwise.training.data import rebuild_lt_data
+    from tailwise.training.train import data_from_config
+
+    root = tmp_path / "gray"
+    save(root / "a" / "l.png", solid("L", 128))
+    save(root / "a" / "one-bit.png", solid("1", 1))
+    save(root / "b" / "deep16.png", Image.fromarray(np.full((16, 20), 257 * 100, dtype=np.uint16)))
+    save(root / "b" / "la.png", solid("LA", (60, 255)))
+    save(root / "b" / "colour.png", solid("RGB", (200, 10, 10)))
+    assert build(root, image_size=8).channels == 3                # the default: RGB, also for grey images
+    data = data_from_config(load_config(None, ["data.dataset='folder'", f"data.root='{root}'", "data.val_per_class=0",
+                                               "data.image_size=8", "data.channels=1"]))
+    assert data.channels == 1 and data.card()["channels"] == 1 and len(data.mean) == len(data.std) == 1
+    assert data.train_source.load(np.arange(5)).shape == (5, 1, 8, 8)
+    meta = {"input": {"channels": 1, "height": 8, "width": 8, "resize_policy": "shorter-center-crop"}}
+    for path in data.train_source.paths:                 # what training sees is what the service will decode
+        assert np.array_equal(pixels(data, path).numpy(), load_image(path, meta))
+    assert pixels(data, root / "b" / "deep16.png").unique().tolist() == [100]
+    assert rebuild_lt_data(data.build_args).channels == 1
+    old_card = {k: v for k, v in data.build_args.items() if k != "channels"}
+    assert rebuild_lt_data(old_card).channels == 3                 # trained before the option: RGB
+    with pytest.raises(UserError, match=r"data.channels \(--channels\): fmnist images have 1 channel"):
+        build_lt_data("fmnist", channels=3)
+    with pytest.raises(UserError, match="data.channels must be one of 0, 1, 3"):
+        load_config(None, ["data.channels=2"])
+
+
 def test_unreadable_files_are_listed_and_skipped(tmp_path, capsys):
     root = tmp_path / "bad"
     for i in range(3):

@@ -112,7 +112,8 @@ def run_data(args) -> int:
     print(f"index_sha256 {card['index_sha256']}")
     if data.file_stats:
         modes = ", ".join(f"{m} {n}" for m, n in sorted(data.file_stats["modes"].items(), key=lambda kv: -kv[1]))
-        print(f"files: {modes} (Pillow modes; all decoded to RGB); median shorter side "
+        print(f"files: {modes} (Pillow modes; all decoded to {'grayscale' if card['channels'] == 1 else 'RGB'}); "
+              f"median shorter side "
               f"{data.file_stats['median_shorter_side']} px; {data.file_stats['ignored_files']} non-image files ignored")
     width = max(5, *(len(n) for n in card["class_names"]))
     print(f"\n{'class':>5}  {'name':<{width}}  {'train':>7}  {'val':>5}  group")

@@ -155,7 +155,7 @@ def _check_value(field: str, default, value):
         for v in value:
             _check_number(field, v, rule)
     if isinstance(rule, tuple) and value not in rule:
-        raise UserError(f"config field {field} must be one of {', '.join(rule)}, got {value!r}")
+        raise UserError(f"config field {field} must be one of {', '.join(map(str, rule))}, got {value!r}")
     return value
 
 

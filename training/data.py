@@ -61,7 +61,8 @@ MEAN_STD = {
     "fmnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # used for all file-backed data
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # used for all file-backed RGB data
+    "imagenet-gray": ((0.449,), (0.226,)),                          # their mean, for grayscale file data
 }
 
 
@@ -94,12 +95,12 @@ class ArraySource:
 
 
 class FileSource:
-    """Images decoded from files on demand: EXIF orientation applied, RGB, shorter side resized to
-    ``image_size`` (bilinear, antialiased) and centre-cropped to ``image_size x image_size``."""
+    """Images decoded from files on demand: EXIF orientation applied, RGB (or grayscale with ``channels=1``),
+    shorter side resized to ``image_size`` (bilinear, antialiased) and centre-cropped to ``image_size x
+    image_size``."""
 
-    channels = 3
-
-    def __init__(self, paths: list[str], labels: np.ndarray, image_size: int):
+    def __init__(self, paths: list[str], labels: np.ndarray, image_size: int, channels: int = 3):
+        self.channels = channels
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.image_size = (image_size, image_size)
@@ -109,12 +110,12 @@ class FileSource:
         return len(self.labels)
 
     def load(self, indices) -> torch.Tensor:
-        """uint8 ``[n, 3, S, S]`` for the given row indices, decoded on a thread pool (Pillow releases the GIL).
+        """uint8 ``[n, channels, S, S]`` for the given row indices, decoded on a thread pool (Pillow releases the GIL).
 
         A file that fails to decode (truncated after its header, changed since the scan) is reported once on
         stderr and left out from then on: the next readable image of its class stands in for it."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        out = torch.empty((len(indices), 3, *self.image_size), dtype=torch.uint8)
+        out = torch.empty((len(indices), self.channels, *self.image_size), dtype=torch.uint8)
 
         def fill(row):
             out[row] = torch.from_numpy(self._decode_or_stand_in(int(indices[row]))).permute(2, 0, 1)
@@ -128,7 +129,7 @@ class FileSource:
             candidates = []
         else:
             try:
-                return decode_image(self.paths[index], self.image_size[0])
+                return decode_image(self.paths[index], self.image_size[0], self.channels)
             except UserError as exc:
                 self._report_unreadable(index, exc)
         same_class = np.flatnonzero(self.labels == self.labels[index])
@@ -136,7 +137,7 @@ class FileSource:
             if int(candidate) in self.unreadable or int(candidate) in candidates:
                 continue
             try:
-                return decode_image(self.paths[candidate], self.image_size[0])
+                return decode_image(self.paths[candidate], self.image_size[0], self.channels)
             except UserError as exc:
                 self._report_unreadable(int(candidate), exc)
         raise UserError(f"no image of the class of {self.paths[index]} can be decoded "
@@ -164,12 +165,13 @@ def image_size_for(median_shorter_side: int) -> int:
     return fitting[-1] if fitting else max(1, int(median_shorter_side))
 
 
-def decode_image(path: str, size: int) -> np.ndarray:
-    """One image file as a ``size x size x 3`` uint8 array, decoded exactly as the served model decodes it
-    (tailwise._core.load_image, policy "shorter-center-crop": EXIF, RGB, shorter-side resize, centre crop)."""
-    spec = {"input": {"channels": 3, "height": size, "width": size, "resize_policy": "shorter-center-crop"}}
+def decode_image(path: str, size: int, channels: int = 3) -> np.ndarray:
+    """One image file as a ``size x size x channels`` uint8 array, decoded exactly as the served model decodes
+    it (tailwise._core.load_image, policy "shorter-center-crop": EXIF, RGB or L, shorter-side resize, centre
+    crop)."""
+    spec = {"input": {"channels": channels, "height": size, "width": size, "resize_policy": "shorter-center-crop"}}
     try:
-        return load_image(path, spec, max_pixels=None).transpose(1, 2, 0)
+        return np.require(load_image(path, spec, max_pixels=None).transpose(1, 2, 0), requirements="W")
     except ImageError as exc:
         raise UserError(f"cannot decode image {path}: {exc}") from None
 
@@ -398,6 +400,9 @@ def build_lt_data(spec: DataSpec | str | None = None, **values) -> LTData:
         if spec.image_size:
             raise UserError(f"{DataSpec.where('image_size')} applies to file datasets (splits, folder), "
                             f"not to {spec.dataset}")
+        if spec.channels not in (0, 1 if spec.dataset == "fmnist" else 3):
+            raise UserError(f"{DataSpec.where('channels')}: {spec.dataset} images have "
+                            f"{1 if spec.dataset == 'fmnist' else 3} channel(s), got {spec.channels}")
         return _build_array_data(spec)
     if spec.dataset == "folder" and (spec.train_split or spec.val_split):
         raise UserError("--train-split/--val-split apply to --dataset splits; a folder dataset is its own train set")
@@ -442,7 +447,7 @@ def _build_array_data(spec: DataSpec) -> LTData:
         mean=mean, std=std, train_source=train, train_idx=train_idx, val_idx=val_idx, test_source=test,
         counts=counts, val_counts=np.bincount(labels[val_idx], minlength=num_classes).tolist(),
         groups=groups_from_counts(counts, *bands), index_sha256=index_sha256(train_idx), bands=bands,
-        spec=spec.replace(root=root, imbalance_factor=float(imbalance_factor),
+        spec=spec.replace(root=root, imbalance_factor=float(imbalance_factor), channels=train.channels,
                           holdout_kept=spec.holdout_kept and profile != "none"))
 
 
@@ -496,29 +501,32 @@ def _build_file_data(spec: DataSpec) -> LTData:
             test_paths, test_labels = read_split(test_split, root, num_classes)
     num_classes = len(class_names)
 
+    # RGB unless asked for grayscale (data.channels=1): on the walkthrough's folder of grayscale Fashion-MNIST
+    # PNGs, 3 identical channels trained better than 1 (README, "Your own data")
+    channels = spec.channels or 3
     if val_labels is not None:  # a given val split: train keeps everything
-        source = FileSource(train_paths + val_paths, np.concatenate([train_labels, val_labels]), image_size)
+        source = FileSource(train_paths + val_paths, np.concatenate([train_labels, val_labels]), image_size, channels)
         train_idx = np.arange(len(train_paths), dtype=np.int64)
         val_idx = np.arange(len(train_paths), len(source), dtype=np.int64)
     else:
-        source = FileSource(train_paths, train_labels, image_size)
+        source = FileSource(train_paths, train_labels, image_size, channels)
         train_idx, val_idx = holdout_split(train_labels, num_classes, val_per_class, val_seed)
-    test = None if test_paths is None else FileSource(test_paths, test_labels, image_size)
+    test = None if test_paths is None else FileSource(test_paths, test_labels, image_size, channels)
     counts = np.bincount(source.labels[train_idx], minlength=num_classes).tolist()
     if dataset == "folder":  # record the bands used, so a rebuild, the export and the served model agree
         bands = folder_group_thresholds(counts, many_threshold, few_threshold)
         many_threshold, few_threshold = bands
     else:
         bands = group_thresholds(num_classes, many_threshold, few_threshold)
-    mean, std = MEAN_STD["imagenet"]
+    mean, std = MEAN_STD["imagenet" if channels == 3 else "imagenet-gray"]
     return LTData(
-        name=dataset, class_names=class_names, channels=3, image_size=(image_size, image_size), mean=mean, std=std,
+        name=dataset, class_names=class_names, channels=channels, image_size=(image_size, image_size), mean=mean, std=std,
         train_source=source, train_idx=train_idx, val_idx=val_idx, test_source=test, counts=counts,
         val_counts=np.bincount(source.labels[val_idx], minlength=num_classes).tolist(),
         groups=groups_from_counts(counts, *bands), index_sha256=index_sha256(train_idx), bands=bands,
         spec=spec.replace(root=root, imbalance_factor=1.0, profile="none", many_threshold=many_threshold or 0,
                           few_threshold=few_threshold or 0, train_split=train_split or "", val_split=val_split or "",
-                          test_split=test_split or "", image_size=image_size, holdout_kept=False),
+                          test_split=test_split or "", image_size=image_size, channels=channels, holdout_kept=False),
         skipped=skipped, notes=notes, file_stats=file_stats)
 
 

@@ -19,7 +19,7 @@ from tailwise import UserError
 
 DATASETS = ("fmnist", "cifar10", "cifar100", "splits", "folder")
 PROFILES = ("exp", "step", "none")
-AUTO_WHEN_ZERO = ("image_size", "many_threshold", "few_threshold")      # 0: derived from the data
+AUTO_WHEN_ZERO = ("image_size", "channels", "many_threshold", "few_threshold")   # 0: the data decides
 
 
 def _option(default, help: str, choices: tuple | None = None, minimum: float | None = None):
@@ -44,6 +44,8 @@ class DataSpec:
     test_split: str = _option("", "splits: test split file; folder: a test folder with class subfolders")
     image_size: int = _option(0, "splits/folder: square side images are decoded to (default: splits 224, folder "
                                  "from the images' median shorter side)", minimum=0)
+    channels: int = _option(0, "splits/folder: 3 (RGB, the default) or 1 (grayscale) channels images are decoded "
+                               "to; 0: the dataset's own (fmnist 1, cifar 3, file data 3)", choices=(0, 1, 3))
     holdout_kept: bool = _option(True, "LT benchmarks: hold the validation images of a class the LT subset keeps "
                                        "whole (the head) out of its training images; --no-holdout-kept keeps the "
                                        "literature's LDAM subset exactly (then the head has no validation images)")
@@ -60,7 +62,8 @@ class DataSpec:
             if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
                 raise UserError(f"{self.where(f.name)} must be {kind.__name__}, got {value!r}")
             if meta["choices"] and value not in meta["choices"]:
-                raise UserError(f"{self.where(f.name)} must be one of {', '.join(meta['choices'])}, got {value!r}")
+                raise UserError(f"{self.where(f.name)} must be one of {', '.join(map(str, meta['choices']))}, "
+                                f"got {value!r}")
             if meta["minimum"] is not None and value < meta["minimum"]:
                 raise UserError(f"{self.where(f.name)} must be >= {meta['minimum']:g}, got {value!r}")
 
@@ -86,8 +89,9 @@ class DataSpec:
     @classmethod
     def from_card(cls, build_args: dict) -> DataSpec:
         """The spec a card's build_args record. Cards written before holdout_kept existed had no such hold-out,
-        so a missing key means False."""
-        return cls.create(**{"holdout_kept": False, **build_args})
+        so a missing key means False; before channels existed file data was always RGB."""
+        older = {"holdout_kept": False, "channels": 3 if build_args.get("dataset") in ("splits", "folder") else 0}
+        return cls.create(**{**older, **build_args})
 
     def card(self) -> dict:
         """build_args for a checkpoint card: "not given" as null."""

@@ -4,8 +4,8 @@ Every size the recipe states for Fashion-MNIST-LT (image size, batch sizes, epoc
 derived from the folder and a budget, and each derived value is printed, with where it came from and the
 `--set` that overrides it, before any training:
 
-* image size: ``training.data.image_size_for`` the images' median shorter side; channels: 3 (file data is
-  decoded to RGB);
+* image size: ``training.data.image_size_for`` the images' median shorter side; channels: 3 (every image is
+  decoded to RGB unless ``--set data.channels=1`` asks for grayscale);
 * many/medium/few bands: ``training.data.folder_group_thresholds``;
 * batch size (each stage): the power of two nearest N / 8 (N = the stage's images per epoch), at least 16 and
   at most the recipe's; the learning rate is the recipe's at its batch size times sqrt(batch / recipe batch);
@@ -188,7 +188,7 @@ def plan_for_folder(args, overrides: list[str]) -> tuple[dict, object, list[str]
         passes_why = f"default budget for {n} images: {passes:g} passes (50,000 / N in [20, 200])"
     derived = [d for d in derive(recipe_cfg, data, passes, passes_why, given) if d.field not in user_fields]
     cfg = load_config(recipe, data_set + [f"{d.field}={d.value}" for d in derived] + overrides)
-    if cfg["data"]["image_size"] != data.image_size[0]:
+    if (cfg["data"]["image_size"], cfg["data"]["channels"]) != (data.image_size[0], data.channels):
         data = data_from_config(cfg)
     fields = {f"{sec}.{k}": v for sec in ("stage1", "stage2") for k, v in cfg[sec].items()}
     minutes = estimate_minutes(fields, data, images_per_second, views)
@@ -198,7 +198,8 @@ def plan_for_folder(args, overrides: list[str]) -> tuple[dict, object, list[str]
     lines = [f"tailwise train --data {args.data}: recipe {cfg['name']}, {data.num_classes} classes, "
              f"{n} training / {len(data.val_idx)} validation / "
              f"{0 if data.test_source is None else len(data.test_source)} test images",
-             f"images: {modes}; decoded to RGB (3 channels) at {data.image_size[0]} x {data.image_size[0]}",
+             f"images: {modes}; decoded to {'grayscale (1 channel)' if data.channels == 1 else 'RGB (3 channels)'} "
+             f"at {data.image_size[0]} x {data.image_size[0]}",
              *data.skipped_report(),
              "plan (each line: value, where it came from, how to override):"]
     width = max(len(d.field) for d in derived) if derived else 0
