@@ -86,6 +86,27 @@ def test_grayscale_decoding_on_request(tmp_path):
         load_config(None, ["data.channels=2"])
 
 
+@pytest.mark.slow
+def test_a_grayscale_model_trains_exports_and_serves(tmp_path):
+    """data.channels=1 end to end: train on a folder, export (parity-checked), predict from PNG and RGB files."""
+    import tailwise
+
+    root = tmp_path / "gray"
+    rng = np.random.default_rng(0)
+    for c, level in (("dark", 40), ("light", 210)):
+        for i in range(10):
+            save(root / c / f"{i}.png", Image.fromarray(rng.integers(level - 30, level + 30, (12, 12), dtype=np.uint8)))
+    run, model = tmp_path / "run", tmp_path / "model"
+    assert tailwise_main(["train", "--data", str(root), "--budget", "4", "--set", "data.channels=1",
+                          "--set", "device='cpu'", "--out", str(run), "--no-progress"]) == 0
+    assert tailwise_main(["export", str(run), "--out", str(model)]) == 0
+    classifier = tailwise.load(model)
+    assert classifier.metadata["input"]["channels"] == 1
+    colour = save(tmp_path / "colour.png", solid("RGB", (230, 230, 230), (12, 12)))   # decoded to L, as trained
+    predictions = classifier.predict([root / "dark" / "0.png", colour], top_k=2)
+    assert [len(p) for p in predictions] == [2, 2] and {p[0]["label"] for p in predictions} <= {"dark", "light"}
+
+
 def test_unreadable_files_are_listed_and_skipped(tmp_path, capsys):
     root = tmp_path / "bad"
     for i in range(3):
