@@ -186,3 +186,29 @@ def test_people_read_percent(exported_run, capsys):
     out = capsys.readouterr().out
     # every number is a percentage ("100.00 %", "8.89 %"), none a fraction ("0.8889")
     assert "overall (top-1)" in out and out.count(" %") >= 2 and not re.findall(r"\d+\.\d+\b(?! %)", out)
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_in_stage_2_keeps_stage_1_record(tmp_path, cifar_archive, monkeypatch, capsys):
+    """Stage 1's card is finalised as soon as stage 1 has trained: a run that dies in stage 2 and is finished by
+    `--stage 2 --resume` still records the command that trained stage 1 (both stages, as it was run)."""
+    from tailwise.training import train
+
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=4)
+    recipe, run = write_recipe(tmp_path, archive), tmp_path / "run"
+    real_stage2 = train.train_stage2
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed in stage 2")
+
+    monkeypatch.setattr(train, "train_stage2", dies)
+    assert main(["train", "--config", str(recipe), "--epochs", "1", "--out", str(run), "--no-progress"]) != 0
+    assert "killed in stage 2" in capsys.readouterr().err
+    record1 = checkpoint.load_card(run, stage=1)["trained"]["1"]
+    assert _config_of(record1["command"])[1] == (1, 2)
+    monkeypatch.setattr(train, "train_stage2", real_stage2)
+    assert main(["train", "--config", str(recipe), "--epochs", "1", "--stage", "2", "--resume", "--out", str(run),
+                 "--no-progress"]) == 0
+    card2 = checkpoint.load_card(run, stage=2)
+    assert card2["trained"]["1"] == record1 and _config_of(card2["trained"]["2"]["command"])[1] == (2,)
+    assert "test" in card2 and "logit_adjustment" in card2 and "test" not in checkpoint.load_card(run, stage=1)

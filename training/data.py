@@ -389,8 +389,8 @@ def build_lt_data(spec: DataSpec | str | None = None, **values) -> LTData:
     ``image_size`` (file data only) is the square side images are decoded to; default: 224 for splits, for a
     folder ``image_size_for`` its images' median shorter side. A folder's unreadable files are left out and
     listed in ``LTData.skipped``; its many/medium/few bands default to ``folder_group_thresholds``.
-    The LTData records the spec resolved (absolute paths, the size and bands used): building it again gives
-    the same data.
+    The LTData records the spec resolved (absolute paths, image size and channels, a folder's group bands):
+    building it again gives the same data. The bands of every dataset are in its card's group_thresholds.
     """
     if not isinstance(spec, DataSpec):
         spec = DataSpec.create(**values) if spec is None else DataSpec.create(dataset=spec, **values)

@@ -49,9 +49,9 @@ class DataSpec:
     holdout_kept: bool = _option(True, "LT benchmarks: hold the validation images of a class the LT subset keeps "
                                        "whole (the head) out of its training images; --no-holdout-kept keeps the "
                                        "literature's LDAM subset exactly (then the head has no validation images)")
-    many_threshold: int = _option(0, "many: count > this (default 100 with 100+ classes, else 500; a small folder: "
-                                     "see training.data.folder_group_thresholds)", minimum=0)
-    few_threshold: int = _option(0, "few: count < this (default 20 with 100+ classes, else 200)", minimum=0)
+    many_threshold: int = _option(0, "many: count > this (0, the default: 100 with 100+ classes, else 500; a small "
+                                     "folder: see training.data.folder_group_thresholds)", minimum=0)
+    few_threshold: int = _option(0, "few: count < this (0, the default: 20 with 100+ classes, else 200)", minimum=0)
 
     def __post_init__(self):
         for f in fields(self):

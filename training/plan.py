@@ -188,7 +188,7 @@ def plan_for_folder(args, overrides: list[str]) -> tuple[dict, object, list[str]
         passes_why = f"default budget for {n} images: {passes:g} passes (50,000 / N in [20, 200])"
     derived = [d for d in derive(recipe_cfg, data, passes, passes_why, given) if d.field not in user_fields]
     cfg = load_config(recipe, data_set + [f"{d.field}={d.value}" for d in derived] + overrides)
-    if (cfg["data"]["image_size"], cfg["data"]["channels"]) != (data.image_size[0], data.channels):
+    if cfg["data"]["image_size"] != data.image_size[0]:
         data = data_from_config(cfg)
     fields = {f"{sec}.{k}": v for sec in ("stage1", "stage2") for k, v in cfg[sec].items()}
     minutes = estimate_minutes(fields, data, images_per_second, views)

@@ -80,6 +80,11 @@ def _check_same_data(card: dict, data: LTData) -> None:
     if card["data"]["index_sha256"] != data.index_sha256:
         raise UserError(f"{card['_dir']}: checkpoint was trained on different data "
                         f"(index sha256 {card['data']['index_sha256'][:12]}... vs {data.index_sha256[:12]}...)")
+    trained = (card["data"]["channels"], *card["data"]["image_size"])
+    if trained != (data.channels, *data.image_size):
+        raise UserError(f"{card['_dir']}: checkpoint was trained on {trained[0]} x {trained[1]} x {trained[2]} images, "
+                        f"these are {data.channels} x {data.image_size[0]} x {data.image_size[1]} "
+                        "(data.channels / data.image_size differ)")
 
 
 def _wrap_ddp(model: torch.nn.Module, d: engine.Dist, device: torch.device) -> torch.nn.Module:
@@ -478,45 +483,51 @@ def _train_and_score(cfg, data, run_dir, device, d, stages, resume, progress) ->
         report = data.skipped_report()
         if report:
             print("tailwise: " + "\n".join(report), flush=True)
-    if 1 in stages:
-        train_stage1(cfg, data, run_dir, device, d, resume, progress)
-    if 2 in stages and cfg["stage2"]["enabled"]:
-        cfg = _with_stage1_as_trained(cfg, run_dir)
-        train_stage2(cfg, data, run_dir, device, d, resume, progress)
-    if d.world > 1:
-        torch.distributed.barrier()
-    return finish_run(cfg, data, run_dir, device, d, stages) if d.main else {}
-
-
-def finish_run(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d: engine.Dist,
-               stages: tuple[int, ...]) -> dict:
-    """The one place a run's cards are finalised once its stages have trained. Each stage card gains what it
-    records of how it was trained (`trained`: epochs, recipe, the command that repeats it; stage 2's also
-    stage 1's); the final classifier's card also the logit adjustment chosen on validation, hardware and time
-    (`training`) and its test report (`test`). One read and one write per card. Returns the test report
-    ({} when there is no test set or the run ends with an encoder)."""
     trained = [s for s in (1, 2) if s in stages and (s == 1 or cfg["stage2"]["enabled"])]
-    final = max(trained, default=1)    # `--stage 2` with stage 2 disabled: the stage-1 classifier is the output
-    records: dict = {}
     result: dict = {}
-    for stage in range(1, final + 1):
-        if not (run_dir / f"stage{stage}.json").exists():
-            continue
-        card = checkpoint.load_card(run_dir, stage=stage)
-        records.update(card.get("trained", {}))
-        if not card.get("finished"):
-            continue
-        update = {}
-        if stage in trained and str(stage) not in records:
+    for stage in trained:
+        if stage == 1:
+            train_stage1(cfg, data, run_dir, device, d, resume, progress)
+        else:
+            cfg = _with_stage1_as_trained(cfg, run_dir)
+            train_stage2(cfg, data, run_dir, device, d, resume, progress)
+        if d.main:
+            result = finish_stage(cfg, data, run_dir, device, d, stage, stages, last=stage == trained[-1])
+        if d.world > 1:
+            torch.distributed.barrier()        # stage 2 reads the finalised stage-1 card
+    if not trained and d.main:                 # `--stage 2` with stage 2 disabled: score what the run holds
+        result = finish_stage(cfg, data, run_dir, device, d, None, stages, last=True)
+    return result
+
+
+def finish_stage(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d: engine.Dist, stage: int | None,
+                 stages: tuple[int, ...], last: bool) -> dict:
+    """The one place a run's cards are finalised, on rank 0, right after a stage has trained. The stage's card gains
+    what it records of how it was trained (`trained`: epochs, recipe, the `tailwise train` command that repeats
+    it; stage 2's also stage 1's record). After the last stage this command trains, the run's final classifier (its
+    highest finished card) also gains the logit adjustment chosen on validation, hardware and time (`training`)
+    and its test report (`test`). One read and one write per card. Returns the test report ({} when nothing was
+    scored: no test set, or the run ends with an encoder)."""
+    updates: dict[int, dict] = {}
+    cards: dict[int, dict] = {}
+    if stage is not None:
+        cards[stage] = card = checkpoint.load_card(run_dir, stage=stage)
+        if card.get("finished") and str(stage) not in card.get("trained", {}):
+            records = dict(checkpoint.load_card(run_dir, stage=1).get("trained", {})) if stage == 2 else {}
             records[str(stage)] = {"epochs": card["epoch"], "recipe": cfg["name"],
                                    "command": reproduce_command(cfg, str(run_dir),
                                                                 stage=stage if stages == (stage,) else None)}
-            update["trained"] = dict(records)
-        if stage == final and card.get("kind") == "classifier":
-            result, scored = _score_final(cfg, data, card, device, d)
-            update.update(scored)
-        if update:
-            checkpoint.update_card(card, update)
+            updates[stage] = {"trained": records}
+    result: dict = {}
+    if last:
+        final_stage = 2 if (run_dir / "stage2.json").exists() else 1
+        final = cards.get(final_stage) or checkpoint.load_card(run_dir, stage=final_stage)
+        cards[final_stage] = final
+        if final.get("finished") and final.get("kind") == "classifier":
+            result, scored = _score_final(cfg, data, final, device, d)
+            updates.setdefault(final_stage, {}).update(scored)
+    for number, fields in updates.items():
+        checkpoint.update_card(cards[number], fields)
     return result
 
 
