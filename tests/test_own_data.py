@@ -292,3 +292,26 @@ def test_plan_prints_every_derived_value_and_respects_set_and_minutes(tmp_path):
     assert by_minutes["stage1"]["epochs"] >= 1 and by_minutes["stage2"]["epochs"] >= 1
     with pytest.raises(UserError, match="not both"):
         plan_for_folder(args(minutes=1, budget=3), [])
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_plan_the_run_started_with(tmp_path, capsys):
+    """`--data DIR --resume` trains on with the plan recorded in the run, not a new one (another --budget, or a
+    --minutes that measures another speed, would size the stages differently)."""
+    from tailwise.training import checkpoint
+
+    root = tmp_path / "plan"
+    rng = np.random.default_rng(0)
+    for c, n in (("a", 12), ("b", 6)):
+        for i in range(n):
+            save(root / c / f"{i}.png", Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)))
+    run = tmp_path / "run"
+    common = ["train", "--data", str(root), "--set", "device='cpu'", "--out", str(run), "--no-progress"]
+    assert tailwise_main(common + ["--budget", "4", "--stage", "1"]) == 0
+    planned = checkpoint.load_card(run, stage=1)["config"]["stage2"]["epochs"]
+    capsys.readouterr()
+    assert tailwise_main(common + ["--budget", "40", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "with the plan recorded in stage1.json (--budget / --minutes apply to a new run only)" in out
+    assert "plan (each line" not in out
+    assert checkpoint.load_card(run, stage=2)["epoch"] == planned

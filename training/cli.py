@@ -154,7 +154,10 @@ def train_from_args(args):
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     data = None
-    if args.data:
+    recorded = _recorded_plan(args, overrides) if args.data and args.resume else None
+    if recorded:
+        cfg = recorded
+    elif args.data:
         from tailwise.training.plan import plan_for_folder
 
         cfg, data, lines = plan_for_folder(args, overrides)
@@ -169,6 +172,23 @@ def train_from_args(args):
                         "drop --resume to start a new run")
     run(cfg, run_dir, stages=stages, resume=args.resume, progress=not args.no_progress, data=data)
     return run_dir
+
+
+def _recorded_plan(args, overrides: list[str]) -> dict | None:
+    """`--data DIR --resume`: the config the run's newest card records (the plan it was started with; planning
+    again could measure another speed and size the stages differently), with this command's --set on top."""
+    from pathlib import Path
+
+    from tailwise.training.checkpoint import card_path_for, load_card
+    from tailwise.training.config import DEFAULT_RECIPE, apply_overrides, load_config, recorded_config
+
+    run_dir = Path(args.out or Path("runs") / load_config(args.config or DEFAULT_RECIPE)["name"])
+    if not any((run_dir / f"stage{s}.json").exists() for s in (1, 2)):
+        return None
+    card = load_card(run_dir)
+    print(f"tailwise: resuming {run_dir} with the plan recorded in {card_path_for(run_dir).name}"
+          + (" (--budget / --minutes apply to a new run only)" if args.budget or args.minutes else ""), flush=True)
+    return apply_overrides(recorded_config(card["config"]), overrides)
 
 
 def run_evaluate(args) -> int:

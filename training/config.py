@@ -196,6 +196,17 @@ def load_config(recipe: str | None = None, overrides: list[str] = ()) -> dict:
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
         cfg["name"] = cfg["name"] if cfg["name"] != "run" else path.stem
+    return apply_overrides(cfg, overrides)
+
+
+def recorded_config(config: dict) -> dict:
+    """A config as a checkpoint card recorded it, with the fields added since then at their defaults."""
+    return _merge(copy.deepcopy(DEFAULTS), config)
+
+
+def apply_overrides(cfg: dict, overrides: list[str] = ()) -> dict:
+    """`cfg` with each `section.key=value` (TOML value syntax) written in, validated (validate_config)."""
+    cfg = copy.deepcopy(cfg)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
