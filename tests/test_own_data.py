@@ -86,6 +86,21 @@ def test_grayscale_decoding_on_request(tmp_path):
         load_config(None, ["data.channels=2"])
 
 
+def test_a_checkpoint_of_other_channels_or_size_is_refused_in_one_line(tmp_path):
+    from tailwise.training.train import _check_same_data
+
+    root = tmp_path / "check"
+    for i in range(3):
+        save(root / "a" / f"{i}.png", solid("L", 9, (8, 8)))
+    data = build(root, image_size=8)                  # 3 x 8 x 8, RGB by default
+    card = {"_dir": "runs/x", "data": {"index_sha256": data.index_sha256, "channels": 3, "image_size": [8, 8]}}
+    _check_same_data(card, data)
+    for channels, size in ((1, [8, 8]), (3, [16, 16])):
+        card["data"].update(channels=channels, image_size=size)
+        with pytest.raises(UserError, match=r"runs/x: checkpoint was trained on .* images, these are 3 x 8 x 8"):
+            _check_same_data(card, data)
+
+
 @pytest.mark.slow
 def test_a_grayscale_model_trains_exports_and_serves(tmp_path):
     """data.channels=1 end to end: train on a folder, export (parity-checked), predict from PNG and RGB files."""
