@@ -76,7 +76,6 @@ def register(subparsers) -> None:
 def data_from_args(args):
     """The data of the options DataSpec.add_arguments registered."""
     from tailwise.training.data import build_lt_data
-    from tailwise.training.dataspec import DataSpec
 
     return build_lt_data(DataSpec.from_args(args))
 
@@ -139,8 +138,6 @@ def run_train(args) -> int:
 
 def train_from_args(args):
     """Train what the `train` options ask for; returns the run folder (also what `tailwise.train` returns)."""
-    from pathlib import Path
-
     from tailwise import UserError
     from tailwise.training.config import DEFAULT_RECIPE, load_config
     from tailwise.training.train import run
@@ -166,7 +163,7 @@ def train_from_args(args):
         raise UserError("--test, --budget and --minutes go with --data DIR")
     else:
         cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
-    run_dir = Path(args.out or Path("runs") / cfg["name"])
+    run_dir = _run_dir(args, cfg)
     if args.resume and not any((run_dir / f"stage{s}.json").exists() for s in (1, 2)):
         raise UserError(f"{run_dir}: nothing to resume (no stage1.json or stage2.json checkpoint card there); "
                         "drop --resume to start a new run")
@@ -174,19 +171,24 @@ def train_from_args(args):
     return run_dir
 
 
+def _run_dir(args, cfg: dict):
+    """The run folder of the `train` options: --out, or runs/<config name>."""
+    from pathlib import Path
+
+    return Path(args.out or Path("runs") / cfg["name"])
+
+
 def _recorded_plan(args, overrides: list[str]) -> dict | None:
     """`--data DIR --resume`: the config the run's newest card records (the plan it was started with; planning
     again could measure another speed and size the stages differently), with this command's --set on top."""
-    from pathlib import Path
-
-    from tailwise.training.checkpoint import card_path_for, load_card
+    from tailwise.training.checkpoint import load_card
     from tailwise.training.config import DEFAULT_RECIPE, apply_overrides, load_config, recorded_config
 
-    run_dir = Path(args.out or Path("runs") / load_config(args.config or DEFAULT_RECIPE)["name"])
+    run_dir = _run_dir(args, load_config(args.config or DEFAULT_RECIPE, overrides))
     if not any((run_dir / f"stage{s}.json").exists() for s in (1, 2)):
         return None
     card = load_card(run_dir)
-    print(f"tailwise: resuming {run_dir} with the plan recorded in {card_path_for(run_dir).name}"
+    print(f"tailwise: resuming {run_dir} with the plan recorded in stage{card['stage']}.json"
           + (" (--budget / --minutes apply to a new run only)" if args.budget or args.minutes else ""), flush=True)
     return apply_overrides(recorded_config(card["config"]), overrides)
 

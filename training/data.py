@@ -48,7 +48,7 @@ import torch
 
 from tailwise import UserError
 from tailwise._core import IMAGE_EXTENSIONS, ImageError, load_image
-from tailwise.training.dataspec import DATASETS, PROFILES, DataSpec
+from tailwise.training.dataspec import DATASETS, PROFILES, DataSpec  # noqa: F401 (DATASETS re-exported)
 
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 MAX_LISTED_SKIPPED = 20     # unreadable files named one by one (the rest are counted)

@@ -95,7 +95,7 @@ class DataSpec:
 
     def card(self) -> dict:
         """build_args for a checkpoint card: "not given" as null."""
-        return {k: (None if v == "" or (k in AUTO_WHEN_ZERO and v == 0) else v) for k, v in self.config().items()}
+        return {f.name: self.given(f.name) for f in fields(self)}
 
     def given(self, name: str):
         """The field's value, or None where it is "not given" ("" or an automatic 0)."""
@@ -107,7 +107,7 @@ class DataSpec:
 
     # ------------------------------------------------------------------ command line
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, dataset_required: bool = True) -> None:
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """One option per field (--imbalance-factor for imbalance_factor; a flag pair for a bool), default:
         not given (the spec's default)."""
         group = parser.add_argument_group("data")
@@ -120,7 +120,7 @@ class DataSpec:
                                    help=f"{meta['help']} (default: {'on' if f.default else 'off'})")
                 continue
             group.add_argument(flag, type=type(f.default), choices=meta["choices"], default=None,
-                               required=f.name == "dataset" and dataset_required,
+                               required=f.name == "dataset",
                                metavar=None if meta["choices"] else {str: "PATH", int: "N", float: "X"}[type(f.default)],
                                help=meta["help"] + default)
 
