@@ -34,7 +34,7 @@ serve: setup
 # On a bare GPU machine (no venv, no network; README "Running on a GPU"): make gpu GPU_ARGS='--out $$OUT'
 GPU_DATA ?= data/fashion-mnist
 gpu:
-	benchmarks/gpu_run.sh --data $(GPU_DATA) $(GPU_ARGS)
+	experiments/gpu_run.sh --data $(GPU_DATA) $(GPU_ARGS)
 
 help: setup
 	$(VENV)/bin/tailwise --help

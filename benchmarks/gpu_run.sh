@@ -1,11 +1,4 @@
 #!/usr/bin/env bash
-# One command for a bare GPU machine (python3 with torch, torchvision, onnx, onnxscript, onnxruntime,
-# safetensors, numpy, pytest, tqdm, matplotlib; no network, tailwise not installed): runs from this source
-# tree. See benchmarks/gpu_run.py for the steps and the output, README "Running on a GPU" for the call.
-#   benchmarks/gpu_run.sh --data data/fashion-mnist --out "$OUT" [--state gpu-state] [--minutes 8]
-#   benchmarks/gpu_run.sh --dry-run --data FIXTURE --out /tmp/out --imbalance-factor 10    # CPU, tiny
-set -euo pipefail
-REPO="$(cd "$(dirname "$0")/.." && pwd)"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true
-PY="${PYTHON:-python3}"
-exec "$PY" "$REPO/benchmarks/gpu_run.py" --python "$PY" "$@"
+# The GPU script lives in experiments/ (it runs experiments, not just timings); this name stays for the
+# developers' guide and old notes. Same arguments: experiments/gpu_run.sh --help
+exec "$(cd "$(dirname "$0")/.." && pwd)/experiments/gpu_run.sh" "$@"

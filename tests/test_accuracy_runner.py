@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def runner(*args, cwd):
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "accuracy.py"), *args], cwd=cwd,
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "accuracy.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -96,7 +96,7 @@ def test_runner_skips_a_run_another_process_holds(tmp_path, cifar_archive):
 def _load_runner_module():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("accuracy_runner", REPO / "benchmarks" / "accuracy.py")
+    spec = importlib.util.spec_from_file_location("accuracy_runner", REPO / "experiments" / "accuracy.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,7 +1,7 @@
 """CUDA: both stages in bf16 on a learnable fixture, resume after a kill, torchrun with nccl, the IP-DPP redraw
 from CUDA probabilities, and the export of a CUDA-trained checkpoint with its onnxruntime parity check.
 
-Run with `pytest -m cuda` (benchmarks/gpu_run.sh does, on a GPU machine); without CUDA every test skips.
+Run with `pytest -m cuda` (experiments/gpu_run.sh does, on a GPU machine); without CUDA every test skips.
 Imports nothing of serving/ beyond serving.artifact (no bentoml), so it runs where only torch and onnx are.
 """
 
@@ -21,7 +21,7 @@ from conftest import free_port, write_fmnist_files, write_recipe
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="no CUDA device (run on a GPU machine: benchmarks/gpu_run.sh)")]
+                                 reason="no CUDA device (run on a GPU machine: experiments/gpu_run.sh)")]
 
 REPO = Path(__file__).resolve().parents[1]
 CHANCE = 0.1   # 10 balanced test classes

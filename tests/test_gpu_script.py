@@ -1,4 +1,4 @@
-"""benchmarks/gpu_run.sh on CPU (--dry-run): the same steps at a tiny size, the same output layout, and a second
+"""experiments/gpu_run.sh on CPU (--dry-run): the same steps at a tiny size, the same output layout, and a second
 run that continues from the first one's output instead of starting over."""
 
 import json
@@ -13,7 +13,7 @@ import pytest
 from conftest import write_fmnist_files
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "experiments"))
 import gpu_run  # noqa: E402
 
 OUT_FILES = ["gpu_results.tar.gz", "gpu_run.log", "gpu_state.tar.gz", "gpu_summary.json"]
@@ -23,7 +23,7 @@ STEPS = ["env", "cuda-tests", "bench", "recipe", "accuracy"]
 def run_script(cwd, data, out, *args):
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", "GPU_STATE")}
     env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_run.sh"), "--dry-run", "--data", str(data),
+    done = subprocess.run(["bash", str(REPO / "experiments" / "gpu_run.sh"), "--dry-run", "--data", str(data),
                            "--imbalance-factor", "10", "--out", str(out), "--work", str(out) + "-work", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -81,12 +81,12 @@ def test_dry_run_layout_and_continuation(tmp_path):
         assert tar.getnames() == []                                     # nothing left unfinished
     # what came back unpacks into a repository for commit (no shipped model there: the candidate is kept)
     repo = tmp_path / "repo"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_collect.py"), str(out2), "--repo", str(repo)],
+    done = subprocess.run([sys.executable, str(REPO / "experiments" / "gpu_collect.py"), str(out2), "--repo", str(repo)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert (repo / "benchmarks/results/gpu/steps/recipe.json").exists()
-    assert (repo / "benchmarks/results/gpu/gpu_run.log").exists()
-    assert (repo / "benchmarks/results/fmnist-lt-r32-if10-b1/ce-s0.json").exists()
+    assert (repo / "experiments/results/gpu/steps/recipe.json").exists()
+    assert (repo / "experiments/results/gpu/gpu_run.log").exists()
+    assert (repo / "experiments/results/fmnist-lt-r32-if10-b1/ce-s0.json").exists()
     assert (repo / model / "model.onnx").exists() and "copied to" in done.stdout
 
 

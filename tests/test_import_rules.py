@@ -98,7 +98,8 @@ def test_each_layer_imports_only_what_it_may(path):
 def test_nothing_imports_the_layers_by_their_folder_names():
     """`training`, `export` and `serving` install as tailwise.*; a bare `import training` would pick up whatever
     package of that name the user has."""
-    files = package_modules() + sorted((REPO / "tests").glob("*.py")) + sorted((REPO / "benchmarks").glob("*.py"))
+    files = package_modules() + [p for folder in ("tests", "benchmarks", "experiments")
+                                 for p in sorted((REPO / folder).glob("*.py"))]
     wrong = [f"{p.relative_to(REPO)}:{line}: {module}" for p in files for line, module in imported_modules(p)
              if module.split(".")[0] in LAYERS]
     assert not wrong, wrong

@@ -29,13 +29,13 @@ def walkthrough_lines() -> list[str]:
 
 
 def argv_of(line: str, port: int) -> list[str]:
-    """A README line as argv: `tailwise` is this checkout's (python -m tailwise), `benchmarks/` this
+    """A README line as argv: `tailwise` is this checkout's (python -m tailwise), `benchmarks/` and `experiments/` this
     checkout's, port 3000 a free one. Nothing else changes."""
     words = shlex.split(line.replace("3000", str(port)))
     if words[0] == "tailwise":
         return [sys.executable, "-m", "tailwise", *words[1:]]
     if words[0] == "python":
-        return [sys.executable, *(str(REPO / w) if w.startswith("benchmarks/") else w for w in words[1:])]
+        return [sys.executable, *(str(REPO / w) if w.startswith(("benchmarks/", "experiments/")) else w for w in words[1:])]
     return words
 
 
@@ -66,7 +66,7 @@ def curl_with_httpx(argv: list[str], cwd: Path) -> dict:
 def test_readme_walkthrough_from_a_folder_to_a_served_model(tmp_path):
     lines = walkthrough_lines()
     assert [shlex.split(line)[:2] for line in lines] == [
-        ["python", "benchmarks/make_folder.py"], ["tailwise", "data"], ["tailwise", "train"],
+        ["python", "experiments/make_folder.py"], ["tailwise", "data"], ["tailwise", "train"],
         ["tailwise", "evaluate"], ["tailwise", "export"], ["tailwise", "serve"], ["curl", "-F"]]
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENTOML_HOME": str(tmp_path / "bentoml"),

@@ -1,6 +1,6 @@
 """Where a two-stage row wins or loses: encoder quality, stage-2 re-training, or calibration (validation only).
 
-    python benchmarks/diagnose.py runs/bench/fmnist-lt-r32-if100-b4/{la,bns-kdpp,tailwise-joint}-s0 ...
+    python experiments/diagnose.py runs/bench/fmnist-lt-r32-if100-b4/{la,bns-kdpp,tailwise-joint}-s0 ...
 
 For each run folder of the accuracy runner (or `tailwise train`) it prints, on the validation split:
 * probe: a linear probe of the stage-1 encoder (frozen; logistic regression on 100 training images per class),

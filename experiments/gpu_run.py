@@ -1,8 +1,8 @@
 """One prepared GPU session: everything tailwise needs a GPU for, in order of value, inside a time budget.
 
-    benchmarks/gpu_run.sh --data data/fashion-mnist --out "$OUT"                      # first run
-    benchmarks/gpu_run.sh --data data/fashion-mnist --out "$OUT" --state gpu-state    # continue a previous one
-    benchmarks/gpu_run.sh --dry-run --data FIXTURE --out /tmp/out --imbalance-factor 10   # the same on CPU, tiny
+    experiments/gpu_run.sh --data data/fashion-mnist --out "$OUT"                      # first run
+    experiments/gpu_run.sh --data data/fashion-mnist --out "$OUT" --state gpu-state    # continue a previous one
+    experiments/gpu_run.sh --dry-run --data FIXTURE --out /tmp/out --imbalance-factor 10   # the same on CPU, tiny
 
 Steps (each skipped when a previous run finished it; see --state):
   env         python, torch, GPU name and memory, nvidia-smi                       -> env.json
@@ -355,7 +355,7 @@ def summarize_run(run_dir: Path) -> dict:
 
 
 def expected_runs(s: Session, seeds: list[int]) -> list[str]:
-    methods = tomllib.loads((REPO / "benchmarks" / "methods.toml").read_text())
+    methods = tomllib.loads((REPO / "experiments" / "methods.toml").read_text())
     names = list(methods) if s.args.acc_methods == "all" else s.args.acc_methods.split(",")
     return [f"{name}-s{seed}" for seed in seeds for name in names if "run" not in methods[name]]
 
@@ -392,7 +392,7 @@ def step_accuracy(s: Session, timeout: float) -> dict:
     results = s.results / "accuracy"
     common = ["--imbalance-factor", f"{s.args.imbalance_factor:g}", "--budget", str(budget),
               "--results", str(results)]
-    cmd = [s.python, "benchmarks/accuracy.py", "run", *common, "--seeds", *map(str, seeds), "--device", s.device,
+    cmd = [s.python, "experiments/accuracy.py", "run", *common, "--seeds", *map(str, seeds), "--device", s.device,
            "--workdir", str(s.state / "accuracy"), "--methods", s.args.acc_methods, "--no-progress"]
     for item in data_sets(s):
         cmd += ["--set", item]
@@ -403,7 +403,7 @@ def step_accuracy(s: Session, timeout: float) -> dict:
         time.sleep(2)      # each claims a different run
     finished = s.wait(workers, timeout - 30)
     folder = results / f"{Path(s.args.recipe).stem}-if{s.args.imbalance_factor:g}-b{budget}"
-    s.run([s.python, "benchmarks/accuracy.py", "table", *common], 30, "[table]",
+    s.run([s.python, "experiments/accuracy.py", "table", *common], 30, "[table]",
           stdout_file=results / f"table-if{s.args.imbalance_factor:g}-b{budget}.md")
     want = expected_runs(s, seeds)
     have = sorted(p.stem for p in folder.glob("*.json"))

@@ -1,10 +1,10 @@
-"""Unpack what a GPU run brought back (benchmarks/gpu_run.sh's --out files) into the repository, for commit.
+"""Unpack what a GPU run brought back (experiments/gpu_run.sh's --out files) into the repository, for commit.
 
-    python benchmarks/gpu_collect.py DIR        # DIR holds gpu_results.tar.gz (and gpu_run.log) of the run
+    python experiments/gpu_collect.py DIR        # DIR holds gpu_results.tar.gz (and gpu_run.log) of the run
 
-* benchmarks/results/gpu/: env.json, the step records, the CUDA test report, bench_stage1.json, the recipe's
+* experiments/results/gpu/: env.json, the step records, the CUDA test report, bench_stage1.json, the recipe's
   cards, metrics and evaluation (no weights), and gpu_run.log;
-* benchmarks/results/<table folder>/: the accuracy table's per-run JSON and plots (kept if already there);
+* experiments/results/<table folder>/: the accuracy table's per-run JSON and plots (kept if already there);
 * models/fmnist-lt-r32-cuda/: the CUDA-trained model, only if it beats the shipped model on validation (the
   balanced validation accuracy of what is served: logits adjusted by the tau chosen on validation).
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         with tarfile.open(src / "gpu_results.tar.gz") as tar:
             tar.extractall(tmp, filter="data")
         res = Path(tmp) / "gpu-results"
-        gpu = repo / "benchmarks" / "results" / "gpu"
+        gpu = repo / "experiments" / "results" / "gpu"
         gpu.mkdir(parents=True, exist_ok=True)
         for name in ("env.json", "cuda-tests.xml", "cuda-tests.txt", "bench_stage1.json", "steps", "recipe"):
             if (res / name).is_dir():
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         device = json.loads((res / "env.json").read_text()).get("device") if (res / "env.json").exists() else "?"
 
         for folder in sorted(p for p in (res / "accuracy").glob("*") if p.is_dir()) if (res / "accuracy").exists() else []:
-            target = repo / "benchmarks" / "results" / folder.name
+            target = repo / "experiments" / "results" / folder.name
             target.mkdir(parents=True, exist_ok=True)
             new = [f for f in folder.iterdir() if not (target / f.name).exists()]
             for f in new:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
             budget = folder.name.rsplit("-b", 1)[1]
             factor = folder.name.rsplit("-if", 1)[1].split("-b")[0]
             print(f"accuracy: {len(new)} new file(s) in {target.relative_to(repo)}; README table: python "
-                  f"benchmarks/accuracy.py table --imbalance-factor {factor} --budget {budget} --readme README.md "
+                  f"experiments/accuracy.py table --imbalance-factor {factor} --budget {budget} --readme README.md "
                   f"(add its markers first)")
 
         for row in (json.loads((res / "bench_stage1.json").read_text())["rows"]

@@ -1,6 +1,6 @@
 """Exported models side by side on the current validation split (what decides which model ships).
 
-    python benchmarks/compare_models.py models/fmnist-lt-tailwise models/candidate
+    python experiments/compare_models.py models/fmnist-lt-tailwise models/candidate
 
 Builds Fashion-MNIST-LT IF 100 as `tailwise data` does today (every class has validation images) and scores each
 model's model.onnx with onnxruntime on those images: balanced accuracy (mean per class), overall and per group,

@@ -1,14 +1,14 @@
 """The accuracy table: baselines, BNS + IP-DPP and its ablations, trained by one loop on identical data.
 
-    python benchmarks/accuracy.py run   --imbalance-factor 100 --budget 200 --seeds 0 1 2 [--methods ce,bns-kdpp]
-    python benchmarks/accuracy.py table --imbalance-factor 100 --budget 200 [--readme README.md]
+    python experiments/accuracy.py run   --imbalance-factor 100 --budget 200 --seeds 0 1 2 [--methods ce,bns-kdpp]
+    python experiments/accuracy.py table --imbalance-factor 100 --budget 200 [--readme README.md]
 
-Every method is a config in benchmarks/methods.toml over the base recipe (fmnist-lt-r32: ResNet-32 on
+Every method is a config in experiments/methods.toml over the base recipe (fmnist-lt-r32: ResNet-32 on
 Fashion-MNIST-LT). All get the same budget in image passes: `--budget B` is B passes over the LT training set
 (a BNS epoch counts two passes, one per view); two-stage methods spend 3/4 of it (in whole epochs) in stage 1
 and what is left in stage 2, at least one epoch.
 Numbers are final-epoch test results; the only tuned choice (post-hoc logit-adjustment tau) is made on the
-validation split. Each finished run is kept as JSON under benchmarks/results/; `run` only fills the gaps and
+validation split. Each finished run is kept as JSON under experiments/results/; `run` only fills the gaps and
 resumes interrupted runs from their checkpoints, so the table can be completed over several sessions and
 machines. Several `run` processes may share the work: each claims a run with a lock file in the workdir and
 skips runs another live process holds. `table` prints mean +- std over the seeds found and names the best
@@ -41,7 +41,7 @@ def load_methods() -> dict:
 
 
 def results_dir(args) -> Path:
-    """benchmarks/results/<recipe>-if<IF>-b<budget>; "-ldamsubset" when the head keeps its validation images
+    """experiments/results/<recipe>-if<IF>-b<budget>; "-ldamsubset" when the head keeps its validation images
     (`--set data.holdout_kept=false`: the literature's subset, as the tables before that option were run)."""
     from tailwise.training.config import load_config
 
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
         p.add_argument("--imbalance-factor", type=float, default=100)
         p.add_argument("--budget", type=int, default=200, help="passes over the LT training set (default 200)")
         p.add_argument("--recipe", default="fmnist-lt-r32", help="base recipe (default fmnist-lt-r32)")
-        p.add_argument("--results", default=str(RESULTS), help="results folder (default benchmarks/results)")
+        p.add_argument("--results", default=str(RESULTS), help="results folder (default experiments/results)")
     r = sub.choices["run"]
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     for p in sub.choices.values():
