@@ -1,20 +1,24 @@
 # tailwise: the two commands a new user runs.
-#   make serve   set up, then serve the shipped model over HTTP (port 3000)
-#   make test    set up, then run the whole test suite
+#   make serve   install what serving needs (no torch), then serve the shipped model over HTTP (port 3000)
+#   make test    install everything (serving, training, tests), then run the whole test suite
 #   make test-fast  the tests not marked slow, for the inner loop (under a minute on 2 cores)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,test
+# Extras per goal: serving needs onnxruntime only (cpu; gpu for onnxruntime-gpu), the tests also training (train:
+# torch ...) and the test tools. One stamp per set of extras, so `make test` after `make serve` adds the rest.
+SERVE_EXTRAS ?= cpu
+TEST_EXTRAS ?= cpu,train,test
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup test test-fast serve help clean gpu
+.PHONY: setup setup-serve test test-fast serve help clean gpu
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --upgrade -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --upgrade -e ".[$*]"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-$(TEST_EXTRAS)
+setup-serve: $(VENV)/.installed-$(SERVE_EXTRAS)
 
 # Two pytest workers (one per core; up to 4), one whole test file each at a time, one thread each: on 2 cores
 # this took 137 s against 180 s for one process with torch's two threads (the tiny models here gain little from
@@ -27,7 +31,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 # Serves the shipped (or newest exported) model; with no model under models/ yet it prints the help instead.
-serve: setup
+serve: setup-serve
 	@if ls models/*/model.onnx >/dev/null 2>&1; then $(VENV)/bin/tailwise serve; \
 	else echo "no model under models/ yet: export one with 'tailwise export' (see README)"; $(VENV)/bin/tailwise --help; fi
 
@@ -36,7 +40,7 @@ GPU_DATA ?= data/fashion-mnist
 gpu:
 	experiments/gpu_run.sh --data $(GPU_DATA) $(GPU_ARGS)
 
-help: setup
+help: setup-serve
 	$(VENV)/bin/tailwise --help
 
 clean:

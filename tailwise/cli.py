@@ -11,6 +11,8 @@ from tailwise import UserError, __version__
 
 # Each module exposes register(subparsers); registering must not import torch.
 SUBCOMMAND_MODULES = ("tailwise.training.cli", "tailwise.export.cli", "tailwise.serving.cli")
+# What the train extra installs (pyproject.toml): a command that imports one of these without it says so.
+TRAIN_EXTRA = ("torch", "torchvision", "safetensors", "onnxscript", "matplotlib")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every error is one line; the traceback only with --debug
         if args.debug:
             raise
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] in TRAIN_EXTRA:
+            print(f"tailwise {args.command}: error: this command needs the train extra ({exc.name} is not "
+                  "installed): pip install 'tailwise[train]'", file=sys.stderr)
+            return 2
         print(f"tailwise {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, UserError) else 1
 
