@@ -1,37 +1,66 @@
-"""HTTP serving benchmark with `hey` (a Go client): requests/s and p50/p99 of POST /classify at several
-concurrencies, adaptive batching on and off, and the service's requests/s as a fraction of raw onnxruntime
-images/s on the same cores (what HTTP, multipart parsing, PNG decoding and JSON cost).
+"""`tailwise serve` against the smallest honest service of the same model (benchmarks/minimal_app.py: Starlette +
+python-multipart + Pillow + onnxruntime, same decoding, no batching), on the same cores, with `hey`:
 
-    python benchmarks/bench_service.py                                  # the shipped model, fp32 and int8
-    python benchmarks/bench_service.py --variants fp32 --concurrency 1,32,64 --requests 1500
-    python benchmarks/bench_service.py --accuracy                       # also: fp32 and int8 top-1 on the
-                                                                        # full Fashion-MNIST test set
+    python benchmarks/bench_service.py                       # the shipped model, 3 rounds, one table
+    python benchmarks/bench_service.py --rounds 1 --requests 1000 --body raw --model models/NAME/model.int8.onnx
 
-Each (variant, batching) pair starts its own `tailwise serve`; hey runs on the same machine, so it shares the
-cores with the server (hey is cheap next to it, but the machine may be busy: compare ratios, not absolutes).
+Each round starts the minimal app, runs every concurrency, stops it, then does the same with `tailwise serve`
+(concurrency 256 too, past TAILWISE_MAX_IN_FLIGHT: 503s are expected there and counted). A row is the median
+over the rounds; ratios are tailwise / minimal. hey runs on the same machine: on a busy machine compare the
+ratios, which alternating the two servers keeps fair, not the absolute numbers. Also printed: raw onnxruntime
+images/s of the model in this process (batch 1 and 64, default threads).
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving_load import SHIPPED, Server, hey, machine_note, multipart, percentiles_ms, sample_png  # noqa: E402
+from serving_load import (REPO, SHIPPED, Server, free_port, hey, machine_note, multipart,  # noqa: E402
+                          percentiles_ms, sample_png)
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+class MinimalApp:
+    """benchmarks/minimal_app.py under uvicorn (log level warning: no access lines), a context manager."""
+
+    def __init__(self, model: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "TAILWISE_MODEL": str(model), "PYTHONPATH": str(REPO)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(REPO / "benchmarks"), "minimal_app:app", "--port",
+             str(self.port), "--log-level", "warning"], cwd=REPO, env=env)
+
+    def __enter__(self):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"minimal app exited with {self.process.returncode}")
+            try:
+                httpx.get(f"{self.url}/", timeout=2)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError("minimal app not up after 60 s")
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        self.process.wait(timeout=30)
 
 
 def raw_images_per_second(path: Path, batch: int, seconds: float = 3.0) -> float:
-    """onnxruntime images/s of the model file at `batch`, default threads (as the service runs it)."""
+    """onnxruntime images/s of the model file at `batch`, onnxruntime's default threads."""
     from tailwise.serving.artifact import OnnxClassifier
 
     model = OnnxClassifier(path)
@@ -44,60 +73,74 @@ def raw_images_per_second(path: Path, batch: int, seconds: float = 3.0) -> float
     return done / (time.perf_counter() - start)
 
 
-def test_accuracy(path: Path) -> float:
-    """Top-1 % of the served (logit-adjusted) predictions on the 10,000 Fashion-MNIST test images."""
-    from tailwise.serving.artifact import OnnxClassifier
+def measure(url: str, body: bytes, content_type: str, concurrency: int, requests: int) -> dict:
+    hey(url, body, min(200, requests), concurrency, content_type=content_type)  # warm-up
+    run = hey(url, body, requests, concurrency, content_type=content_type)
+    ok = run["statuses"] == 200
+    p50, p99 = percentiles_ms(run["latencies"][ok])
+    return {"rate": ok.sum() / run["seconds"], "p50": p50, "p99": p99,
+            "503": int((run["statuses"] == 503).sum()), "other": int(len(ok) - ok.sum()) + run["errors"]
+            - int((run["statuses"] == 503).sum())}
 
-    with gzip.open(FMNIST / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
-    with gzip.open(FMNIST / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    model = OnnxClassifier(path)
-    logits = np.concatenate([model.predict_arrays(images[i:i + 500]) for i in range(0, len(images), 500)])
-    return 100 * float((model.adjusted_logits(logits).argmax(1) == labels).mean())
+
+def median_row(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=SHIPPED, help="model folder (default: the shipped model)")
-    parser.add_argument("--variants", default="fp32,int8", help="fp32 (model.onnx), int8 (model.int8.onnx)")
-    parser.add_argument("--concurrency", default="1,32,64")
-    parser.add_argument("--requests", type=int, default=1500, help="requests per row (a fifth at concurrency 1)")
-    parser.add_argument("--accuracy", action="store_true", help="also score each variant on the full test set")
-    parser.add_argument("--workers", type=int, default=1, help="BentoML worker processes (default 1); with more, "
-                                                               "each gets cores / workers onnxruntime threads")
+    parser.add_argument("--model", type=Path, default=SHIPPED / "model.onnx", help="model file or folder "
+                                                                                   "(default: the shipped model)")
+    parser.add_argument("--concurrency", default="1,32,64", help="levels for both servers (default 1,32,64)")
+    parser.add_argument("--overload", type=int, default=256, help="extra level for tailwise only (0: none)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per level (a fifth at concurrency 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two servers (default 3)")
+    parser.add_argument("--body", choices=("multipart", "raw"), default="multipart",
+                        help="how the PNG is sent: a multipart file field (default) or the raw body (image/png)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment of `tailwise serve` (e.g. TAILWISE_BATCHING=0); repeatable")
     args = parser.parse_args(argv)
+    model = args.model / "model.onnx" if args.model.is_dir() else args.model
     levels = [int(c) for c in args.concurrency.split(",")]
-    body = multipart({"image": ("bag-18.png", sample_png())})
+    png = sample_png()
+    if args.body == "raw":
+        body, content_type = png, "image/png"
+    else:
+        from serving_load import BOUNDARY
+
+        body, content_type = multipart({"image": ("bag-18.png", png)}), f"multipart/form-data; boundary={BOUNDARY}"
     note = machine_note()
-    rows, raw = [], {}
-    for variant in args.variants.split(","):
-        path = args.model / ("model.onnx" if variant == "fp32" else f"model.{variant}.onnx")
-        raw[variant] = {batch: raw_images_per_second(path, batch) for batch in (1, 64)}
-        accuracy = f"{test_accuracy(path):.2f}" if args.accuracy else ""
-        for batching in ("0", "1"):
-            env = {"TAILWISE_BATCHING": batching}
-            if args.workers > 1:
-                env.update(BENTOML_CONFIG_OPTIONS=f"services.TailwiseClassifier.workers={args.workers}",
-                           TAILWISE_ORT_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)))
-            with Server(path, env) as server:
-                for concurrency in levels:
-                    count = max(100, args.requests // 5) if concurrency == 1 else args.requests
-                    hey(f"{server.url}/classify", body, min(200, count), concurrency)  # warm-up
-                    run = hey(f"{server.url}/classify", body, count, concurrency)
-                    ok = run["statuses"] == 200
-                    p50, p99 = percentiles_ms(run["latencies"][ok])
-                    rate = ok.sum() / run["seconds"]
-                    other = len(run["statuses"]) - ok.sum() + run["errors"]
-                    rows.append(f"| {variant} | {args.workers} | {'on' if batching == '1' else 'off'} | {concurrency} | {p50:.1f} | "
-                                f"{p99:.1f} | {rate:,.0f} | {rate / raw[variant][64]:.2f} | {other} | {accuracy} |")
-    print(f"model {args.model.name}; {note}; hey, {args.requests} requests per row\n")
-    print("raw onnxruntime images/s, same process defaults as the service: "
-          + "; ".join(f"{v}: batch 1 {r[1]:,.0f}, batch 64 {r[64]:,.0f}" for v, r in raw.items()) + "\n")
-    print("| model | workers | adaptive batching | concurrency | p50 ms | p99 ms | requests/s | / raw batch-64 images/s | "
-          "non-200 | test top-1 % |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    print("\n".join(rows))
+    raw = {batch: raw_images_per_second(model, batch) for batch in (1, 64)}
+    env = dict(item.split("=", 1) for item in args.env)
+    results = {"minimal": {c: [] for c in levels}, "tailwise": {c: [] for c in levels + [args.overload] if c}}
+    for _ in range(args.rounds):
+        for name in ("minimal", "tailwise"):
+            server = MinimalApp(model) if name == "minimal" else Server(model, env)
+            with server:
+                for concurrency in results[name]:
+                    count = max(200, args.requests // 5) if concurrency == 1 else args.requests
+                    results[name][concurrency].append(measure(f"{server.url}/classify", body, content_type,
+                                                              concurrency, count))
+    print(f"model {model.relative_to(REPO) if model.is_relative_to(REPO) else model}; {note}; "
+          f"load average at the end {os.getloadavg()[0]:.1f}; hey, {args.requests} requests per level (a fifth at "
+          f"concurrency 1), {args.body} body, median of {args.rounds} alternating rounds"
+          + (f"; tailwise with {' '.join(args.env)}" if args.env else ""))
+    print(f"raw onnxruntime, this process, default threads: {raw[1]:,.0f} images/s at batch 1, "
+          f"{raw[64]:,.0f} at batch 64\n")
+    print("| concurrency | minimal req/s | p50 ms | p99 ms | tailwise req/s | p50 ms | p99 ms | 503 | req/s ratio | "
+          "p99 ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for concurrency, runs in results["tailwise"].items():
+        t = median_row(runs)
+        m = median_row(results["minimal"][concurrency]) if concurrency in results["minimal"] else None
+        left = f"{m['rate']:,.0f} | {m['p50']:.1f} | {m['p99']:.1f}" if m else "- | - | -"
+        ratios = f"{t['rate'] / m['rate']:.2f} | {t['p99'] / m['p99']:.2f}" if m else "- | -"
+        print(f"| {concurrency} | {left} | {t['rate']:,.0f} | {t['p50']:.1f} | {t['p99']:.1f} | {t['503']:.0f} | "
+              f"{ratios} |")
+    failed = sum(run["other"] for runs in results["tailwise"].values() for run in runs)
+    failed += sum(run["other"] for runs in results["minimal"].values() for run in runs)
+    if failed:
+        print(f"\n{failed} requests got neither 200 nor 503 (or no answer)")
     return 0
 
 

@@ -97,7 +97,7 @@ class Server:
         return [self.process.pid] + [c.pid for c in psutil.Process(self.process.pid).children(recursive=True)]
 
 
-def hey(url: str, body: bytes, requests: int, concurrency: int, extra=()) -> dict:
+def hey(url: str, body: bytes, requests: int, concurrency: int, extra=(), content_type: str | None = None) -> dict:
     """POST `body` `requests` times from `concurrency` hey workers; per-response latencies and statuses from
     hey's CSV. "errors": requests that got no HTTP response (requests - responses). hey sends
     requests // concurrency per worker, so `requests` is rounded down to a multiple of `concurrency`."""
@@ -108,7 +108,7 @@ def hey(url: str, body: bytes, requests: int, concurrency: int, extra=()) -> dic
         start = time.perf_counter()
         result = subprocess.run(
             ["hey", "-n", str(requests), "-c", str(concurrency), "-m", "POST", "-D", file.name, "-T",
-             f"multipart/form-data; boundary={BOUNDARY}", "-t", "60", "-o", "csv", *extra, url],
+             content_type or f"multipart/form-data; boundary={BOUNDARY}", "-t", "60", "-o", "csv", *extra, url],
             capture_output=True, text=True, timeout=900)
         elapsed = time.perf_counter() - start
     rows = list(csv.DictReader(io.StringIO(result.stdout)))

@@ -95,9 +95,9 @@ def run_serve_command(args) -> int:
     from tailwise.serving.integrity import verify_enabled
     from tailwise import UserError
 
-    from tailwise.serving.settings import limits
+    from tailwise.serving.settings import Settings
 
-    limits()               # a bad TAILWISE_* value is a one-line error here, not a traceback in the server
+    Settings.from_env()    # a bad TAILWISE_* value is a one-line error here, not a traceback in the server
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535, got {args.port}")
     for option in ("keep_alive", "shutdown_timeout"):

@@ -1,15 +1,31 @@
-"""The service's settings from the environment (TAILWISE_*), parsed once and checked before the server starts."""
+"""The service's settings from the environment (TAILWISE_*), read when the service (or `tailwise serve`) starts.
+
+    TAILWISE_MAX_UPLOAD_BYTES  largest request body in bytes (default 16 MiB)
+    TAILWISE_MAX_PIXELS        largest image, width * height, refused before decoding (default 50 megapixels)
+    TAILWISE_MAX_BATCH_FILES   most files in one /classify_batch request (default 64)
+    TAILWISE_BATCHING          "0": every request runs the model on its own, without batching (default "1")
+    TAILWISE_MAX_BATCH_SIZE    most images in one batched model call (default 64)
+    TAILWISE_MAX_IN_FLIGHT     most classify requests in a worker at once, the rest get 503 (default: MAX_BATCH_SIZE)
+    TAILWISE_VERIFY            "0": load the model without checking its manifest (default "1")
+    TAILWISE_ORT_THREADS       onnxruntime intra-op threads per worker (default: the cores / the workers)
+    TAILWISE_ORT_SPINNING      "1": onnxruntime's idle threads busy-wait for the next call (default "0": they
+                               sleep, leaving the cores to request handling)
+    TAILWISE_INLINE_PIXELS     images up to this many pixels are decoded on the event loop (cheaper than a
+                               thread hop); larger ones in a thread pool (default 262144, 512 x 512)
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Mapping
 
 from tailwise import UserError
 
 
-def env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int | None, environ: Mapping[str, str] = os.environ) -> int | None:
     """A positive integer from $name, or `default` when it is unset or empty; a bad value is a one-line error."""
-    text = os.environ.get(name, "").strip()
+    text = environ.get(name, "").strip()
     if not text:
         return default
     try:
@@ -21,14 +37,44 @@ def env_int(name: str, default: int) -> int:
     return value
 
 
-def limits() -> dict:
-    """Every numeric TAILWISE_* setting of the service (raises UserError naming the first bad one)."""
-    max_batch = env_int("TAILWISE_MAX_BATCH_SIZE", 64)
-    return {
-        "max_upload_bytes": env_int("TAILWISE_MAX_UPLOAD_BYTES", 16 * 2**20),
-        "max_pixels": env_int("TAILWISE_MAX_PIXELS", 50_000_000),
-        "max_batch_files": env_int("TAILWISE_MAX_BATCH_FILES", 64),
-        "max_batch_size": max_batch,
-        "max_in_flight": env_int("TAILWISE_MAX_IN_FLIGHT", max_batch),
-        "ort_threads": env_int("TAILWISE_ORT_THREADS", 0) if os.environ.get("TAILWISE_ORT_THREADS", "").strip() else None,
-    }
+def env_flag(name: str, default: bool, environ: Mapping[str, str] = os.environ) -> bool:
+    """"0" is False, "1" True, unset or empty `default`; anything else is a one-line error."""
+    text = environ.get(name, "").strip()
+    if text not in ("", "0", "1"):
+        raise UserError(f"{name} must be 0 or 1, got {text!r}")
+    return default if not text else text == "1"
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_upload_bytes: int = 16 * 2**20
+    max_pixels: int = 50_000_000
+    max_batch_files: int = 64
+    batching: bool = True
+    max_batch_size: int = 64
+    max_in_flight: int = 64
+    verify: bool = True
+    ort_threads: int | None = None
+    ort_spinning: bool = False
+    inline_pixels: int = 512 * 512
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
+        """Every TAILWISE_* setting (raises UserError naming the first bad one)."""
+        max_batch = env_int("TAILWISE_MAX_BATCH_SIZE", 64, environ)
+        return cls(max_upload_bytes=env_int("TAILWISE_MAX_UPLOAD_BYTES", cls.max_upload_bytes, environ),
+                   max_pixels=env_int("TAILWISE_MAX_PIXELS", cls.max_pixels, environ),
+                   max_batch_files=env_int("TAILWISE_MAX_BATCH_FILES", cls.max_batch_files, environ),
+                   batching=env_flag("TAILWISE_BATCHING", True, environ),
+                   max_batch_size=max_batch,
+                   max_in_flight=env_int("TAILWISE_MAX_IN_FLIGHT", max_batch, environ),
+                   verify=environ.get("TAILWISE_VERIFY", "1").strip() != "0",  # integrity.verify_enabled's rule
+                   ort_threads=env_int("TAILWISE_ORT_THREADS", None, environ),
+                   ort_spinning=env_flag("TAILWISE_ORT_SPINNING", False, environ),
+                   inline_pixels=env_int("TAILWISE_INLINE_PIXELS", cls.inline_pixels, environ))
+
+    def limits(self) -> dict:
+        """The request limits, as /model_info shows them."""
+        return {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
+                "max_batch_files": self.max_batch_files, "max_batch_size": self.max_batch_size,
+                "max_in_flight": self.max_in_flight}

@@ -1,0 +1,81 @@
+"""Graceful shutdown of a server worker: refuse new connections at once, drain the open ones, then exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+
+log = logging.getLogger("tailwise.service")
+
+
+def listening_fd(argv: list[str] | None = None) -> int | None:
+    """The listening socket's descriptor that bentoml's worker was started with (`--fd N`), if any."""
+    args = sys.argv if argv is None else argv
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--fd" and args[i + 1].isdigit():
+            return int(args[i + 1])
+    return None
+
+
+class Drain:
+    """On SIGTERM/SIGINT, first shut the listening socket down (new connections are refused at once, instead of
+    waiting in the backlog of the socket bentoml's arbiter still holds and being reset later), then drain:
+    `draining` is True, so the middleware answers every request with `Connection: close` (clients leave their
+    keep-alive connections after a response, never while sending), until no request has started for `quiet_s`
+    (at most `max_s`); then uvicorn's own handler runs, which lets in-flight requests finish
+    (--timeout-graceful-shutdown) and exits."""
+
+    def __init__(self, quiet_s: float = 0.5, max_s: float = 5.0):
+        self.quiet_s, self.max_s = quiet_s, max_s
+        self.draining = False
+        self.last_request = 0.0
+
+    def seen_request(self) -> None:
+        if self.draining:
+            self.last_request = asyncio.get_running_loop().time()
+
+    def install(self) -> None:
+        """In the worker, once uvicorn has installed its signal handlers (a bentoml on_startup hook)."""
+        fd = listening_fd()
+        if fd is None or threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if callable(previous):
+                signal.signal(signum, self.handler(loop, fd, previous))
+
+    def handler(self, loop, fd: int, previous):
+        def handle(number, frame):
+            if self.draining:  # a second signal: no more waiting
+                log.warning("signal %d again: shutting down without the rest of the drain", number)
+                return previous(number, frame)
+            self.draining, started = True, loop.time()
+            self.last_request = started
+            log.warning("signal %d: refusing new connections, answering with Connection: close until no request "
+                        "starts for %g s (at most %g s), then finishing in-flight requests and exiting", number,
+                        self.quiet_s, self.max_s)
+            try:
+                with socket.socket(fileno=os.dup(fd)) as listener:
+                    listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+            def check():
+                now = loop.time()
+                if now - self.last_request >= self.quiet_s or now - started >= self.max_s:
+                    previous(number, None)
+                else:
+                    loop.call_later(0.05, check)
+
+            loop.call_soon_threadsafe(loop.call_later, 0.05, check)
+
+        return handle
+
+
+drain = Drain()  # the worker's one drain state, shared by the service's startup hook and the middleware
