@@ -129,7 +129,10 @@ def images(tmp_path_factory):
 
 
 def classify(http, files, data=None, route="/classify"):
-    return http.post(route, files=files, data=data, timeout=60)
+    """POST to the in-process client `http`, or to the real server at URL `http`."""
+    if isinstance(http, str):
+        return httpx.post(f"{http}{route}", files=files, data=data, timeout=60)
+    return http.post(route, files=files, data=data)
 
 
 def assert_serving(http):
@@ -137,7 +140,7 @@ def assert_serving(http):
     response = classify(http, {"image": ("ok.png", gray_png(200))})
     assert response.status_code == 200, response.text
     assert len(response.json()["predictions"]) == 3
-    assert http.get("/livez", timeout=10).status_code == 200
+    assert (httpx.get(f"{http}/livez") if isinstance(http, str) else http.get("/livez")).status_code == 200
 
 
 def same_predictions(got, expected):
@@ -209,7 +212,7 @@ def test_classify_batch_reports_bad_files_and_classifies_the_others(client, imag
 def test_model_info_shows_the_settings_read_at_start(service):
     http = in_process(service, TAILWISE_BATCHING=0, TAILWISE_MAX_PIXELS=1000, TAILWISE_MAX_IN_FLIGHT=7)
     try:
-        info = http.post("/model_info", json={}, timeout=10).json()
+        info = http.post("/model_info", json={}).json()
         assert info["model"] == "tiny" and info["class_names"] == ["ant", "bee", "cat", "dog", "eel"]
         assert info["train_counts"] == [600, 300, 150, 40, 10]
         assert info["groups"] == ["many", "medium", "few", "few", "few"]
@@ -312,7 +315,7 @@ def client_error_records(records):
 def test_bad_input_gets_a_4xx_one_warning_and_the_service_goes_on(client, case, caplog):
     route, arguments, status, text = BAD_REQUESTS[case]
     with caplog.at_level(logging.INFO):
-        response = client.post(route, timeout=60, **arguments())
+        response = client.post(route, **arguments())
     assert response.status_code == status, response.text
     body = response.json()
     assert list(body) == ["error"] and isinstance(body["error"], str), body  # one shape for every 4xx
@@ -403,11 +406,11 @@ def test_draining_closes_connections(client):
 def test_docs_page_is_tailwises_own(client):
     from tailwise import __version__
 
-    page = client.get("/", timeout=10).text
+    page = client.get("/").text
     assert "<title>tailwise: tiny (" in page and "BentoML" not in page
     assert "googletagmanager" not in page and "http" not in page.replace("<!DOCTYPE html>", "")  # no outside URL
     assert client.get("/docs", follow_redirects=False).headers["location"].rstrip("/").endswith("testserver")
-    spec = client.get("/docs.json", timeout=10).json()
+    spec = client.get("/docs.json").json()
     assert spec["info"]["title"] == "tailwise: tiny" and spec["info"]["version"] == __version__
     assert "contact" not in spec["info"] and "BentoML" not in spec["info"]["description"]
     for path in ("/classify", "/classify_batch", "/model_info"):
