@@ -637,7 +637,12 @@ def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, t
     (source / "models" / "tiny").mkdir(parents=True)
     for name in ("model.onnx", "card.json", "weights.safetensors", "manifest.json"):
         shutil.copyfile(tiny_model_dir / name, source / "models" / "tiny" / name)
-    env = {**os.environ, **server_env, "BENTOML_HOME": str(tmp_path / "home")}
+    from test_light_install import BLOCKER
+
+    (tmp_path / "blocker").mkdir()  # `bentoml build` must not need the train extra: torch & co cannot be imported
+    (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, **server_env, "BENTOML_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), os.environ.get("PYTHONPATH", "")])}
     env.pop("TAILWISE_MODEL")
     result = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=source, capture_output=True, text=True,
                             timeout=300, env=env)
