@@ -25,8 +25,8 @@ fails the requests batched with it. Every 4xx is {"error": "reason"} with one WA
 TAILWISE_MAX_IN_FLIGHT requests a worker answers 503 with Retry-After; SIGTERM drains (serving/middleware.py,
 serving/shutdown.py).
 
-Workers: one per core by default, each with cores / workers onnxruntime threads (TAILWISE_ORT_THREADS); set them
-with BENTOML_CONFIG_OPTIONS="services.TailwiseClassifier.workers=N" (or `tailwise serve --workers N`).
+Workers: one by default, with one onnxruntime thread per core (TAILWISE_ORT_THREADS); more with
+BENTOML_CONFIG_OPTIONS="services.TailwiseClassifier.workers=N", each then with cores / N threads.
 BentoML's access log is off and its tracing skips the classify paths (each costs more per request than the
 model): turn them back on with BENTOML_CONFIG_OPTIONS (logging.access.enabled=true, tracing.excluded_urls=...).
 """
@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+import time
 from pathlib import Path
 
 import anyio
@@ -52,7 +53,7 @@ from tailwise.serving.docs import docs_app
 from tailwise.serving.middleware import Guard, quiet_client_errors
 from tailwise.serving.schemas import (BatchClassification, Classification, ClassifyBatchRequest, ClassifyRequest,
                                       FileClassification, NoArguments)
-from tailwise.serving.settings import Settings
+from tailwise.serving.settings import LOOP_MODEL_MS, Settings
 from tailwise.serving.shutdown import drain
 
 
@@ -71,7 +72,7 @@ MODEL_PATH = model_path()
 MODEL_META = read_metadata(MODEL_PATH)  # verified against the manifest: a tampered model fails `bentoml build` too
 # BentoML's access log, Prometheus metrics and tracing each cost more per request than the model: off by default
 # (tracing skips the classify paths; the pattern covers /classify_batch too), back on with BENTOML_CONFIG_OPTIONS.
-CONFIG = {"traffic": {"timeout": 60}, "workers": "cpu_count", "logging": {"access": {"enabled": False}},
+CONFIG = {"traffic": {"timeout": 60}, "workers": 1, "logging": {"access": {"enabled": False}},
           "metrics": {"enabled": False}, "tracing": {"excluded_urls": "/classify"}}
 
 
@@ -105,7 +106,10 @@ class TailwiseClassifier:
         self.model = OnnxClassifier(MODEL_PATH, intra_op_threads=threads, verify=settings.verify,
                                     spinning=settings.ort_spinning)  # CUDA first when this onnxruntime has it
         self.provider = self.model.providers[0]
-        self.batcher = Batcher(self.predict, settings.max_batch_size) if settings.batching else None
+        self.call_s = warm_up(self.model)  # also warms onnxruntime up: the first request pays nothing extra
+        self.on_loop = settings.model_on_loop == "1" or (settings.model_on_loop == "auto"
+                                                         and self.call_s < LOOP_MODEL_MS / 1000)
+        self.batcher = Batcher(self.predict, settings.max_batch_size, self.on_loop) if settings.batching else None
         self.decoders = anyio.CapacityLimiter(os.cpu_count() or 1)  # bounds the memory of decoding big images
 
     @bentoml.on_startup
@@ -122,7 +126,7 @@ class TailwiseClassifier:
         """Logits for decoded images, through the batcher (or on their own with TAILWISE_BATCHING=0)."""
         if self.batcher is not None:
             return await self.batcher(pixels)
-        return await anyio.to_thread.run_sync(self.predict, pixels)
+        return self.predict(pixels) if self.on_loop else await anyio.to_thread.run_sync(self.predict, pixels)
 
     async def decode(self, data: bytes, field: str) -> np.ndarray:
         """One image's bytes -> uint8 [C, H, W]: on the event loop if it is small (a thread hop costs more than
@@ -188,8 +192,20 @@ class TailwiseClassifier:
                     "logit_adjustment", "dataset", "weights_sha256", "created_at")},
                 "exported_with": meta["tailwise_version"], "tailwise_version": __version__,
                 "provider": self.provider, "providers": self.model.providers, "batching": self.batcher is not None,
+                "model_on_event_loop": self.on_loop, "one_image_call_ms": round(1000 * self.call_s, 3),
                 "verified": self.settings.verify,
                 "limits": {**self.settings.limits(), "max_top_k": meta["num_classes"]}}
+
+
+def warm_up(model: OnnxClassifier, calls: int = 5) -> float:
+    """The fastest of `calls` one-image model calls, in seconds (the first calls also warm onnxruntime up)."""
+    pixels = np.zeros((1, *model.input_shape), np.uint8)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        model.predict_arrays(pixels)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def small_image(data: bytes, max_pixels: int) -> bool:

@@ -10,8 +10,11 @@
     TAILWISE_ORT_THREADS       onnxruntime intra-op threads per worker (default: the cores / the workers)
     TAILWISE_ORT_SPINNING      "1": onnxruntime's idle threads busy-wait for the next call (default "0": they
                                sleep, leaving the cores to request handling)
-    TAILWISE_INLINE_PIXELS     images up to this many pixels are decoded on the event loop (cheaper than a
-                               thread hop); larger ones in a thread pool (default 262144, 512 x 512)
+    TAILWISE_INLINE_PIXELS     PNG/GIF images up to this many pixels are decoded on the event loop (cheaper than
+                               a thread hop); others in a thread pool (default 262144, 512 x 512)
+    TAILWISE_MODEL_ON_LOOP     "auto" (default): the model runs on the event loop when one image takes it under
+                               LOOP_MODEL_MS (a thread hop and the GIL hand-over back cost more than that), else
+                               in a thread; "1": always on the loop; "0": always in a thread
 """
 
 from __future__ import annotations
@@ -45,6 +48,17 @@ def env_flag(name: str, default: bool, environ: Mapping[str, str] = os.environ) 
     return default if not text else text == "1"
 
 
+def env_choice(name: str, choices: tuple[str, ...], environ: Mapping[str, str] = os.environ) -> str:
+    """One of `choices` from $name (the first when it is unset or empty); anything else is a one-line error."""
+    text = environ.get(name, "").strip() or choices[0]
+    if text not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
+    return text
+
+
+LOOP_MODEL_MS = 2.0
+
+
 @dataclass(frozen=True)
 class Settings:
     max_upload_bytes: int = 16 * 2**20
@@ -57,6 +71,7 @@ class Settings:
     ort_threads: int | None = None
     ort_spinning: bool = False
     inline_pixels: int = 512 * 512
+    model_on_loop: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -71,7 +86,8 @@ class Settings:
                    verify=environ.get("TAILWISE_VERIFY", "1").strip() != "0",  # integrity.verify_enabled's rule
                    ort_threads=env_int("TAILWISE_ORT_THREADS", None, environ),
                    ort_spinning=env_flag("TAILWISE_ORT_SPINNING", False, environ),
-                   inline_pixels=env_int("TAILWISE_INLINE_PIXELS", cls.inline_pixels, environ))
+                   inline_pixels=env_int("TAILWISE_INLINE_PIXELS", cls.inline_pixels, environ),
+                   model_on_loop=env_choice("TAILWISE_MODEL_ON_LOOP", ("auto", "0", "1"), environ))
 
     def limits(self) -> dict:
         """The request limits, as /model_info shows them."""
