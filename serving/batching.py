@@ -12,13 +12,13 @@ import numpy as np
 class Batcher:
     """The uint8 [n, C, H, W] jobs that queue up while the model is busy run together as one model call of at
     most `max_images` images (a larger job runs alone). An idle model takes a job at once, so batches grow with
-    the load and a lone request waits for nothing. One call runs at a time: in a worker thread (onnxruntime
-    releases the GIL, so the event loop goes on reading and decoding the next requests meanwhile), or, with
-    `on_loop`, on the event loop itself (for a model faster than a thread hop: the requests that arrive during
-    a call are read right after it and form the next batch)."""
+    the load and a lone request waits for nothing. One call runs at a time, in a worker thread (onnxruntime
+    releases the GIL, so the event loop goes on reading and decoding the next requests meanwhile), except a call
+    of at most `loop_images` images, which runs on the event loop itself: for a fast model a lone image costs
+    less than the thread hop and the GIL hand-over back."""
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_images: int, on_loop: bool = False):
-        self.run, self.max_images, self.on_loop = run, max_images, on_loop
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_images: int, loop_images: int = 0):
+        self.run, self.max_images, self.loop_images = run, max_images, loop_images
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
 
@@ -48,7 +48,10 @@ class Batcher:
                 continue
             batch = jobs[0][0] if len(jobs) == 1 else np.concatenate([pixels for pixels, _ in jobs])
             try:
-                outputs = self.run(batch) if self.on_loop else await anyio.to_thread.run_sync(self.run, batch)
+                if len(batch) <= self.loop_images:
+                    outputs = self.run(batch)
+                else:
+                    outputs = await anyio.to_thread.run_sync(self.run, batch)
             except Exception as exc:  # the model failed: every job in the batch gets the error, the loop goes on
                 for _, future in jobs:
                     if not future.done():

@@ -107,9 +107,9 @@ class TailwiseClassifier:
                                     spinning=settings.ort_spinning)  # CUDA first when this onnxruntime has it
         self.provider = self.model.providers[0]
         self.call_s = warm_up(self.model)  # also warms onnxruntime up: the first request pays nothing extra
-        self.on_loop = settings.model_on_loop == "1" or (settings.model_on_loop == "auto"
-                                                         and self.call_s < LOOP_MODEL_MS / 1000)
-        self.batcher = Batcher(self.predict, settings.max_batch_size, self.on_loop) if settings.batching else None
+        fast = self.call_s < LOOP_MODEL_MS / 1000  # "auto": a lone image on the event loop if the model is fast
+        self.loop_images = {"0": 0, "1": 2**31, "auto": int(fast)}[settings.model_on_loop]
+        self.batcher = Batcher(self.predict, settings.max_batch_size, self.loop_images) if settings.batching else None
         self.decoders = anyio.CapacityLimiter(os.cpu_count() or 1)  # bounds the memory of decoding big images
 
     @bentoml.on_startup
@@ -126,7 +126,9 @@ class TailwiseClassifier:
         """Logits for decoded images, through the batcher (or on their own with TAILWISE_BATCHING=0)."""
         if self.batcher is not None:
             return await self.batcher(pixels)
-        return self.predict(pixels) if self.on_loop else await anyio.to_thread.run_sync(self.predict, pixels)
+        if len(pixels) <= self.loop_images:
+            return self.predict(pixels)
+        return await anyio.to_thread.run_sync(self.predict, pixels)
 
     async def decode(self, data: bytes, field: str) -> np.ndarray:
         """One image's bytes -> uint8 [C, H, W]: on the event loop if it is small (a thread hop costs more than
@@ -192,7 +194,7 @@ class TailwiseClassifier:
                     "logit_adjustment", "dataset", "weights_sha256", "created_at")},
                 "exported_with": meta["tailwise_version"], "tailwise_version": __version__,
                 "provider": self.provider, "providers": self.model.providers, "batching": self.batcher is not None,
-                "model_on_event_loop": self.on_loop, "one_image_call_ms": round(1000 * self.call_s, 3),
+                "images_on_event_loop": min(self.loop_images, self.settings.max_batch_size), "one_image_call_ms": round(1000 * self.call_s, 3),
                 "verified": self.settings.verify,
                 "limits": {**self.settings.limits(), "max_top_k": meta["num_classes"]}}
 

@@ -12,9 +12,9 @@
                                sleep, leaving the cores to request handling)
     TAILWISE_INLINE_PIXELS     PNG/GIF images up to this many pixels are decoded on the event loop (cheaper than
                                a thread hop); others in a thread pool (default 262144, 512 x 512)
-    TAILWISE_MODEL_ON_LOOP     "auto" (default): the model runs on the event loop when one image takes it under
-                               LOOP_MODEL_MS (a thread hop and the GIL hand-over back cost more than that), else
-                               in a thread; "1": always on the loop; "0": always in a thread
+    TAILWISE_MODEL_ON_LOOP     "auto" (default): a model call of one image runs on the event loop when it takes
+                               under LOOP_MODEL_MS (a thread hop and the GIL hand-over back cost more than that),
+                               larger batches in a thread; "1": every call on the loop; "0": every call in a thread
 """
 
 from __future__ import annotations
