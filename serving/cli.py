@@ -33,13 +33,15 @@ def register(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve", help="serve an exported model over HTTP (BentoML, onnxruntime)",
         description="Check the model against its manifest and the port, then become the BentoML server of "
-                    "tailwise.serving.service:TailwiseClassifier: POST /classify (multipart file field 'image', optional "
-                    "top_k from 1 to the number of classes), /classify_batch (file fields 'images'), /model_info; "
-                    "GET /readyz, /livez, /metrics, and the docs page at / (or /docs). Every 4xx body is "
+                    "tailwise.serving.service:TailwiseClassifier: POST /classify (multipart file field 'image', or the "
+                    "raw image as the body with its Content-Type image/png, image/jpeg ...; optional top_k from 1 "
+                    "to the number of classes), /classify_batch (file fields 'images'), /model_info; "
+                    "GET /readyz, /livez, and the docs page at / (or /docs). Every 4xx body is "
                     "{\"error\": \"...\"}. Limits come from the environment: TAILWISE_MAX_UPLOAD_BYTES (default "
                     "16 MiB), TAILWISE_MAX_PIXELS (default 50000000), TAILWISE_MAX_BATCH_FILES (default 64), "
                     "TAILWISE_MAX_BATCH_SIZE (default 64), TAILWISE_MAX_IN_FLIGHT (default: the batch size; past "
-                    "it, 503 with Retry-After); TAILWISE_BATCHING=0 turns adaptive batching off. SIGTERM or "
+                    "it, 503 with Retry-After); TAILWISE_BATCHING=0 turns adaptive batching off; the rest in "
+                    "serving/settings.py. SIGTERM or "
                     "Ctrl+C: new connections are refused, in-flight requests finish, the process exits within "
                     "--shutdown-timeout + about 10 s.")
     serve.add_argument("--model", help=MODEL_HELP)
