@@ -13,6 +13,7 @@ file to disk.)
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, ClassVar
 
 import bentoml
@@ -54,7 +55,10 @@ class ImageRequest(bentoml.IODescriptor):
         for name in cls.multipart_fields:
             if name not in files:
                 raise InvalidArgument(f"{name}: Field required (a file field)")
-        return cls.model_construct(**cls.arguments(files), top_k=options.top_k)
+        # BentoML reads `.model_fields` and one attribute per field; on a model instance that access goes through
+        # pydantic's deprecation warning, on every request, so it gets a plain namespace
+        arguments = {**cls.arguments(files), "top_k": options.top_k}
+        return SimpleNamespace(model_fields=tuple(arguments), **arguments)
 
     @classmethod
     async def read_form(cls, request) -> tuple[dict[str, list[bytes]], dict[str, str]]:
