@@ -25,7 +25,8 @@ fails the requests batched with it. Every 4xx is {"error": "reason"} with one WA
 TAILWISE_MAX_IN_FLIGHT requests a worker answers 503 with Retry-After; SIGTERM drains (serving/middleware.py,
 serving/shutdown.py).
 
-Workers: one by default, with one onnxruntime thread per core (TAILWISE_ORT_THREADS); more with
+Workers: one by default; a batch runs on one onnxruntime thread per core (TAILWISE_ORT_THREADS), a lone image on
+a one-thread session (on the event loop when the model is fast); more workers with
 BENTOML_CONFIG_OPTIONS="services.TailwiseClassifier.workers=N", each then with cores / N threads.
 BentoML's access log is off and its tracing skips the classify paths (each costs more per request than the
 model): turn them back on with BENTOML_CONFIG_OPTIONS (logging.access.enabled=true, tracing.excluded_urls=...).
