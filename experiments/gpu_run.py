@@ -343,9 +343,10 @@ def step_env(s: Session, timeout: float) -> dict:
 
 def _pytest(s: Session, timeout: float, name: str, files: list[str], select: str) -> dict:
     """pytest -m cuda on `files` with `-k select`; the report in <name>.txt / <name>.xml. nccl on one machine
-    with loopback only: its sockets on lo, no InfiniBand probing."""
+    with loopback only: its sockets on lo, no InfiniBand probing. The machine's own pytest plugins (cov,
+    hypothesis, xdist, ...) are not loaded: these tests use none, and each costs start-up time."""
     env = dict(s.env, NCCL_SOCKET_IFNAME=s.env.get("NCCL_SOCKET_IFNAME", "lo"),
-               NCCL_IB_DISABLE=s.env.get("NCCL_IB_DISABLE", "1"))
+               NCCL_IB_DISABLE=s.env.get("NCCL_IB_DISABLE", "1"), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     cmd = [s.python, "-m", "pytest", "-m", "cuda", *files, "-k", select, "-v", "-rA", "-p", "no:cacheprovider",
            f"--junitxml={s.results / f'{name}.xml'}"]
     rc = s.run(cmd, timeout, f"[{name}]", stdout_file=s.results / f"{name}.txt", env=env)

@@ -12,14 +12,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import write_fmnist_files
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-import bench_stage1  # noqa: E402
 import gpu_run  # noqa: E402
 
 OUT_FILES = ["gpu_results.tar.gz", "gpu_run.log", "gpu_state.tar.gz", "gpu_summary.json"]
@@ -299,7 +296,7 @@ def test_a_failing_nvidia_smi_does_not_fail_the_env_step(tmp_path, monkeypatch):
     result = gpu_run.step_env(s, 60)
     env = json.loads((s.results / "env.json").read_text())
     assert result["status"] == "done", result
-    assert env["nvidia_smi"] == "failed: no answer in 1s (stopped)" and env["torch"] == torch.__version__
+    assert env["nvidia_smi"] == "failed: no answer in 1s (stopped)" and env["torch"][0].isdigit()
     stand_in(bin_dir, "nvidia-smi", "echo 'NVIDIA-SMI has failed because it could not communicate'; exit 9\n")
     assert gpu_run.nvidia_smi().startswith("failed: exit code 9: NVIDIA-SMI has failed")
     (bin_dir / "nvidia-smi").write_text("#!/nonexistent/interpreter\n")
@@ -376,6 +373,10 @@ def test_accuracy_workers_get_the_recipe_and_one_crash_does_not_fail_a_table_tha
 def test_bench_sets_the_device_up_as_training_does(monkeypatch):
     """Item 8: the bench plans the accuracy budget, so it runs as training runs: cuDNN autotuning on (set by
     engine.resolve_device); torch.compile's bench times one batch size (each new shape compiles again)."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_stage1
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)      # no kernel runs: only the set-up is read
     assert bench_stage1.bench_devices("cuda") == [torch.device("cuda", 0)]
