@@ -154,6 +154,7 @@ def _decode_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="tailwise-decode")
 
 
+FILE_RESIZE_POLICY = "shorter-center-crop"   # how file data is decoded (tailwise._core.RESIZE_POLICIES)
 IMAGE_SIZES = (28, 32, 48, 64, 96, 128, 160, 192, 224)   # what a folder's images are decoded to, by default
 
 
@@ -169,7 +170,7 @@ def decode_image(path: str, size: int, channels: int = 3) -> np.ndarray:
     """One image file as a ``size x size x channels`` uint8 array, decoded exactly as the served model decodes
     it (tailwise._core.load_image, policy "shorter-center-crop": EXIF, RGB or L, shorter-side resize, centre
     crop)."""
-    spec = {"input": {"channels": channels, "height": size, "width": size, "resize_policy": "shorter-center-crop"}}
+    spec = {"input": {"channels": channels, "height": size, "width": size, "resize_policy": FILE_RESIZE_POLICY}}
     try:
         return np.require(load_image(path, spec, max_pixels=None).transpose(1, 2, 0), requirements="W")
     except ImageError as exc:
@@ -348,6 +349,7 @@ class LTData:
             "groups": list(self.groups),
             "group_thresholds": {"many_above": int(self.bands[0]), "few_below": int(self.bands[1])},
             "index_sha256": self.index_sha256,
+            "resize_policy": self.resize_policy,
             "num_train": int(len(self.train_idx)),
             "num_val": int(len(self.val_idx)),
             "num_test": 0 if self.test_source is None else len(self.test_source),
@@ -360,6 +362,13 @@ class LTData:
     def build_args(self) -> dict:
         """The spec as a card records it (DataSpec.card)."""
         return self.spec.card()
+
+    @property
+    def resize_policy(self) -> str:
+        """How an image is fitted to this data's input size, recorded in the card for export to write into the
+        model: file data as training decodes it (FILE_RESIZE_POLICY); the in-memory sets hold their images at
+        their native size, so another image is resized to it whole ("resize")."""
+        return FILE_RESIZE_POLICY if isinstance(self.train_source, FileSource) else "resize"
 
     def group_thresholds(self) -> tuple[int, int]:
         """(many, few) this set's groups were drawn with: many = count > many, few = count < few."""
@@ -409,9 +418,21 @@ def build_lt_data(spec: DataSpec | str | None = None, **values) -> LTData:
     return _build_file_data(spec)
 
 
-def rebuild_lt_data(build_args: dict) -> LTData:
-    """The data a card's ``build_args`` describe (DataSpec.from_card)."""
-    return build_lt_data(DataSpec.from_card(build_args))
+def rebuild_lt_data(build_args: dict, index_sha256: str | None = None, where: str | os.PathLike = "") -> LTData:
+    """The data a card's ``build_args`` describe (DataSpec.from_card); with `index_sha256` (what the card or model
+    records), checked to be that very data (check_same_data, naming `where`)."""
+    data = build_lt_data(DataSpec.from_card(build_args))
+    if index_sha256 is not None:
+        check_same_data(data, index_sha256, where)
+    return data
+
+
+def check_same_data(data: LTData, index_sha256: str | None, where: str | os.PathLike) -> None:
+    """The one check that `data` is the data a checkpoint or model was trained on: its LT index sha256 is the one
+    recorded (`index_sha256`); UserError naming `where` and the data's root otherwise."""
+    if data.index_sha256 != index_sha256:
+        raise UserError(f"{where}: trained on other data than {data.name} at {data.spec.given('root') or 'its default root'} "
+                        f"(index sha256 {str(index_sha256)[:12]}... recorded, {data.index_sha256[:12]}... here)")
 
 
 def _build_array_data(spec: DataSpec) -> LTData:
@@ -833,8 +854,3 @@ def scan_class_folder(root: str) -> FolderScan:
     return FolderScan(class_names, paths, np.array(labels, dtype=np.int64),
                       np.array(sizes, dtype=np.int64).reshape(-1, 2), modes, skipped, ignored, empty)
 
-
-def read_class_folder(root: str) -> tuple[list[str], list[str], np.ndarray]:
-    """(class_names, paths, labels) of the readable images of a class folder (see scan_class_folder)."""
-    scan = scan_class_folder(root)
-    return scan.class_names, scan.paths, scan.labels
