@@ -134,3 +134,8 @@ def test_option_errors_name_the_option_as_their_caller_spells_it():
     assert cli_message(OptionError("{parity_images} and {overrides}", "parity_images", "overrides")) == \
         "--parity-images and --set"
     assert isinstance(error, UserError)
+    from tailwise.training.engine import resolve_device
+
+    with pytest.raises(OptionError, match=r"^device=tpu: expected auto, cpu or cuda$") as error:
+        resolve_device("tpu")
+    assert cli_message(error.value) == "--device tpu: expected auto, cpu or cuda"

@@ -187,9 +187,9 @@ def lt_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: st
     none: ``n_max`` for every class.
     """
     if profile not in PROFILES:
-        raise UserError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+        raise UserError(f"{DataSpec.where('profile')} must be one of {', '.join(PROFILES)}, got {profile!r}")
     if not imbalance_factor >= 1:
-        raise UserError(f"--imbalance-factor must be >= 1, got {imbalance_factor}")
+        raise UserError(f"{DataSpec.where('imbalance_factor')} must be >= 1, got {imbalance_factor}")
     imb = 1.0 / imbalance_factor  # LDAM's imb_factor
     if profile == "none" or num_classes == 1:
         return [int(n_max)] * num_classes
@@ -256,7 +256,8 @@ def groups_from_counts(counts, many_threshold=None, few_threshold=None) -> list[
     """'many' (count > many), 'few' (count < few) or 'medium' for each class; thresholds: group_thresholds."""
     many, few = group_thresholds(len(counts), many_threshold, few_threshold)
     if few > many:
-        raise UserError(f"--few-threshold ({few}) must not exceed --many-threshold ({many})")
+        raise UserError(f"{DataSpec.where('few_threshold')} = {few} must not exceed "
+                        f"{DataSpec.where('many_threshold')} = {many}")
     return ["many" if n > many else "few" if n < few else "medium" for n in counts]
 
 
@@ -478,10 +479,10 @@ def _build_file_data(spec: DataSpec) -> LTData:
     many_threshold, few_threshold = spec.given("many_threshold"), spec.given("few_threshold")
     image_size = spec.given("image_size") or (224 if dataset == "splits" else None)
     if root is None:
-        raise UserError(f"--root is required for --dataset {dataset}")
+        raise UserError(f"{DataSpec.where('root')} is required for dataset {dataset}")
     root = os.path.abspath(root)
     if not os.path.isdir(root):
-        raise UserError(f"--root {root} is not a directory")
+        raise UserError(f"{DataSpec.where('root')} {root} is not a directory")
     test_paths = test_labels = None
     skipped, notes, file_stats = [], [], {}
     if dataset == "folder":
@@ -508,7 +509,7 @@ def _build_file_data(spec: DataSpec) -> LTData:
             test_labels = np.array([class_names.index(test_names[t]) for t in test_labels], dtype=np.int64)
     else:
         if train_split is None:
-            raise UserError("--train-split is required for --dataset splits")
+            raise UserError(f"{DataSpec.where('train_split')} is required for dataset splits")
         train_split = _find_split(train_split, root)
         train_paths, train_labels = read_split(train_split, root)
         num_classes = int(train_labels.max()) + 1

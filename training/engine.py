@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from tailwise import UserError
+from tailwise import OptionError, UserError
 from tailwise.format import stage_metrics_log
 from tailwise.training import checkpoint
 
@@ -35,11 +35,11 @@ def resolve_device(name: str = "auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+            raise OptionError("{device=cuda}: no CUDA device is available (use {device=cpu} or auto)", "device")
         torch.backends.cudnn.benchmark = True   # fixed batch shapes: let cuDNN pick the fastest convolutions
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if name != "cpu":
-        raise UserError(f"--device {name!r}: expected auto, cpu or cuda")
+        raise OptionError(f"{{device={name}}}: expected auto, cpu or cuda", "device")
     return torch.device("cpu")
 
 
