@@ -1,5 +1,5 @@
-"""tailwise: long-tailed image classification (a two-stage recipe: an encoder, then a classifier re-trained on an
-IP-DPP subset), ONNX export and serving.
+"""tailwise: long-tailed image classification (by default a network trained with the logit-adjusted loss, then
+fine-tuned on redrawn IP-DPP subsets), ONNX export and serving.
 
 The repository keeps `training/`, `export/` and `serving/` as top-level folders; they are the subpackages
 `tailwise.training`, `tailwise.export` and `tailwise.serving`. A wheel installs them inside `tailwise/`

@@ -16,9 +16,9 @@ SUBCOMMAND_MODULES = ("tailwise.training.cli", "tailwise.export.cli", "tailwise.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tailwise",
-        description="Long-tailed image classification: train (by default a logit-adjusted supervised encoder, then "
-                    "its classifier re-trained on an IP-DPP subset; BNS and the baselines are recipes), export to "
-                    "ONNX, serve.",
+        description="Long-tailed image classification: train (by default a supervised network with the "
+                    "logit-adjusted loss, then fine-tuned on redrawn IP-DPP subsets; BNS and the baselines are other "
+                    "recipes), export to ONNX, serve.",
     )
     parser.add_argument("--version", action="version", version=f"tailwise {__version__}")
     parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
