@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow   # builds wheels and virtual environments
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # serving.artifact.SHIPPED_MODEL
+SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # the shipped model (format 1)
 SOURCES = ("pyproject.toml", "README.md", "tailwise", "training", "export", "serving")
 
 
