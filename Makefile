@@ -35,7 +35,8 @@ serve: setup-serve
 	@if ls models/*/model.onnx >/dev/null 2>&1; then $(VENV)/bin/tailwise serve; \
 	else echo "no model under models/ yet: export one with 'tailwise export' (see README)"; $(VENV)/bin/tailwise --help; fi
 
-# On a bare GPU machine (no venv, no network; README "Running on a GPU"): make gpu GPU_ARGS='--out $$OUT'
+# On a bare GPU machine (no venv, no network; docs/GPU.md, which starts with experiments/gpu_run.sh --check):
+# make gpu GPU_ARGS='--out $$OUT'
 GPU_DATA ?= data/fashion-mnist
 gpu:
 	experiments/gpu_run.sh --data $(GPU_DATA) $(GPU_ARGS)

@@ -9,7 +9,8 @@ A BNS step: two SimCLR views of each image (augmented on the device, batched), C
 backward, AdamW step. Images/second counts source images (B per step) for both, so the ratio is the real
 cost of stage 1 per image seen. Prints a markdown table (and writes the rows as JSON with --json).
 
-On CUDA (bf16 autocast, channels-last, as training runs) each row also gives the CE step's achieved TFLOP/s,
+On CUDA (bf16 autocast, channels-last, cuDNN autotuning: the device set up by training's own
+engine.resolve_device) each row also gives the CE step's achieved TFLOP/s,
 counted with torch.utils.flop_counter.FlopCounterMode (convolutions and matmuls, forward and backward), as a
 fraction of the card's dense bf16 peak from PEAK_BF16_TFLOPS (matched on the device name). `--compile` times
 torch.compile'd networks instead (the warm-up steps then include compilation).
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from tailwise.training.augment import BatchAugment
-from tailwise.training.engine import to_device
+from tailwise.training.engine import resolve_device, to_device
 from tailwise.training.losses import bns_loss_released
 from tailwise.training.networks import Classifier, ContrastiveModel, param_groups
 
@@ -100,6 +101,13 @@ def bench(device: torch.device, arch: str, batch: int, channels: int, size: int,
     return results
 
 
+def bench_devices(spec: str) -> list[torch.device]:
+    """`auto` = cpu plus cuda if present, else a comma list; each set up as training sets it up (on CUDA,
+    engine.resolve_device turns cuDNN autotuning on, so the images/s match what training gets)."""
+    names = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])) if spec == "auto" else spec.split(",")
+    return [resolve_device(name) for name in names]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet32")
@@ -112,21 +120,20 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="time torch.compile'd networks")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
-    devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])) if args.devices == "auto" \
-        else args.devices.split(",")
+    devices = bench_devices(args.devices)
     print(f"{args.arch}, {args.channels}x{args.size}x{args.size}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads" + (", torch.compile" if args.compile else ""))
     print("| device | batch | CE images/s | BNS stage-1 images/s | BNS / CE | CE TFLOP/s | CE fraction of bf16 peak |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for name in devices:
-        device = torch.device(name)
+    for device in devices:
         label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         for batch in args.batch:
             r = bench(device, args.arch, batch, args.channels, args.size, args.steps, args.warmup, args.compile)
             row = {"device": label, "device_type": device.type, "batch": batch, "arch": args.arch,
                    "image": [args.channels, args.size, args.size], "steps": args.steps, "compile": args.compile,
-                   "torch": torch.__version__, "ce_images_per_s": round(r["ce"], 1),
+                   "torch": torch.__version__, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                   "ce_images_per_s": round(r["ce"], 1),
                    "bns_images_per_s": round(r["bns"], 1), "bns_over_ce": round(r["bns"] / r["ce"], 3)}
             flops, peak = r.get("ce_flops_per_step"), peak_bf16_tflops(label)
             if flops:

@@ -1,14 +1,16 @@
 """Unpack what a GPU run brought back (experiments/gpu_run.sh's --out files) into the repository, for commit.
 
-    python experiments/gpu_collect.py DIR        # DIR holds gpu_results.tar.gz (and gpu_run.log) of the run
+    python experiments/gpu_collect.py DIR                    # DIR holds gpu_results.tar.gz (and gpu_run.log)
+    python experiments/gpu_collect.py DIR --install-model    # also the CUDA-trained model into models/
 
-* experiments/results/gpu/: env.json, the step records, the CUDA test report, bench_stage1.json, the recipe's
+* experiments/results/gpu/: env.json, the step records, the CUDA test reports, the bench JSON, the recipe's
   cards, metrics and evaluation (no weights), and gpu_run.log;
 * experiments/results/<table folder>/: the accuracy table's per-run JSON and plots (kept if already there);
-* models/fmnist-lt-r32-cuda/: the CUDA-trained model, only if it beats the shipped model on validation (the
-  balanced validation accuracy of what is served: logits adjusted by the tau chosen on validation).
+* models/<name>/ (fmnist-lt-r32-cuda): only with --install-model, and only if it beats the shipped model on
+  validation (the balanced validation accuracy of what is served: logits adjusted by the tau chosen on
+  validation). Without the flag models/ is never touched: it prints the comparison.
 
-Then prints the numbers for the README's CUDA rows and the command that writes the accuracy table into it.
+Then prints the numbers for the benchmark's CUDA rows and the command that prints the accuracy table.
 Standard library only.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tarfile
@@ -24,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = "models/fmnist-lt-tailwise"
+RESULT_FILES = ("env.json", "cuda-tests.xml", "cuda-tests.txt", "cuda-nccl.xml", "cuda-nccl.txt", "bench_stage1.json",
+                "bench_stage1_compile.json", "steps", "recipe")
+TABLE_FOLDER = re.compile(r"-if(?P<factor>[0-9.]+)-b(?P<budget>[0-9]+)(?P<ldamsubset>-ldamsubset)?$")
 
 
 def served_val(card: dict) -> float | None:
@@ -34,10 +40,22 @@ def served_val(card: dict) -> float | None:
     return (card.get("metrics") or {}).get("val_mean_per_class")
 
 
+def table_command(folder: str) -> str | None:
+    """The `accuracy.py table` command of a results folder (<recipe>-if<IF>-b<budget>[-ldamsubset])."""
+    m = TABLE_FOLDER.search(folder)
+    if not m:
+        return None
+    recipe = folder[:m.start()]
+    return (f"python experiments/accuracy.py table --recipe {recipe} --imbalance-factor {m['factor']} "
+            f"--budget {m['budget']}" + (" --set data.holdout_kept=false" if m["ldamsubset"] else ""))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", help="folder with the run's gpu_results.tar.gz (and gpu_run.log)")
     parser.add_argument("--repo", default=str(REPO), help="repository root to unpack into (default this one)")
+    parser.add_argument("--install-model", action="store_true",
+                        help="copy the CUDA-trained model into models/ when it beats the shipped one on validation")
     args = parser.parse_args(argv)
     src, repo = Path(args.dir), Path(args.repo)
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,7 +64,7 @@ def main(argv=None) -> int:
         res = Path(tmp) / "gpu-results"
         gpu = repo / "experiments" / "results" / "gpu"
         gpu.mkdir(parents=True, exist_ok=True)
-        for name in ("env.json", "cuda-tests.xml", "cuda-tests.txt", "bench_stage1.json", "steps", "recipe"):
+        for name in RESULT_FILES:
             if (res / name).is_dir():
                 shutil.copytree(res / name, gpu / name, dirs_exist_ok=True)
             elif (res / name).exists():
@@ -63,11 +81,8 @@ def main(argv=None) -> int:
             new = [f for f in folder.iterdir() if not (target / f.name).exists()]
             for f in new:
                 shutil.copy(f, target / f.name)
-            budget = folder.name.rsplit("-b", 1)[1]
-            factor = folder.name.rsplit("-if", 1)[1].split("-b")[0]
-            print(f"accuracy: {len(new)} new file(s) in {target.relative_to(repo)}; README table: python "
-                  f"experiments/accuracy.py table --imbalance-factor {factor} --budget {budget} --readme README.md "
-                  f"(add its markers first)")
+            print(f"accuracy: {len(new)} new file(s) in {target.relative_to(repo)}; the table: "
+                  f"{table_command(folder.name) or '(a folder name accuracy.py does not write)'}")
 
         for row in (json.loads((res / "bench_stage1.json").read_text())["rows"]
                     if (res / "bench_stage1.json").exists() else []):
@@ -77,7 +92,9 @@ def main(argv=None) -> int:
                   f"{row['bns_images_per_s']:.0f} | {row['bns_over_ce']:.2f} | {frac} ({row.get('ce_tflops', '-')} "
                   "TFLOP/s) |")
 
-        model = next((p for p in (res / "models").glob("*") if (p / "model.onnx").exists()), None) \
+        # a whole exported folder only: never a hidden one (an export's staging folder, cut off)
+        model = next((p for p in sorted((res / "models").glob("*")) if not p.name.startswith(".")
+                      and (p / "model.onnx").is_file() and (p / "card.json").is_file()), None) \
             if (res / "models").exists() else None
         if model is None:
             print("model: none came back (the recipe step has not finished)")
@@ -98,6 +115,10 @@ def main(argv=None) -> int:
             print(f"model: validation {mine} does not beat the shipped model's {theirs}: not copied into models/")
             return 0
         target = repo / "models" / model.name
+        if not args.install_model:
+            print(f"model: validation {mine} against the shipped model's {theirs}: pass --install-model to copy it "
+                  f"to {target.relative_to(repo)}")
+            return 0
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(model, target)

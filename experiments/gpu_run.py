@@ -1,24 +1,34 @@
 """One prepared GPU session: everything tailwise needs a GPU for, in order of value, inside a time budget.
 
+    experiments/gpu_run.sh --check                                                     # here, before a lease
     experiments/gpu_run.sh --data data/fashion-mnist --out "$OUT"                      # first run
     experiments/gpu_run.sh --data data/fashion-mnist --out "$OUT" --state gpu-state    # continue a previous one
     experiments/gpu_run.sh --dry-run --data FIXTURE --out /tmp/out --imbalance-factor 10   # the same on CPU, tiny
 
-Steps (each skipped when a previous run finished it; see --state):
+--check runs nothing: it verifies here that the folders the device machine needs (--data, and --state when
+there is one) exist, hold what the run reads, and fit with the working tree under the tool's carry limit,
+then prints the device tool's `run` call to paste (carry list, timeout_s, command) and the carried size.
+
+Steps (each skipped when a previous run finished it; a failed one is tried again, --max-failures runs in a row):
   env         python, torch, GPU name and memory, nvidia-smi                       -> env.json
-  cuda-tests  pytest -m cuda tests/test_cuda.py tests/test_engine.py               -> cuda-tests.xml / .txt
+  cuda-tests  pytest -m cuda tests/test_cuda.py tests/test_engine.py, but the nccl test
+                                                                                   -> cuda-tests.xml / .txt
+  cuda-nccl   the torchrun + nccl test alone, under its own short cap (loopback only: it may hang)
+                                                                                   -> cuda-nccl.xml / .txt
   bench       stage-1 throughput, BNS vs CE, fraction of bf16 peak                 -> bench_stage1.json
-  (bench-compile, only when named in --steps: the same with torch.compile          -> bench_stage1_compile.json)
+  (bench-compile, only when named in --steps: the same with torch.compile, batch 512 -> bench_stage1_compile.json)
   recipe      fmnist-lt-r32 (100 BNS epochs, then IP-DPP) trained, evaluated, exported
                                                                                    -> recipe/, models/<name>/
   accuracy    the accuracy table at the largest budget that fits (200 is the goal), --workers processes
-              sharing the GPU                                                      -> accuracy/
+              sharing the GPU; not started when even the smallest budget would not fit   -> accuracy/
+The steps that read the data (recipe, accuracy) are not started when --data lacks a file; the others run.
 
 Everything lands in --out, as at most four files (a device machine returns few files):
   gpu_run.log           everything printed, appended to the log of the runs before
   gpu_results.tar.gz    gpu-results/: one steps/<step>.json per step (status, seconds, numbers) plus each
                         step's files; refreshed after every step and every --pack-every seconds
-  gpu_state.tar.gz      checkpoints of unfinished training, only to continue (capped at --state-mib)
+  gpu_state.tar.gz      checkpoints of unfinished training, only to continue (capped at --state-mib, and so that
+                        the four files stay under --carry-mib: the next run carries them back in)
   gpu_summary.json      the status of every step
 Nothing finished is lost when the run is cut off: each step's results are packed, atomically, when it ends.
 --state DIR points at the files of a previous --out: finished steps are skipped, a partly trained recipe
@@ -31,12 +41,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import tomllib
@@ -50,8 +63,13 @@ FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10
                 "t10k-labels-idx1-ubyte.gz")
 MODEL_NAME = "fmnist-lt-r32-cuda"
 CUDA_TESTS = ["tests/test_cuda.py", "tests/test_engine.py"]   # listed: collecting tests/ would import bentoml
+NCCL_TESTS = "nccl"       # pytest -k expression of the torchrun + nccl test (in tests/test_cuda.py), its own step
 RESERVE_S = 25            # kept back from the budget for the final packing
 BUDGETS = (200, 100, 50, 20, 10, 4)
+NVIDIA_SMI_TIMEOUT_S = 30
+MiB = 2**20
+CARRY_LIMIT_MIB = 60      # the device tool carries at most 64 MiB (tree + carried folders); 4 kept back
+DEFAULT_DATA = "data/fashion-mnist"
 # The dry run: the same steps at a size a 2-core CPU does in seconds (on a tiny Fashion-MNIST-format fixture).
 DRY_SETS = ["stage1.epochs=1", "stage2.epochs=1", "stage1.batch_size=32", "stage2.batch_size=16",
             "stage1.warmup_epochs=1", "stage2.warmup_epochs=0", "model.proj_hidden=64", "model.proj_dim=32",
@@ -63,11 +81,13 @@ class Step:
     name: str
     cap_s: float        # the longest this step may run
     min_left_s: float   # not started with less than this left of the whole budget
+    needs_data: bool = False
 
 
-STEPS = (Step("env", 60, 5), Step("cuda-tests", 270, 60), Step("bench", 120, 30), Step("bench-compile", 180, 60),
-         Step("recipe", 360, 60), Step("accuracy", 1e9, 60))
-DEFAULT_STEPS = "env,cuda-tests,bench,recipe,accuracy"     # bench-compile only when asked for
+STEPS = (Step("env", 60, 5), Step("cuda-tests", 240, 60), Step("cuda-nccl", 75, 30), Step("bench", 120, 30),
+         Step("bench-compile", 300, 120), Step("recipe", 360, 60, needs_data=True),
+         Step("accuracy", 1e9, 90, needs_data=True))
+DEFAULT_STEPS = "env,cuda-tests,cuda-nccl,bench,recipe,accuracy"     # bench-compile only when asked for
 
 
 def now_utc() -> str:
@@ -94,9 +114,11 @@ class Session:
         for folder in (self.out, self.results / "steps", self.state):
             folder.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out / "gpu_run.log"
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()      # pack() logs while it holds it
         self.procs: list[subprocess.Popen] = []
         self.python = args.python
+        self.data_root: str | None = None
+        self.device = "cpu" if args.dry_run else "cuda"
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                         PYTHONUNBUFFERED="1", BENTOML_DO_NOT_TRACK="true", TQDM_DISABLE="1")
         if args.dry_run:      # CPU only, also on a machine with a GPU (the CUDA tests then skip)
@@ -127,30 +149,45 @@ class Session:
             shutil.copy(old_log, self.log_path)
 
     def pack(self, with_state: bool = True) -> None:
-        """Refresh the files in --out; each is replaced atomically."""
+        """Refresh the files in --out; each is replaced atomically. The checkpoints of unfinished runs go into
+        gpu_state.tar.gz while they fit under --state-mib and, with the results and the log, under --carry-mib
+        (the next run carries these files in); a run that does not fit restarts next time, and the log says so."""
         with self.lock:
             _tar(self.out / "gpu_results.tar.gz", self.work, sorted(self.results.rglob("*")))
             if with_state:
-                kept, room = [], self.args.state_mib * 2**20
+                room = self.args.state_mib * MiB
+                if self.args.carry_mib:
+                    used = sum(p.stat().st_size for p in (self.out / "gpu_results.tar.gz", self.log_path)
+                               if p.exists()) + 64 * 1024          # and the summary, a few KiB
+                    if used > self.args.carry_mib * MiB:
+                        self.log(f"carry: the results and the log already take {used / MiB:.1f} MiB, over "
+                                 f"--carry-mib {self.args.carry_mib:g}: the next run cannot carry all of --out")
+                    room = min(room, self.args.carry_mib * MiB - used)
+                kept = []
                 for folder in self.unfinished_runs():
                     files = resume_files(folder)
                     size = sum(f.stat().st_size for f in files)
                     if size > room:
-                        print(f"state: no room left under --state-mib for {folder.relative_to(self.work)}")
+                        self.log(f"state: no room left for {folder.relative_to(self.work)} ({size / MiB:.1f} MiB, "
+                                 f"{max(room, 0) / MiB:.1f} MiB left under --state-mib/--carry-mib): it restarts "
+                                 "in the next run")
                         continue
                     kept, room = kept + files, room - size
                 _tar(self.out / "gpu_state.tar.gz", self.work, kept)
             write_json(self.out / "gpu_summary.json", {"updated": now_utc(), "steps": self.records()})
 
     def unfinished_runs(self) -> list[Path]:
-        """Run folders whose training has not finished (recipe first, then the accuracy runs)."""
+        """Run folders whose training has not finished: the recipe first, then the accuracy runs without a
+        result in their own table's folder (and the shared stage-1 runs of tables that still have such runs)."""
         runs = []
         if self.record("recipe").get("status") != "done" and (self.state / "recipe").exists():
             runs.append(self.state / "recipe")
-        acc = self.state / "accuracy"
-        if acc.exists():
-            done = {p.stem for p in (self.results / "accuracy").rglob("*.json")}
-            runs += [p for p in sorted(acc.glob("*/*")) if p.is_dir() and p.name not in done]
+        for table in sorted(p for p in (self.state / "accuracy").glob("*") if p.is_dir()):
+            done = {p.stem for p in (self.results / "accuracy" / table.name).glob("*.json")}
+            rows = [p for p in sorted(table.iterdir()) if p.is_dir() and not p.name.startswith("stage1-")
+                    and p.name not in done]
+            if rows:
+                runs += [p for p in sorted(table.glob("stage1-*")) if p.is_dir()] + rows
         return runs
 
     def record(self, name: str) -> dict:
@@ -210,9 +247,10 @@ class Session:
             while time.monotonic() < end and any(p.poll() is None for p in procs):
                 time.sleep(0.1)
 
-    def run(self, cmd: list[str], timeout: float, tag: str, stdout_file: Path | None = None) -> int | None:
+    def run(self, cmd: list[str], timeout: float, tag: str, stdout_file: Path | None = None,
+            env: dict | None = None) -> int | None:
         """Run one command to its end or its timeout; returns its exit code, None if stopped at the timeout."""
-        proc = self.start(cmd, tag, stdout_file=stdout_file)
+        proc = self.start(cmd, tag, env=env, stdout_file=stdout_file)
         return proc.returncode if self.wait([proc], timeout) else None
 
 
@@ -229,8 +267,9 @@ def _tar(path: Path, base: Path, files: list[Path]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with tarfile.open(tmp, "w:gz", compresslevel=3) as tar:
         for file in files:
-            if not file.is_file() or file.name.endswith(".tmp") or file.suffix == ".lock":
-                continue
+            if not file.is_file() or file.suffix in (".tmp", ".lock") \
+                    or any(part.startswith(".") for part in file.relative_to(base).parts):
+                continue          # temp files, locks, and hidden staging folders (an export cut off)
             try:
                 data, mtime = file.read_bytes(), file.stat().st_mtime
             except FileNotFoundError:
@@ -242,28 +281,59 @@ def _tar(path: Path, base: Path, files: list[Path]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the steps
+def nvidia_smi(timeout: float | None = None) -> str:
+    """nvidia-smi's report, or one line saying why there is none: a missing, failing or hanging nvidia-smi is
+    noted in env.json, never a reason to fail the step (torch's own probe says whether CUDA works)."""
+    if not shutil.which("nvidia-smi"):
+        return "not run: no nvidia-smi on PATH"
+    timeout = NVIDIA_SMI_TIMEOUT_S if timeout is None else timeout
+    try:
+        with tempfile.TemporaryFile("w+", errors="replace") as out:    # a file, not a pipe: nothing can block
+            proc = subprocess.Popen(["nvidia-smi"], stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    process_group=0)
+            try:
+                rc = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return f"failed: no answer in {timeout:g}s (stopped)"
+            out.seek(0)
+            text = out.read()
+    except OSError as exc:
+        return f"failed: {type(exc).__name__}: {exc}"
+    return text if rc == 0 else f"failed: exit code {rc}: {text.strip()[-500:]}"
+
+
 def step_env(s: Session, timeout: float) -> dict:
-    probe = ("import json, os, platform, sys, torch, torchvision, onnx, onnxruntime\n"
+    probe = ("import json, os, platform, sys\n"
+             "info = {'python': sys.version.split()[0], 'platform': platform.platform(), 'cpu_count': os.cpu_count()}\n"
+             "for name in ('torch', 'torchvision', 'onnx', 'onnxscript', 'onnxruntime', 'safetensors', 'numpy', "
+             "'pytest'):\n"
+             "    try:\n"
+             "        info[name] = __import__(name).__version__\n"
+             "    except Exception as exc:\n"
+             "        info[name] = f'missing: {type(exc).__name__}: {exc}'\n"
+             "import torch\n"
              "cuda = torch.cuda.is_available()\n"
              "p = torch.cuda.get_device_properties(0) if cuda else None\n"
-             "print(json.dumps({'python': sys.version.split()[0], 'platform': platform.platform(), "
-             "'cpu_count': os.cpu_count(), 'torch': torch.__version__, 'torchvision': torchvision.__version__, "
-             "'onnx': onnx.__version__, 'onnxruntime': onnxruntime.__version__, 'cuda_available': cuda, "
-             "'torch_cuda': torch.version.cuda, 'device': p.name if p else 'cpu', "
+             "info.update({'cuda_available': cuda, 'torch_cuda': torch.version.cuda, 'device': p.name if p else 'cpu', "
              "'capability': list(torch.cuda.get_device_capability(0)) if cuda else None, "
-             "'memory_gib': round(p.total_memory / 2**30, 1) if p else None}))")
+             "'memory_gib': round(p.total_memory / 2**30, 1) if p else None})\n"
+             "print(json.dumps(info))")
     out = s.results / "env.txt"
     rc = s.run([s.python, "-c", probe], timeout, "[env]", stdout_file=out)
     if rc != 0:
         return {"status": "failed", "returncode": rc}
     env = json.loads(out.read_text().strip().splitlines()[-1])
-    if shutil.which("nvidia-smi"):
-        env["nvidia_smi"] = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    env["nvidia_smi"] = nvidia_smi()
+    if env["nvidia_smi"].startswith(("failed", "not run")):
+        s.log(f"env: nvidia-smi {env['nvidia_smi']}")
     try:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                            timeout=10).stdout.strip() or None
-    except OSError:
+    except (OSError, subprocess.SubprocessError):
         env["git_commit"] = None
+    env["git_commit"] = env["git_commit"] or s.args.commit      # no .git on the machine: what --check saw
     write_json(s.results / "env.json", env)
     out.unlink()
     if not s.args.dry_run and not env["cuda_available"]:
@@ -271,23 +341,46 @@ def step_env(s: Session, timeout: float) -> dict:
     return {"status": "done", "device": env["device"]}
 
 
-def step_cuda_tests(s: Session, timeout: float) -> dict:
-    cmd = [s.python, "-m", "pytest", "-m", "cuda", *CUDA_TESTS, "-v", "-rA", "-p", "no:cacheprovider",
-           f"--junitxml={s.results / 'cuda-tests.xml'}"]
-    rc = s.run(cmd, timeout, "[cuda-tests]", stdout_file=s.results / "cuda-tests.txt")
+def _pytest(s: Session, timeout: float, name: str, files: list[str], select: str) -> dict:
+    """pytest -m cuda on `files` with `-k select`; the report in <name>.txt / <name>.xml. nccl on one machine
+    with loopback only: its sockets on lo, no InfiniBand probing. The machine's own pytest plugins (cov,
+    hypothesis, xdist, ...) are not loaded: these tests use none, and each costs start-up time."""
+    env = dict(s.env, NCCL_SOCKET_IFNAME=s.env.get("NCCL_SOCKET_IFNAME", "lo"),
+               NCCL_IB_DISABLE=s.env.get("NCCL_IB_DISABLE", "1"), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    cmd = [s.python, "-m", "pytest", "-m", "cuda", *files, "-k", select, "-v", "-rA", "-p", "no:cacheprovider",
+           f"--junitxml={s.results / f'{name}.xml'}"]
+    rc = s.run(cmd, timeout, f"[{name}]", stdout_file=s.results / f"{name}.txt", env=env)
     if rc is None:
-        return {"status": "partial", "note": "stopped at its time cap"}
-    summary = ((s.results / "cuda-tests.txt").read_text().strip().splitlines() or [""])[-1]
+        return {"status": "failed" if name == "cuda-nccl" else "partial",
+                "note": f"stopped at its time cap ({timeout:.0f}s)" + (": hung?" if name == "cuda-nccl" else "")}
+    summary = ((s.results / f"{name}.txt").read_text().strip().splitlines() or [""])[-1]
     ran = s.args.dry_run or "passed" in summary or "failed" in summary    # on a GPU, all skipped is a failure
     return {"status": "done" if rc == 0 and ran else "failed", "returncode": rc, "summary": summary}
 
 
+def step_cuda_tests(s: Session, timeout: float) -> dict:
+    return _pytest(s, timeout, "cuda-tests", CUDA_TESTS, f"not {NCCL_TESTS}")
+
+
+def step_cuda_nccl(s: Session, timeout: float) -> dict:
+    """The torchrun + nccl test alone: where nccl hangs, only this step's short cap is lost."""
+    return _pytest(s, timeout, "cuda-nccl", CUDA_TESTS[:1], NCCL_TESTS)
+
+
+def bench_command(s: Session, out: Path, compile: bool = False) -> list[str]:
+    """bench_stage1.py's command line. Compiled: batch 512 only (each new shape compiles again), few steps."""
+    if s.args.dry_run:
+        sizes = ["--devices", "cpu", "--batch", "8", "--steps", "1", "--warmup", "1"]
+    elif compile:
+        sizes = ["--devices", "cuda", "--batch", "512", "--steps", "10", "--warmup", "3"]
+    else:
+        sizes = ["--devices", "cuda", "--batch", "512", "4096", "--steps", "20", "--warmup", "5"]
+    return [s.python, "benchmarks/bench_stage1.py", *sizes, "--json", str(out), *(["--compile"] if compile else [])]
+
+
 def step_bench(s: Session, timeout: float, compile: bool = False) -> dict:
     out = s.results / f"bench_stage1{'_compile' if compile else ''}.json"
-    sizes = ["--devices", "cpu", "--batch", "8", "--steps", "1", "--warmup", "1"] if s.args.dry_run else \
-        ["--devices", "cuda", "--batch", "512", "4096", "--steps", "20", "--warmup", "5"]
-    cmd = [s.python, "benchmarks/bench_stage1.py", *sizes, "--json", str(out), *(["--compile"] if compile else [])]
-    rc = s.run(cmd, timeout, "[bench]")
+    rc = s.run(bench_command(s, out, compile), timeout, "[bench]")
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     status = "done" if rc == 0 else "partial" if rc is None and rows else "failed"
     return {"status": status, "returncode": rc, "rows": rows}
@@ -297,9 +390,21 @@ def data_sets(s: Session) -> list[str]:
     return [f"data.root='{s.data_root}'", *(DRY_SETS if s.args.dry_run else []), *s.args.overrides]
 
 
+def remove_staging(folder: Path) -> list[str]:
+    """Delete the hidden folders an export leaves beside its --out when it is killed (`.NAME.new-*`,
+    `.NAME.old-*`); returns their names."""
+    gone = []
+    for path in sorted(folder.glob(".*")) if folder.exists() else []:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path.name)
+    return gone
+
+
 def step_recipe(s: Session, timeout: float) -> dict:
     end = time.monotonic() + timeout
     run_dir, model_dir = s.state / "recipe", s.results / "models" / MODEL_NAME
+    staged = s.work / "export" / MODEL_NAME     # exported outside gpu-results, moved in once whole
     cmd = [s.python, "-m", "tailwise", "train", "--config", s.args.recipe, "--device", s.device, "--out", str(run_dir),
            "--no-progress", "--set", f"data.imbalance_factor={s.args.imbalance_factor}"]
     for item in data_sets(s):
@@ -312,9 +417,13 @@ def step_recipe(s: Session, timeout: float) -> dict:
         return {"status": "partial", "note": "stopped at its time cap; resumes from its checkpoint", **info}
     if rc != 0:
         return {"status": "failed", "returncode": rc, **info}
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    export = [s.python, "-m", "tailwise", "export", str(run_dir), "--out", str(model_dir), "--variants", "int8",
+    for folder in (model_dir, staged):
+        if folder.exists():
+            shutil.rmtree(folder)
+    for folder in (model_dir.parent, staged.parent):
+        for name in remove_staging(folder):
+            s.log(f"recipe: removed {name}, left by an export that was cut off")
+    export = [s.python, "-m", "tailwise", "export", str(run_dir), "--out", str(staged), "--variants", "int8",
               "--samples", "1"]
     rc = s.run(export, max(1.0, end - time.monotonic()), "[export]")
     keep = s.results / "recipe"
@@ -322,8 +431,10 @@ def step_recipe(s: Session, timeout: float) -> dict:
         shutil.rmtree(keep)
     shutil.copytree(run_dir, keep, ignore=shutil.ignore_patterns("*.safetensors", "*.tmp"))
     info["run"] = summarize_run(run_dir)
-    if rc is None or not (model_dir / "model.onnx").exists():
+    if rc is None or not (staged / "model.onnx").exists():
         return {"status": "partial" if rc is None else "failed", "note": "trained, export did not finish", **info}
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, model_dir)
     parity = json.loads((model_dir / "card.json").read_text())["export"]["parity"]
     return {"status": "done", "model": f"models/{MODEL_NAME}", "export_returncode": rc, "parity": parity, **info}
 
@@ -360,14 +471,33 @@ def expected_runs(s: Session, seeds: list[int]) -> list[str]:
     return [f"{name}-s{seed}" for seed in seeds for name in names if "run" not in methods[name]]
 
 
-def choose_budget(s: Session, left: float) -> tuple[int, str]:
+def table_folder(s: Session, budget: int) -> Path:
+    """The folder experiments/accuracy.py writes this table's results into (its own naming rule)."""
+    from accuracy import results_dir      # experiments/accuracy.py, beside this file
+
+    return results_dir(argparse.Namespace(recipe=s.args.recipe, imbalance_factor=s.args.imbalance_factor,
+                                          budget=budget, results=str(s.results / "accuracy"),
+                                          overrides=s.args.overrides))
+
+
+def started_at(s: Session, budget: int) -> bool:
+    """Whether a previous run made progress on the table at `budget`: a finished row, or a row's checkpoints
+    carried in the state."""
+    folder = table_folder(s, budget)
+    return any(folder.glob("*.json")) or any(
+        p.is_dir() and not p.name.startswith("stage1-") for p in (s.state / "accuracy" / folder.name).glob("*"))
+
+
+def choose_budget(s: Session, left: float) -> tuple[int | None, str]:
     """The largest budget in BUDGETS whose first seed fits in `left` seconds, from the bench step's CE
-    images/s: a rough estimate (a run also spends ~15 s on start-up and evaluation)."""
+    images/s: a rough estimate (a run also spends ~15 s on start-up and evaluation). A table a previous run
+    made progress on keeps its budget; None when not even the smallest budget fits: better not started than
+    started at a budget chosen only because little time was left (later runs would have to keep it)."""
     if s.args.acc_budget != "auto":
         return int(s.args.acc_budget), "given"
     previous = s.record("accuracy")
-    if previous.get("budget") and previous.get("status") != "done":
-        return previous["budget"], "kept from the previous run, which did not finish the table"
+    if previous.get("budget") and previous.get("status") != "done" and started_at(s, previous["budget"]):
+        return previous["budget"], "kept: a previous run started the table at this budget"
     if s.args.dry_run:
         return 1, "dry run"
     rows = [r for r in s.record("bench").get("rows", []) if r["device_type"] == "cuda" and r["batch"] == 512]
@@ -382,29 +512,36 @@ def choose_budget(s: Session, left: float) -> tuple[int, str]:
         seconds = runs * budget * n_lt * 1.25 / rate + runs / s.args.workers * 15
         if seconds <= left:
             return budget, f"estimated {seconds:.0f}s for seed {s.args.acc_seeds[0]} at {rate:.0f} images/s in all"
-    return BUDGETS[-1], "the smallest: even it may not fit"
+    return None, (f"too little time: even budget {BUDGETS[-1]} needs about {seconds:.0f}s for seed "
+                  f"{s.args.acc_seeds[0]}, {max(left, 0):.0f}s left; left to a run with more time")
 
 
 def step_accuracy(s: Session, timeout: float) -> dict:
     budget, why = choose_budget(s, timeout - 45)     # the workers stop 30 s early, for the table
+    if budget is None:
+        return {"status": "not-started", "note": why}
     seeds = s.args.acc_seeds
     s.log(f"accuracy: budget {budget} ({why}), seeds {seeds}, {s.args.workers} worker(s)")
     results = s.results / "accuracy"
-    common = ["--imbalance-factor", f"{s.args.imbalance_factor:g}", "--budget", str(budget),
-              "--results", str(results)]
+    folder = table_folder(s, budget)
+    common = ["--recipe", s.args.recipe, "--imbalance-factor", f"{s.args.imbalance_factor:g}", "--budget",
+              str(budget), "--results", str(results)]
     cmd = [s.python, "experiments/accuracy.py", "run", *common, "--seeds", *map(str, seeds), "--device", s.device,
            "--workdir", str(s.state / "accuracy"), "--methods", s.args.acc_methods, "--no-progress"]
     for item in data_sets(s):
         cmd += ["--set", item]
+    before = {p.stem for p in folder.glob("*.json")}
     workers = []
     for w in range(s.args.workers):
         env = dict(s.env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // s.args.workers)))
         workers.append(s.start(cmd, f"[acc w{w}]", env=env))
-        time.sleep(2)      # each claims a different run
+        if w + 1 < s.args.workers:
+            time.sleep(2)      # each claims a different run
     finished = s.wait(workers, timeout - 30)
-    folder = results / f"{Path(s.args.recipe).stem}-if{s.args.imbalance_factor:g}-b{budget}"
-    s.run([s.python, "experiments/accuracy.py", "table", *common], 30, "[table]",
-          stdout_file=results / f"table-if{s.args.imbalance_factor:g}-b{budget}.md")
+    table = [s.python, "experiments/accuracy.py", "table", *common]
+    for item in s.args.overrides:      # the table reads those that name the results folder
+        table += ["--set", item]
+    s.run(table, 30, "[table]", stdout_file=results / f"table-{folder.name}.md")
     want = expected_runs(s, seeds)
     have = sorted(p.stem for p in folder.glob("*.json"))
     speeds = {}
@@ -414,26 +551,36 @@ def step_accuracy(s: Session, timeout: float) -> dict:
     s.log(f"accuracy: {len(set(want) & set(have))}/{len(want)} runs have results; image passes/s per run "
           f"(whole run, GPU shared): {speeds}")
     complete = set(want) <= set(have)
-    failed = finished and not complete and any(w.returncode for w in workers)
+    crashed = [w.returncode for w in workers if w.returncode]
+    # failed only when a worker crashed and nothing new was finished: a table that moves on is partial
+    failed = bool(finished and not complete and crashed and not set(have) - before)
     return {"status": "done" if complete else "failed" if failed else "partial", "budget": budget,
             "budget_reason": why, "seeds": seeds, "runs_done": len(set(want) & set(have)), "runs_wanted": len(want),
+            "worker_returncodes": [w.returncode for w in workers],
             "image_passes_per_second": speeds, "results": str(folder.relative_to(s.results))}
 
 
-STEP_FUNCTIONS = {"env": step_env, "cuda-tests": step_cuda_tests, "bench": step_bench,
+STEP_FUNCTIONS = {"env": step_env, "cuda-tests": step_cuda_tests, "cuda-nccl": step_cuda_nccl, "bench": step_bench,
                   "bench-compile": lambda s, timeout: step_bench(s, timeout, compile=True), "recipe": step_recipe,
                   "accuracy": step_accuracy}
 
 
 # ---------------------------------------------------------------------------------------------- main
-def resolve_data(s: Session) -> str:
-    """The Fashion-MNIST folder runs read. On a GPU machine without the Debian package, the carried folder
+def missing_data(data: Path) -> list[str]:
+    return [name for name in FMNIST_FILES if not (data / name).is_file()]
+
+
+def resolve_data(s: Session) -> str | None:
+    """The Fashion-MNIST folder runs read, or None when --data lacks a file (the steps that read it are then
+    not started; the others run). On a GPU machine without the Debian package, the carried folder
     is linked to the Debian path, so trained cards and the exported model name the path every other
     machine has (`tailwise export` / the tests rebuild the data from a card)."""
     data = Path(s.args.data).resolve()
-    missing = [name for name in FMNIST_FILES if not (data / name).exists()]
+    missing = missing_data(data)
     if missing:
-        raise SystemExit(f"gpu_run: --data {data} lacks {', '.join(missing)}")
+        s.log(f"data: --data {data} lacks {', '.join(missing)}: "
+              f"{', '.join(step.name for step in STEPS if step.needs_data)} will not start")
+        return None
     if s.args.dry_run or data == DEBIAN_FMNIST.resolve():
         return str(data)
     if not DEBIAN_FMNIST.exists():
@@ -448,19 +595,140 @@ def resolve_data(s: Session) -> str:
     return str(DEBIAN_FMNIST) if same else str(data)
 
 
+# ---------------------------------------------------------------------------------------------- --check
+def tree_bytes(repo: Path) -> int:
+    """What the device tool sends of a checkout besides the carried folders: tracked files and untracked ones
+    git does not ignore (and shared/, when there is one)."""
+    listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    files = {repo / name for name in listed if name}
+    if (repo / "shared").is_dir():
+        files |= set((repo / "shared").rglob("*"))
+    return sum(f.lstat().st_size for f in files if f.is_file() or f.is_symlink())
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.lstat().st_size for f in folder.rglob("*") if f.is_file() or f.is_symlink())
+
+
+def carry_plan(repo: Path, data: Path, state: Path | None, limit_mib: float = CARRY_LIMIT_MIB) -> dict:
+    """What a device run would carry in from `repo`: the tree, the data folder and the state folder, with their
+    sizes in MiB, the room left for the run's --out (the next run carries it back in as its state) and the
+    problems that would waste the lease. Carried folders are paths inside `repo`, ignored by git."""
+    problems, carry, sizes = [], [], {}
+    repo = repo.resolve()
+    try:
+        sizes["tree (tracked and untracked files)"] = tree_bytes(repo) / MiB
+    except (OSError, subprocess.CalledProcessError) as exc:
+        problems.append(f"cannot list the files of {repo} with git: {exc}")
+    for label, folder in (("--data", data), ("--state", state)):
+        if folder is None:
+            continue
+        folder = folder.resolve()
+        if not folder.is_dir():
+            problems.append(f"{label} {folder} is not a folder")
+            continue
+        if not folder.is_relative_to(repo):
+            problems.append(f"{label} {folder} is outside the repository {repo}: the device tool carries only "
+                            "paths inside it; copy it there (into an ignored folder)")
+            continue
+        rel = folder.relative_to(repo).as_posix()
+        ignored = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", rel]).returncode == 0
+        if ignored:       # an ignored path travels only when carried; an unignored one is in the tree already
+            carry.append(rel)
+            sizes[rel] = folder_bytes(folder) / MiB
+        if label == "--data" and missing_data(folder):
+            problems.append(f"--data {rel} lacks {', '.join(missing_data(folder))}")
+        if label == "--state" and not (folder / "gpu_results.tar.gz").is_file():
+            problems.append(f"--state {rel} holds no gpu_results.tar.gz: copy the files a run returned into it")
+    total = sum(sizes.values())
+    state_rel = state.resolve().relative_to(repo).as_posix() if state is not None and state.resolve().is_relative_to(
+        repo) else None
+    room = limit_mib - total + sizes.get(state_rel, 0)      # the run's --out replaces the state next time
+    if total > limit_mib:
+        problems.append(f"{total:.1f} MiB to carry, over the {limit_mib:g} MiB kept under the tool's 64 MiB limit: "
+                        + ("drop gpu_state.tar.gz from the state folder (unfinished training restarts), or "
+                           if state is not None else "") + "carry less")
+    elif room < 5:
+        problems.append(f"only {room:.1f} MiB left for what the run returns (its state next time); carry less")
+    return {"carry": carry, "sizes_mib": {k: round(v, 1) for k, v in sizes.items()}, "total_mib": round(total, 1),
+            "limit_mib": limit_mib, "out_room_mib": round(room, 1), "problems": problems}
+
+
+def strip_options(argv: list[str], names: set[str], flags: set[str]) -> list[str]:
+    """argv without the options in `names` (with their values, `--x v` or `--x=v`) and the flags in `flags`."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in flags:
+            continue
+        elif word in names:
+            skip = True
+        elif not word.split("=", 1)[0] in names:
+            kept.append(word)
+    return kept
+
+
+def check(args, argv: list[str], repo: Path = REPO) -> int:
+    """--check: nothing runs; prints the device tool's `run` call for this checkout, or what is wrong."""
+    repo, data = repo.resolve(), Path(args.data)
+    state = Path(args.state) if args.state else (repo / "gpu-state" if (repo / "gpu-state").is_dir() else None)
+    plan = carry_plan(repo, data, state)
+    timeout_s = math.ceil(args.minutes * 60 + 60)     # the script stops itself; a minute for start-up and packing
+    if timeout_s > 600:
+        plan["problems"].append(f"--minutes {args.minutes:g} does not fit one run call (at most 600 s with a "
+                                "minute to spare): at most 9")
+    sizes = " + ".join(f"{name} {size:.1f} MiB" for name, size in plan["sizes_mib"].items())
+    print(f"carried: {sizes} = {plan['total_mib']:.1f} MiB of {plan['limit_mib']:g} MiB (the tool's limit is 64)")
+    if plan["problems"]:
+        for problem in plan["problems"]:
+            print(f"gpu_run --check: {problem}", file=sys.stderr)
+        return 1
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        commit += "-dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    rel = {"data": data.resolve().relative_to(repo).as_posix(),
+           "state": state.resolve().relative_to(repo).as_posix() if state else None}
+    words = ["bash", "experiments/gpu_run.sh", "--data", rel["data"], "--out", "$OUT"]
+    if rel["state"]:
+        words += ["--state", rel["state"]]
+    words += ["--carry-mib", f"{plan['out_room_mib']:g}"] + (["--commit", commit] if commit else [])
+    words += strip_options(argv, {"--data", "--out", "--state", "--carry-mib", "--commit", "--work", "--python"},
+                           {"--check"})
+    command = " ".join('"$OUT"' if w == "$OUT" else shlex.quote(w) for w in words)
+    print(f"its --out may hold {plan['out_room_mib']:.1f} MiB (--carry-mib): copy what it returns into "
+          f"{rel['state'] or 'gpu-state'}/ for the next run")
+    print("paste this call of the device tool's `run`:")
+    print(json.dumps({"carry": plan["carry"], "timeout_s": timeout_s, "command": command}))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="folder with the four Fashion-MNIST .gz files")
+    p.add_argument("--check", action="store_true",
+                   help="run nothing: check here that the carried folders exist and fit, print the `run` call")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help=f"folder with the four Fashion-MNIST .gz files (default {DEFAULT_DATA})")
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "runs" / "gpu" / "out"),
                    help="output folder (default $OUT, else runs/gpu/out)")
     p.add_argument("--state", default=os.environ.get("GPU_STATE"),
-                   help="files of a previous --out to continue from (default $GPU_STATE)")
+                   help="files of a previous --out to continue from (default $GPU_STATE; --check: gpu-state/ "
+                        "when it exists)")
     p.add_argument("--work", default=str(REPO / "runs" / "gpu" / "work"),
                    help="local working folder (default runs/gpu/work)")
     p.add_argument("--minutes", type=float, default=8.0, help="total budget in minutes (default 8)")
     p.add_argument("--steps", default=DEFAULT_STEPS, help=f"comma list of steps to run (default {DEFAULT_STEPS}; "
                    "bench-compile, the same bench with torch.compile, only when named)")
     p.add_argument("--redo", default="", help="comma list of steps to run again even if finished or failed")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="a step that failed this many runs in a row is skipped until --redo names it (default 2)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, same steps and output layout")
     p.add_argument("--recipe", default="fmnist-lt-r32")
     p.add_argument("--imbalance-factor", type=float, default=100)
@@ -472,8 +740,15 @@ def parse_args(argv=None):
                    help="config override for the recipe and the accuracy runs (repeatable)")
     p.add_argument("--pack-every", type=float, default=60, help="seconds between refreshes of the results tarball")
     p.add_argument("--state-mib", type=float, default=15, help="cap on gpu_state.tar.gz's contents (default 15)")
+    p.add_argument("--carry-mib", type=float, default=20,
+                   help="cap on the four --out files together, which the next run carries in: the state gives way "
+                        "(default 20; --check prints the room this checkout leaves)")
+    p.add_argument("--commit", help="the commit the tree is at, recorded when git cannot tell (--check passes it)")
     p.add_argument("--python", default=sys.executable)
     args = p.parse_args(argv)
+    unknown = set(args.steps.split(",")) - {step.name for step in STEPS}
+    if unknown:
+        p.error(f"--steps: unknown {', '.join(sorted(unknown))}; known: {', '.join(step.name for step in STEPS)}")
     for name, normal, dry in (("acc_seeds", [0, 1, 2], [0]), ("acc_methods", "all", "ce"), ("workers", 4, 1)):
         if getattr(args, name) is None:
             setattr(args, name, dry if args.dry_run else normal)
@@ -481,9 +756,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.check:
+        return check(args, argv)
     s = Session(args)
-    s.device = "cpu" if args.dry_run else "cuda"
     if args.state:
         s.restore(Path(args.state))
     s.log(f"gpu_run {'(dry run, CPU) ' if args.dry_run else ''}started {now_utc()}: budget {args.minutes:g} min, "
@@ -496,13 +773,23 @@ def main(argv=None) -> int:
     wanted, redo = set(args.steps.split(",")), set(filter(None, args.redo.split(",")))
     try:
         s.data_root = resolve_data(s)
-        s.log(f"data: {s.data_root}")
+        s.log(f"data: {s.data_root or '-'}")
         for step in STEPS:
             previous = s.record(step.name)
             if step.name not in wanted:
                 continue
-            if previous.get("status") in ("done", "failed") and step.name not in redo:
-                s.log(f"== {step.name}: skipped ({previous['status']} in an earlier run)")
+            failures = previous.get("failures", 1 if previous.get("status") == "failed" else 0)
+            if step.name not in redo and previous.get("status") == "done":
+                s.log(f"== {step.name}: skipped (done in an earlier run)")
+                continue
+            if step.name not in redo and failures >= args.max_failures:
+                s.log(f"== {step.name}: skipped (failed in the last {failures} runs; --redo {step.name} tries again)")
+                continue
+            if step.needs_data and s.data_root is None:
+                s.log(f"== {step.name}: not started, no data (--data {args.data})")
+                if previous.get("status") in (None, "not-started"):
+                    write_json(s.results / "steps" / f"{step.name}.json",
+                               {"status": "not-started", "note": f"no data: --data {args.data} lacks files"})
                 continue
             left = s.left()
             if left < step.min_left_s:
@@ -511,7 +798,8 @@ def main(argv=None) -> int:
                     write_json(s.results / "steps" / f"{step.name}.json", {"status": "not-started"})
                 continue
             timeout = min(step.cap_s, left)
-            s.log(f"== {step.name}: started (cap {timeout:.0f}s)")
+            s.log(f"== {step.name}: started (cap {timeout:.0f}s)"
+                  + (f", try {failures + 1} after {failures} failure(s)" if failures else ""))
             t0, started = time.monotonic(), now_utc()
             try:
                 result = STEP_FUNCTIONS[step.name](s, timeout)
@@ -520,13 +808,14 @@ def main(argv=None) -> int:
             seconds = round(time.monotonic() - t0, 1)
             result.update(step=step.name, seconds=seconds, started=started, finished=now_utc(),
                           attempts=previous.get("attempts", 0) + 1,
+                          failures=failures + 1 if result["status"] == "failed" else 0,
                           total_seconds=round(previous.get("total_seconds", 0) + seconds, 1))
             write_json(s.results / "steps" / f"{step.name}.json", result)
             s.log(f"== {step.name}: {result['status']} in {seconds:.0f}s"
                   + (f" ({result['note']})" if result.get("note") else ""))
             s.pack()
-            if step.name == "env" and result["status"] == "failed" and not args.dry_run:
-                s.log("no usable GPU: the other steps are not started")
+            if step.name == "env" and result.get("cuda_available") is False and not args.dry_run:
+                s.log("no CUDA device: the other steps are not started")
                 break
     except KeyboardInterrupt as exc:
         s.log(f"interrupted ({exc}): packing what is finished")

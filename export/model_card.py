@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+from tailwise import format as fmt
 from tailwise._core import atomic_write_text, sha256_file
 
 
@@ -26,7 +27,7 @@ def trained_stages(card: dict, run_name: str) -> tuple[str, list[str]]:
     cfg, records = card["config"], card.get("trained") or {}
     s1, s2 = cfg["stage1"], cfg["stage2"]
     epochs1 = records.get("1", {}).get("epochs", card["epoch"] if card["stage"] == 1 else s1["epochs"])
-    stage1_card = Path(card.get("_dir", "")) / "stage1.json"
+    stage1_card = Path(card.get("_dir", "")) / fmt.stage_card(1)
     if "1" not in records and card["stage"] == 2 and "_dir" in card and stage1_card.exists():
         epochs1 = json.loads(stage1_card.read_text())["epoch"]   # a card from before per-stage records
     recipe = (f"stage 1: {s1['method']}" + (f" ({s1['loss_form']} form, tau {s1['tau']})" if s1["method"] == "bns"
@@ -49,34 +50,47 @@ def trained_stages(card: dict, run_name: str) -> tuple[str, list[str]]:
     return recipe, commands
 
 
+def served_what(card: dict) -> str:
+    """What the model serves, in words: plain, or logit-adjusted by tau and the prior it names."""
+    from tailwise.export.model_folder import served_adjustment
+
+    la = served_adjustment(card)
+    if la is None:
+        return "plain"
+    prior = ("the class counts of stage 2's IP-DPP subset" if la["prior"] == fmt.PRIOR_STAGE2_SUBSET
+             else "the training set's class counts")
+    return f"logit-adjusted (logits - {la['tau']:g} x log prior, the prior being {prior})"
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
 def write_samples(out_dir: Path, data, per_class: int) -> list[dict]:
     """Save the first `per_class` test images of each class as PNG in out_dir/samples/ and classify them with the
-    exported model.onnx, exactly as `tailwise predict` would; returns [{file, true, predicted, probability}]."""
+    exported model, exactly as `tailwise predict` would; returns [{file, true, predicted, probability}]."""
     import numpy as np
     from PIL import Image
 
-    from tailwise.serving.artifact import OnnxClassifier, load_image
+    from tailwise._core import load_image
+    from tailwise.serving.artifact import OnnxClassifier
 
     if data.test_source is None:
         return []
-    folder = out_dir / "samples"
+    folder = out_dir / fmt.SAMPLES_DIR
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir()
     labels = data.test_source.labels
     picks = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(data.class_names))])
-    classifier = OnnxClassifier(out_dir / "model.onnx")
+    classifier = OnnxClassifier(out_dir / fmt.MODEL_FILE)
     rows = []
     for i, image in zip(picks, data.test_source.load(picks).numpy()):
         name = data.class_names[labels[i]].lower().replace("/", "-").replace(" ", "-")
         path = folder / f"{name}-{i}.png"
         Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(path)
         top = classifier.top_k(classifier.predict_arrays(load_image(path, classifier.meta)[None]), 1)[0][0]
-        rows.append({"file": f"samples/{path.name}", "true": data.class_names[labels[i]],
+        rows.append({"file": f"{fmt.SAMPLES_DIR}/{path.name}", "true": data.class_names[labels[i]],
                      "predicted": top["label"], "probability": top["probability"], "group": top["group"]})
     return rows
 
@@ -87,12 +101,11 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
     `name`: the model's name (default out_dir's), used in the card's commands."""
     out_dir = Path(out_dir)
     run_dir = Path(card["_dir"])
-    plot = run_dir / "eval" / "per_class.png"
+    plot = run_dir / fmt.EVAL_DIR / fmt.PER_CLASS_PLOT
     if plot.exists():
-        shutil.copy(plot, out_dir / "per_class.png")
+        shutil.copy(plot, out_dir / fmt.PER_CLASS_PLOT)
     cfg, data, test = card["config"], card["data"], card.get("test") or {}
     build = data["build_args"]
-    la = card.get("logit_adjustment") or {}
     adjusted = test.get("logit_adjusted")
     training = card.get("training") or {}
     name = name or out_dir.name
@@ -132,7 +145,7 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
                      f"{_pct(adjusted['mean_per_class'])} |")
     lines += [
         "",
-        f"The ONNX model and the service return {'logit-adjusted' if la.get('tau') else 'plain'} predictions "
+        f"The ONNX model and the service return {served_what(card)} predictions "
         f"(the adjustment travels in the model's metadata). NLL {test.get('nll', float('nan')):.4f}, "
         f"ECE {test.get('ece', float('nan')):.4f} (plain logits).",
         "",
@@ -146,11 +159,11 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
         acc = test.get("per_class", [None] * len(data["class_names"]))[c]
         extra = f" {_pct(adjusted_per_class[c])} |" if adjusted_per_class else ""
         lines.append(f"| {cname} | {data['groups'][c]} | {data['counts'][c]} | {_pct(acc)} |{extra}")
-    if (out_dir / "per_class.png").exists():
-        lines += ["", "![per-class test accuracy against training count](per_class.png)"]
+    if (out_dir / fmt.PER_CLASS_PLOT).exists():
+        lines += ["", f"![per-class test accuracy against training count]({fmt.PER_CLASS_PLOT})"]
     if samples:
         lines += ["", "## Sample images", "",
-                  "Test-set images shipped in `samples/`, with what this model answers for them "
+                  f"Test-set images shipped in `{fmt.SAMPLES_DIR}/`, with what this model answers for them "
                   f"(`tailwise predict --model models/{name} models/{name}/samples`, or over HTTP: "
                   f"`curl -F image=@models/{name}/{samples[0]['file']} http://127.0.0.1:3000/classify`).", "",
                   "| file | true class | predicted | probability | group |", "|---|---|---|---:|---|"]
@@ -168,7 +181,7 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
         "",
         "## Files",
         "",
-        f"`model.onnx` takes `pixels`, uint8 [N, {data['channels']}, {data['image_size'][0]}, "
+        f"`{fmt.MODEL_FILE}` takes `pixels`, uint8 [N, {data['channels']}, {data['image_size'][0]}, "
         f"{data['image_size'][1]}] in 0..255 (normalisation is inside the graph) and returns `logits` float32 "
         f"[N, {len(data['class_names'])}]; exported with the {onnx_report.get('exporter', '?')} exporter at opset "
         f"{onnx_report.get('opset', '?')}, parity with torch checked on {parity.get('n_images', '?')} validation "
@@ -178,8 +191,8 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
         "|---|---|",
     ]
     for path in sorted(out_dir.rglob("*")):
-        if path.is_file() and path.name != "README.md" and not path.name.startswith("."):
+        if path.is_file() and path.name != fmt.README_FILE and not path.name.startswith("."):
             lines.append(f"| `{path.relative_to(out_dir)}` | `{sha256_file(path)}` |")
-    readme = out_dir / "README.md"
+    readme = out_dir / fmt.README_FILE
     atomic_write_text(readme, "\n".join(lines) + "\n")
     return readme

@@ -3,11 +3,12 @@
 `export_classifier` writes into `out_dir`:
 
     model.onnx              pixels uint8[N, C, H, W] (dynamic N) -> logits float32[N, num_classes], with the
-                            "tailwise" metadata (serving/artifact.py); normalisation is inside the graph
+                            "tailwise" metadata (tailwise/format.py); normalisation is inside the graph
     weights.safetensors     the torch weights (the checkpoint file copied byte for byte when given)
     card.json               the metadata, the export report and the training card
     model.fp16.onnx, model.int8.onnx (+ .json)   optional variants and their accuracy change on validation
-    manifest.json           size and sha256 of each file above (serving/integrity.py), checked before loading
+    manifest.json           size and sha256 of each file above (tailwise/format.py), checked before loading
+(the names are tailwise.format's)
 
 Everything is first written to a temp folder inside `out_dir` and moved into place only after the parity gate
 passes, model.onnx last: a failed export leaves out_dir as it was (in particular, no new model.onnx).
@@ -31,9 +32,9 @@ import torch
 from safetensors.torch import save_file
 
 from tailwise._core import sha256_file
-from tailwise.export.cli import DEFAULT_OPSET
-from tailwise.serving.artifact import INPUT_NAME, OUTPUT_NAME, validate_metadata, write_metadata
-from tailwise.serving.integrity import MANIFEST_NAME, write_manifest
+from tailwise.export.model_folder import DEFAULT_OPSET
+from tailwise.format import (CARD_FILE, INPUT_NAME, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAME, WEIGHTS_FILE,
+                             validate_metadata, variant_model, variant_report, write_manifest, write_metadata)
 
 PARITY_ATOL = 1e-4  # max |logit difference| allowed between onnxruntime and torch
 VARIANTS = ("fp16", "int8")
@@ -55,7 +56,7 @@ def export_classifier(model: torch.nn.Module, meta: dict, out_dir: str | os.Path
                       parity_atol: float = PARITY_ATOL) -> dict:
     """Export `model` (uint8 NCHW pixels 0..255 -> logits, normalisation inside, eval mode) to `out_dir`.
 
-    meta: from serving.artifact.build_metadata; its weights_sha256 is set to the shipped weights.safetensors.
+    meta: from tailwise.format.build_metadata; its weights_sha256 is set to the shipped weights.safetensors.
     sample_images: uint8 [N, C, H, W], the trace example (first 2) and the int8 calibration set.
     parity_images: uint8 [N, C, H, W] validation images; onnxruntime (CPU) must match torch on them within
       `parity_atol` (max abs logit difference) with identical top-1, else ExportParityError. The first image
@@ -99,17 +100,17 @@ def export_classifier(model: torch.nn.Module, meta: dict, out_dir: str | os.Path
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out_dir) as tmp:
         tmp = Path(tmp)
         if weights_file is not None:
-            shutil.copyfile(weights_file, tmp / "weights.safetensors")
+            shutil.copyfile(weights_file, tmp / WEIGHTS_FILE)
         else:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(tmp / "weights.safetensors"))
-            os.chmod(tmp / "weights.safetensors", 0o644)  # safetensors creates it owner-only
-        meta = validate_metadata(dict(meta, weights_sha256=sha256_file(tmp / "weights.safetensors")))
+                      str(tmp / WEIGHTS_FILE))
+            os.chmod(tmp / WEIGHTS_FILE, 0o644)  # safetensors creates it owner-only
+        meta = validate_metadata(dict(meta, weights_sha256=sha256_file(tmp / WEIGHTS_FILE)))
         write_metadata(proto, meta)
-        onnx.save(proto, str(tmp / "model.onnx"))
+        onnx.save(proto, str(tmp / MODEL_FILE))
 
         torch_logits = _torch_logits(model, parity_images)
-        fp32_logits = _ort_logits(tmp / "model.onnx", parity_images)
+        fp32_logits = _ort_logits(tmp / MODEL_FILE, parity_images)
         report = {
             "exporter": exporter,
             "exporter_fallback_reason": fallback_reason,
@@ -125,19 +126,18 @@ def export_classifier(model: torch.nn.Module, meta: dict, out_dir: str | os.Path
             report["variants"][variant] = _make_variant(variant, tmp, meta, sample_images, parity_images,
                                                         fp32_logits, labels)
         training_card = {k: v for k, v in (card or {}).items() if k not in ("_dir", "resume")} or None
-        (tmp / "card.json").write_text(json.dumps({"metadata": meta, "export": report, "training": training_card},
+        (tmp / CARD_FILE).write_text(json.dumps({"metadata": meta, "export": report, "training": training_card},
                                                   indent=2, sort_keys=True) + "\n")
 
-        made = [f"model.{v}.{ext}" for v, result in report["variants"].items() if "skipped" not in result
-                for ext in ("onnx", "json")]
-        for stale in {f"model.{v}.{ext}" for v in VARIANTS for ext in ("onnx", "json")} - set(made):
+        made = [name(v) for v, result in report["variants"].items() if "skipped" not in result
+                for name in (variant_model, variant_report)]
+        for stale in {name(v) for v in VARIANTS for name in (variant_model, variant_report)} - set(made):
             (out_dir / stale).unlink(missing_ok=True)
-        write_manifest(tmp, ["weights.safetensors", "card.json", *made, "model.onnx"])
-        # model.onnx is the commit point; until manifest.json follows it, serving refuses the mismatch
-        for name in ["weights.safetensors", "card.json", *made, "model.onnx", MANIFEST_NAME]:
+        write_manifest(tmp, [WEIGHTS_FILE, CARD_FILE, *made, MODEL_FILE])
+        # the model file is the commit point; until the manifest follows it, serving refuses the mismatch
+        for name in [WEIGHTS_FILE, CARD_FILE, *made, MODEL_FILE, MANIFEST_FILE]:
             os.replace(tmp / name, out_dir / name)
-    report["files"] = [str(out_dir / name) for name in ["model.onnx", "weights.safetensors", "card.json", *made,
-                                                         MANIFEST_NAME]]
+    report["files"] = [str(out_dir / name) for name in [MODEL_FILE, WEIGHTS_FILE, CARD_FILE, *made, MANIFEST_FILE]]
     return report
 
 
@@ -154,7 +154,7 @@ def _export_graph(model: torch.nn.Module, sample_images: torch.Tensor, opset: in
         reason = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {exc}")[:1000]  # no terminal colours
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based exporter": our fallback
-        path = os.path.join(tmp, "model.onnx")
+        path = os.path.join(tmp, MODEL_FILE)
         torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                           output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
@@ -204,12 +204,12 @@ def _parity_gate(expected: np.ndarray, got: np.ndarray, atol: float) -> dict:
 
 def _make_variant(variant: str, tmp: Path, meta: dict, calibration: torch.Tensor, images: torch.Tensor,
                   fp32_logits: np.ndarray, labels: np.ndarray | None) -> dict:
-    path = tmp / f"model.{variant}.onnx"
+    path = tmp / variant_model(variant)
     try:
         if variant == "fp16":
-            proto, method = _to_fp16(onnx.load(str(tmp / "model.onnx")))
+            proto, method = _to_fp16(onnx.load(str(tmp / MODEL_FILE)))
         else:
-            proto, method = _to_int8(tmp / "model.onnx", tmp, calibration)
+            proto, method = _to_int8(tmp / MODEL_FILE, tmp, calibration)
     except VariantUnavailable as exc:
         return {"skipped": str(exc)}
     except Exception as exc:  # a converter that cannot handle this graph: report it, keep the fp32 export
@@ -224,7 +224,7 @@ def _make_variant(variant: str, tmp: Path, meta: dict, calibration: torch.Tensor
         accuracy = float((logits.argmax(1) == labels).mean())
         accuracy_fp32 = float((fp32_logits.argmax(1) == labels).mean())
         result.update(accuracy=accuracy, accuracy_fp32=accuracy_fp32, accuracy_change=accuracy - accuracy_fp32)
-    (tmp / f"model.{variant}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (tmp / variant_report(variant)).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
 
 

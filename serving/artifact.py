@@ -1,23 +1,8 @@
-"""The exported model as serving sees it: the ONNX metadata schema, image preprocessing and `OnnxClassifier`.
+"""The exported model as serving sees it: reading its metadata, finding it, and `OnnxClassifier`.
 
-This module is the one definition of both contracts between export and serving, and it imports no torch.
-
-Metadata: `model.onnx` carries one `metadata_props` entry, key "tailwise", whose value is a JSON object:
-
-    format_version     int, FORMAT_VERSION
-    tailwise_version   str, the tailwise that exported the model
-    class_names        [str] * num_classes
-    num_classes        int
-    input              {"name": "pixels", "dtype": "uint8", "layout": "NCHW", "range": [0, 255],
-                        "channels": 1 or 3, "height": int, "width": int, "resize_policy": one of RESIZE_POLICIES}
-    train_counts       [int] * num_classes, training images per class
-    groups             ["many" | "medium" | "few"] * num_classes
-    group_thresholds   {"many_above": int, "few_below": int}: many = count > many_above, few = count < few_below
-    logit_adjustment   null or {"tau": float, "log_prior": [float] * num_classes}
-    metrics            dict, the test report of the exported model (may be empty)
-    weights_sha256     sha256 of the weights.safetensors shipped next to model.onnx (or null)
-    dataset            {"name": str, "index_sha256": str or null}, the training set and its LT index hash
-    created_at         ISO 8601 UTC time of the export
+The model folder's format (file names, the "tailwise" metadata schema and its version, the logit adjustment) is
+defined once in tailwise/format.py, which export writes by; image preprocessing is the core's `load_image`. The
+names serving has always offered (build_metadata, METADATA_KEY, ...) are re-exported here. No torch.
 
 The graph maps `pixels` uint8[N, C, H, W] (0..255, normalisation is inside the graph) to `logits`
 float32[N, num_classes].
@@ -25,10 +10,7 @@ float32[N, num_classes].
 
 from __future__ import annotations
 
-import json
-import math
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -36,131 +18,21 @@ import onnx
 import onnxruntime as ort
 
 import tailwise
-from tailwise import UserError, __version__
+from tailwise import UserError
 # Image decoding lives in the shared core (training decodes files exactly as serving does); re-exported here.
 from tailwise._core import (DEFAULT_MAX_PIXELS, GROUP_NAMES, IMAGE_FORMATS, RESIZE_POLICIES,  # noqa: F401
                             ImageError, load_image)
+from tailwise.format import (FORMAT_VERSION, INPUT_NAME, METADATA_KEY, MIN_FORMAT_VERSION,  # noqa: F401
+                             MODEL_FILE, OUTPUT_NAME, build_metadata, metadata_from_props, parse_metadata,
+                             served_logits, validate_metadata, write_metadata)
 from tailwise.serving.integrity import read_verified
 
-# The metadata format this tailwise writes. Reading: a newer format is refused (upgrade tailwise); an older one
-# is read if it is at least MIN_FORMAT_VERSION (upgraded to the current fields by parse_metadata), else refused
-# (re-export the run). Format 1 is the first, so today every other version is refused.
-FORMAT_VERSION = 1
-MIN_FORMAT_VERSION = 1
-METADATA_KEY = "tailwise"
-INPUT_NAME = "pixels"
-OUTPUT_NAME = "logits"
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the repository (or Bento) root; in a wheel, tailwise/
 # The folder that holds the `tailwise` package: the repository root, a Bento's src/, or site-packages.
 PACKAGE_PARENT = Path(tailwise.__file__).resolve().parent.parent
-SHIPPED_MODEL = "fmnist-lt-tailwise"
 
 
 # --------------------------------------------------------------------------------------------- metadata
-
-def build_metadata(*, class_names, channels, height, width, resize_policy, train_counts, groups, group_thresholds,
-                   dataset, weights_sha256=None, metrics=None, logit_adjustment=None, created_at=None) -> dict:
-    """Assemble and validate the "tailwise" metadata object (see the module docstring for the fields)."""
-    class_names = [str(name) for name in class_names]
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "tailwise_version": __version__,
-        "class_names": class_names,
-        "num_classes": len(class_names),
-        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "range": [0, 255],
-                  "channels": int(channels), "height": int(height), "width": int(width),
-                  "resize_policy": resize_policy},
-        "train_counts": [int(n) for n in train_counts],
-        "groups": list(groups),
-        "group_thresholds": {key: int(value) for key, value in dict(group_thresholds).items()},
-        "logit_adjustment": None if logit_adjustment is None else {
-            "tau": float(logit_adjustment["tau"]),
-            "log_prior": [float(v) for v in logit_adjustment["log_prior"]]},
-        "metrics": dict(metrics or {}),
-        "weights_sha256": weights_sha256,
-        "dataset": {"name": str(dataset["name"]), "index_sha256": dataset.get("index_sha256")},
-        "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return validate_metadata(meta)
-
-
-def validate_metadata(meta: dict) -> dict:
-    """Check a metadata object against the schema; raises ValueError naming the first bad field. Returns `meta`."""
-    def need(ok, field, what):
-        if not ok:
-            raise ValueError(f"tailwise metadata: {field} must be {what}, got {meta.get(field, '<missing>')!r:.200}")
-
-    need(isinstance(meta, dict), "<root>", "a JSON object")
-    need(meta.get("format_version") == FORMAT_VERSION, "format_version", f"{FORMAT_VERSION}")
-    names = meta.get("class_names")
-    need(isinstance(names, list) and names and all(isinstance(n, str) for n in names), "class_names",
-         "a non-empty list of strings")
-    n = len(names)
-    need(meta.get("num_classes") == n, "num_classes", f"len(class_names) = {n}")
-    spec = meta.get("input")
-    need(isinstance(spec, dict), "input", "an object")
-    fixed = {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "range": [0, 255]}
-    need(all(spec.get(k) == v for k, v in fixed.items()), "input", f"an object with {fixed}")
-    need(spec.get("channels") in (1, 3), "input", "an object with channels 1 or 3")
-    need(all(isinstance(spec.get(k), int) and spec[k] > 0 for k in ("height", "width")), "input",
-         "an object with positive integer height and width")
-    need(spec.get("resize_policy") in RESIZE_POLICIES, "input", f"an object with resize_policy in {RESIZE_POLICIES}")
-    counts = meta.get("train_counts")
-    need(isinstance(counts, list) and len(counts) == n and all(isinstance(c, int) and c >= 0 for c in counts),
-         "train_counts", f"{n} non-negative integers")
-    groups = meta.get("groups")
-    need(isinstance(groups, list) and len(groups) == n and all(g in GROUP_NAMES for g in groups), "groups",
-         f"{n} of {GROUP_NAMES}")
-    thresholds = meta.get("group_thresholds")
-    need(isinstance(thresholds, dict) and set(thresholds) == {"many_above", "few_below"}
-         and all(isinstance(v, int) for v in thresholds.values()), "group_thresholds",
-         "{'many_above': int, 'few_below': int}")
-    la = meta.get("logit_adjustment")
-    need(la is None or (isinstance(la, dict) and set(la) == {"tau", "log_prior"}
-                        and isinstance(la["tau"], (int, float)) and math.isfinite(la["tau"])
-                        and isinstance(la["log_prior"], list) and len(la["log_prior"]) == n
-                        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in la["log_prior"])),
-         "logit_adjustment", f"null or {{'tau': float, 'log_prior': {n} finite floats}}")
-    need(isinstance(meta.get("metrics"), dict), "metrics", "an object")
-    sha = meta.get("weights_sha256")
-    need(sha is None or (isinstance(sha, str) and len(sha) == 64), "weights_sha256", "null or a sha256 hex digest")
-    ds = meta.get("dataset")
-    need(isinstance(ds, dict) and isinstance(ds.get("name"), str) and "index_sha256" in ds, "dataset",
-         "{'name': str, 'index_sha256': str or null}")
-    need(isinstance(meta.get("tailwise_version"), str), "tailwise_version", "a string")
-    need(isinstance(meta.get("created_at"), str), "created_at", "an ISO 8601 string")
-    return meta
-
-
-def write_metadata(onnx_model: onnx.ModelProto, meta: dict) -> None:
-    """Validate `meta` and store it as the model's "tailwise" metadata_props entry (replacing an older one)."""
-    text = json.dumps(validate_metadata(meta), sort_keys=True)
-    kept = [p for p in onnx_model.metadata_props if p.key != METADATA_KEY]
-    del onnx_model.metadata_props[:]
-    onnx_model.metadata_props.extend(kept)
-    onnx_model.metadata_props.add(key=METADATA_KEY, value=text)
-
-
-def parse_metadata(text: str | None, where: str | os.PathLike) -> dict:
-    """The metadata object from its JSON text; UserError naming `where` if it is absent or invalid."""
-    if text is None:
-        raise UserError(f"{where}: no '{METADATA_KEY}' metadata in this ONNX model (export it with `tailwise export`)")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{where}: '{METADATA_KEY}' metadata is not valid JSON ({exc})") from None
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise UserError(f"{where}: model format {version} is newer than this tailwise {__version__} reads "
-                        f"(format {FORMAT_VERSION}); upgrade tailwise (pip install -U tailwise)")
-    if isinstance(meta, dict) and (not isinstance(version, int) or version < MIN_FORMAT_VERSION):
-        raise UserError(f"{where}: model format {version} is older than this tailwise {__version__} reads "
-                        f"(formats {MIN_FORMAT_VERSION}..{FORMAT_VERSION}); re-export the run with `tailwise export`")
-    try:
-        return validate_metadata(meta)
-    except ValueError as exc:
-        raise UserError(f"{where}: {exc}") from None
-
 
 def read_metadata(path: str | os.PathLike, verify: bool | None = None) -> dict:
     """The "tailwise" metadata of a model file (or of a model folder's model.onnx), its bytes checked against
@@ -174,7 +46,7 @@ def read_metadata(path: str | os.PathLike, verify: bool | None = None) -> dict:
     props = {p.key: p.value for p in model.metadata_props}
     if not model.graph.node and not props:
         raise UserError(f"{path}: not an ONNX model (no graph)")
-    return parse_metadata(props.get(METADATA_KEY), path)
+    return metadata_from_props(props, path)
 
 
 def model_summary(meta: dict) -> str:
@@ -192,7 +64,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     """A model file, or a model folder's `model.onnx`; UserError naming the path if there is none."""
     path = Path(path)
     if path.is_dir():
-        path = path / "model.onnx"
+        path = path / MODEL_FILE
     if not path.is_file():
         raise UserError(f"{path}: no such model file")
     return path
@@ -214,10 +86,10 @@ def default_model_path(models_dir: str | os.PathLike | None = None) -> Path:
             raise UserError(f"TAILWISE_MODEL: {exc}") from None
     folders = [Path(models_dir)] if models_dir is not None else [Path("models"), REPO_ROOT / "models"]
     for folder in folders:
-        found = sorted(folder.glob("*/model.onnx"), key=lambda p: (p.stat().st_mtime, str(p)))
+        found = sorted(folder.glob(f"*/{MODEL_FILE}"), key=lambda p: (p.stat().st_mtime, str(p)))
         if found:
             return found[-1]
-    raise UserError(f"no model in {' or '.join(f'{f}/*/model.onnx' for f in dict.fromkeys(folders))}: pass "
+    raise UserError(f"no model in {' or '.join(f'{f}/*/{MODEL_FILE}' for f in dict.fromkeys(folders))}: pass "
                     "--model, set TAILWISE_MODEL, or export one with `tailwise export`")
 
 
@@ -251,7 +123,7 @@ class OnnxClassifier:
             self.session = ort.InferenceSession(data, options, providers=providers)
         except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail, NoSuchFile ...
             raise UserError(f"{self.path}: onnxruntime cannot load this model ({exc})") from None
-        self.meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), self.path)
+        self.meta = metadata_from_props(self.session.get_modelmeta().custom_metadata_map, self.path)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if [(i.name, i.type) for i in inputs] != [(INPUT_NAME, "tensor(uint8)")] or outputs[0].name != OUTPUT_NAME:
             raise UserError(f"{self.path}: graph must take one uint8 input {INPUT_NAME!r} and output "
@@ -274,13 +146,9 @@ class OnnxClassifier:
         return logits.astype(np.float32, copy=False)
 
     def adjusted_logits(self, logits: np.ndarray) -> np.ndarray:
-        """Logits with the metadata's logit adjustment, if any: adjusted = logits - tau * log_prior
-        (log_prior = log of the training class frequencies), which removes the training set's head bias."""
-        la = self.meta["logit_adjustment"]
-        if la is None:
-            return np.asarray(logits, dtype=np.float32)
-        return (np.asarray(logits, dtype=np.float32)
-                - np.float32(la["tau"]) * np.asarray(la["log_prior"], dtype=np.float32))
+        """Logits with the metadata's logit adjustment, if any (tailwise.format.adjust_logits: logits - tau *
+        log_prior, the log of the class frequencies the metadata's `prior` names), float32."""
+        return served_logits(logits, self.meta)
 
     def check_top_k(self, k: int) -> int:
         """`k` if 1 <= k <= num_classes, else ValueError: the one top_k rule of `predict` and the service."""

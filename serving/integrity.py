@@ -5,25 +5,25 @@
     {"format_version": 1, "files": {"model.onnx": {"size": int, "sha256": str}, ...}}
 
 It lists MODEL_FILES (the files `tailwise export` writes: model.onnx, its variants and their reports,
-weights.safetensors, card.json), never itself. `predict`, `serve` and the Bento read a model file's bytes once,
+weights.safetensors, card.json), never itself; its schema and writer are the shared format's (tailwise/format.py),
+this module checks files against it. `predict`, `serve` and the Bento read a model file's bytes once,
 check them against the manifest and load those same bytes. A mismatch, a file the manifest does not list, or a
 folder without a manifest is refused with a UserError naming the file (and both hashes). Opt out with
 `--no-verify` or TAILWISE_VERIFY=0; after editing a model on purpose, `tailwise manifest MODEL_DIR` rewrites it.
-Torch-free (json and the core's sha256 only), so export, serving and the Bento share it.
+Torch-free (the format module and the core's sha256 only).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from tailwise import UserError
 from tailwise._core import sha256_bytes
+from tailwise.format import (MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILES, build_manifest,  # noqa: F401 (re-exported)
+                             model_files, parse_manifest, write_manifest)
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
-MODEL_FILES = ("model.onnx", "model.*.onnx", "model.*.json", "weights.safetensors", "card.json")
+MANIFEST_NAME = MANIFEST_FILE   # the name this module has always exported
 OPT_OUT = "--no-verify or TAILWISE_VERIFY=0"
 
 
@@ -34,54 +34,18 @@ def verify_enabled(verify: bool | None = None) -> bool:
     return os.environ.get("TAILWISE_VERIFY", "1").strip() != "0"
 
 
-def model_files(folder: str | os.PathLike) -> list[str]:
-    """The names in `folder` that a manifest covers (MODEL_FILES that exist), sorted."""
-    folder = Path(folder)
-    return sorted({p.name for pattern in MODEL_FILES for p in folder.glob(pattern) if p.is_file()})
-
-
-def build_manifest(folder: str | os.PathLike, names: list[str] | None = None) -> dict:
-    """The manifest of `names` (default: model_files(folder)) in `folder`."""
-    folder = Path(folder)
-    names = model_files(folder) if names is None else sorted(names)
-    files = {}
-    for name in names:
-        data = (folder / name).read_bytes()
-        files[name] = {"size": len(data), "sha256": sha256_bytes(data)}
-    return {"format_version": MANIFEST_FORMAT, "files": files}
-
-
-def write_manifest(folder: str | os.PathLike, names: list[str] | None = None) -> Path:
-    """Write `folder`/manifest.json for `names` (default: model_files(folder)), atomically; returns its path."""
-    folder = Path(folder)
-    manifest = build_manifest(folder, names)
-    if not manifest["files"]:
-        raise UserError(f"{folder}: no model files ({', '.join(MODEL_FILES)}) to put in a manifest")
-    path, tmp = folder / MANIFEST_NAME, folder / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def read_manifest(folder: str | os.PathLike, for_file: str | os.PathLike | None = None) -> dict:
     """`folder`/manifest.json, checked for shape; UserError naming it (and `for_file`) if absent or malformed."""
     path = Path(folder) / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"{for_file or folder}: no {MANIFEST_NAME} in {Path(folder)} to verify it against; if you "
                         f"trust these files, create one with `tailwise manifest {Path(folder)}`, or skip the check "
                         f"with {OPT_OUT}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: unreadable manifest ({exc})") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    ok = (isinstance(files, dict) and manifest.get("format_version") == MANIFEST_FORMAT
-          and all(isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
-                  and len(v["sha256"]) == 64 for v in files.values()))
-    if not ok:
-        raise UserError(f"{path}: not a tailwise manifest (format {MANIFEST_FORMAT}: "
-                        "{\"format_version\", \"files\": {name: {\"size\", \"sha256\"}}})")
-    return manifest
+    return parse_manifest(text, path)
 
 
 def read_verified(path: str | os.PathLike, verify: bool | None = None) -> bytes:

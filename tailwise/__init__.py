@@ -1,4 +1,5 @@
-"""tailwise: long-tailed image classification (BNS + IP-DPP), ONNX export and serving.
+"""tailwise: long-tailed image classification (by default a network trained with the logit-adjusted loss, then
+fine-tuned on redrawn IP-DPP subsets), ONNX export and serving.
 
 The repository keeps `training/`, `export/` and `serving/` as top-level folders; they are the subpackages
 `tailwise.training`, `tailwise.export` and `tailwise.serving`. A wheel installs them inside `tailwise/`
@@ -30,7 +31,8 @@ except PackageNotFoundError:  # a source tree or a Bento that is not installed: 
     __version__ = _match.group(1) if _match else "0.0.0+unknown"
 
 
-__all__ = ["Classifier", "ImageError", "UserError", "__version__", "export", "load", "train"]
+__all__ = ["Classifier", "ImageError", "OptionError", "UserError", "__version__", "evaluate", "export", "load",
+           "train"]
 
 
 def __getattr__(name: str):
@@ -40,7 +42,7 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("tailwise.export")
-    if name in ("load", "train", "Classifier"):
+    if name in ("load", "train", "evaluate", "Classifier"):
         from tailwise import _api
 
         return getattr(_api, name)
@@ -60,7 +62,28 @@ class UserError(Exception):
     the message must name the offending path or option."""
 
 
+class OptionError(UserError):
+    """A UserError about options, each named the way the caller spells it: `budget=` where the Python API (or a
+    library function) was called, `--budget` on the command line (tailwise.cli renders it so).
+
+    `message` holds `{name}` (spelled `name=` / `--name`) or `{name=value}` (`name=value` / `--name value`, just
+    `--name` for True) for each of `options`; str(error) is the Python spelling."""
+
+    def __init__(self, message: str, *options: str):
+        self.template, self.options = message, options
+        super().__init__(self.render(lambda name, value: f"{name}={value}" if value is not None else f"{name}="))
+
+    def render(self, spell) -> str:
+        """The message with each option spelled by `spell(name, value or None)`."""
+        import re
+
+        def one(match):
+            name, value = match.group(1), match.group(2)
+            return spell(name, value) if name in self.options else match.group(0)
+        return re.sub(r"\{(\w+)(?:=([^{}]*))?\}", one, self.template)
+
+
 if _TYPE_CHECKING:  # for type checkers and IDEs only: the lazy names above, with their signatures
     from tailwise import export  # noqa: F401
-    from tailwise._api import Classifier, load, train  # noqa: F401
+    from tailwise._api import Classifier, evaluate, load, train  # noqa: F401
     from tailwise._core import ImageError  # noqa: F401

@@ -1,13 +1,15 @@
-"""The public Python API (`tailwise.load`, `tailwise.train`, `tailwise.export`); `tailwise/__init__.py` imports
-this module only when one of them is first used, so `import tailwise` stays cheap and torch-free.
+"""The public Python API (`tailwise.load`, `tailwise.train`, `tailwise.export`, `tailwise.evaluate`);
+`tailwise/__init__.py` imports this module only when one of them is first used, so `import tailwise` stays cheap
+and torch-free.
 
-`load` needs numpy, pillow, onnx and onnxruntime only (no torch); `train` and `export` run exactly what the
-`tailwise train` and `tailwise export` commands run and need the torch dependencies.
+`load` needs numpy, pillow, onnx and onnxruntime only (no torch); `train`, `export` and `evaluate` call the same
+library functions as the `tailwise train`, `export` and `evaluate` commands (training.launch,
+export.model_folder), with keyword arguments, and need the torch dependencies. An error about an argument names
+it as this API spells it (`budget=`), not as the command line does (`--budget`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -132,37 +134,33 @@ def train(config: str | os.PathLike | None = None, *, data: str | os.PathLike | 
           **overrides: Any) -> Path:
     """`tailwise train`: train a recipe (a name from training/recipes/ or a TOML file; default the `tailwise`
     recipe), or the default recipe sized for your own folder (`data`, with `test`, `budget` or `minutes`), into
-    `out` (default runs/<config name>) and return the run folder. `overrides` set config fields, as `--set`
-    does: `stage2={"sampler": "random"}` or `stage2__sampler="random"`."""
-    argv = ["train", "--no-progress"] if not progress else ["train"]
-    for flag, value in (("--config", config), ("--data", data), ("--test", test), ("--budget", budget),
-                        ("--minutes", minutes), ("--out", out), ("--stage", stage), ("--epochs", epochs),
-                        ("--device", device), ("--seed", seed)):
-        if value is not None:
-            argv += [flag, str(value)]
-    if resume:
-        argv.append("--resume")
-    for key, value in _flatten(overrides):
-        argv += ["--set", f"{key}={json.dumps(value)}"]
-    from tailwise.training.cli import train_from_args
+    `out` (default runs/<config name>) and return the run folder (training.launch.train). `overrides` set config
+    fields, as `--set` does: `stage2={"sampler": "random"}` or `stage2__sampler="random"`."""
+    from tailwise.training.launch import train as train_run
 
-    return Path(train_from_args(_parse(argv)))
+    return train_run(config, out, data=data, test=test, budget=budget, minutes=minutes, stage=stage, epochs=epochs,
+                     device=device, seed=seed, resume=resume, progress=progress, overrides=dict(_flatten(overrides)))
 
 
 def export(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, variants: Sequence[str] = (),
            parity_images: int = 256, opset: int | None = None, samples: int = 0) -> Path:
     """`tailwise export`: export a run's final classifier (a run folder or a checkpoint) to the model folder `out`
-    (kept only if onnxruntime reproduces torch on validation images) and return `out`."""
-    argv = ["export", str(run), "--out", str(out), "--parity-images", str(parity_images), "--samples", str(samples)]
-    if force:
-        argv.append("--force")
-    if variants:
-        argv += ["--variants", ",".join(variants)]
-    if opset is not None:
-        argv += ["--opset", str(opset)]
-    args = _parse(argv)
-    args.handler(args)
+    and return `out` (export.model_folder.export_run). The folder is kept only if onnxruntime reproduces torch
+    on validation images; else ExportParityError, and `out` is left as it was."""
+    from tailwise.export.model_folder import DEFAULT_OPSET, export_run
+
+    export_run(run, out, force=force, variants=tuple(variants), parity_images=parity_images,
+               opset=DEFAULT_OPSET if opset is None else opset, samples=samples)
     return Path(out)
+
+
+def evaluate(path: str | os.PathLike, *, device: str = "auto", out: str | os.PathLike | None = None) -> dict:
+    """`tailwise evaluate`: the test report of a run's final classifier or of an exported model folder: plain
+    logits, and "logit_adjusted" (what is served) when the model adjusts its logits (training.launch.evaluate).
+    `out`: also write report.json and per_class.png there (a run: by default into its eval/ folder)."""
+    from tailwise.training.launch import evaluate as evaluate_path
+
+    return evaluate_path(path, device=device, out=out).report
 
 
 def _flatten(overrides: dict, prefix: str = ""):
@@ -172,10 +170,3 @@ def _flatten(overrides: dict, prefix: str = ""):
             yield from _flatten(value, name + ".")
         else:
             yield name, value
-
-
-def _parse(argv: list[str]):
-    """`argv` parsed by the `tailwise` command's own parser, so the API takes exactly the options the CLI does."""
-    from tailwise.cli import build_parser
-
-    return build_parser().parse_args(argv)

@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-from tailwise import UserError, __version__
+from tailwise import OptionError, UserError, __version__
 
 # Each module exposes register(subparsers); registering must not import torch.
 SUBCOMMAND_MODULES = ("tailwise.training.cli", "tailwise.export.cli", "tailwise.serving.cli")
@@ -18,7 +18,9 @@ TRAIN_EXTRA = ("torch", "torchvision", "safetensors", "onnxscript", "matplotlib"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tailwise",
-        description="Long-tailed image classification: train (BNS + IP-DPP), export to ONNX, serve.",
+        description="Long-tailed image classification: train (by default a supervised network with the "
+                    "logit-adjusted loss, then fine-tuned on redrawn IP-DPP subsets; BNS and the baselines are other "
+                    "recipes), export to ONNX, serve.",
     )
     parser.add_argument("--version", action="version", version=f"tailwise {__version__}")
     parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
@@ -67,12 +69,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def one_line(exc: BaseException) -> str:
     """The message of `exc` on one line; an unexpected error also names its type and points to --debug."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join((cli_message(exc) if isinstance(exc, OptionError) else str(exc)).split()) or type(exc).__name__
     if isinstance(exc, UserError):
         return text
     if len(text) > 300:
         text = text[:300] + " ..."
     return f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
+
+
+# The API's parameters whose flag is not --<name with - for _>.
+FLAGS = {"overrides": "--set", "run": "RUN_OR_CHECKPOINT"}
+
+
+def cli_message(exc: OptionError) -> str:
+    """An OptionError's message with its options spelled as flags (`--budget`, `--stage 1`, `--resume`)."""
+    def flag(name: str, value: str | None) -> str:
+        spelled = FLAGS.get(name, "--" + name.replace("_", "-"))
+        return spelled if value in (None, "True") else f"{spelled} {value}"
+    return exc.render(flag)
 
 
 if __name__ == "__main__":

@@ -142,10 +142,11 @@ def write_recipe(tmp_path, archive, **sections) -> Path:
 def exported_run(tmp_path_factory):
     """One tiny run for the whole session: write_recipe's recipe (BNS then IP-DPP) on a CIFAR-format archive
     (60 images per class before the IF-10 cut, 10 test images per class), stage 1 and stage 2 trained by
-    separate `tailwise train --stage N --epochs 1` commands (the recipe says 2 and 2), then exported with
-    `tailwise export` to models/tiny. Returns (recipe, run, model). Read-only: a test that changes the run or
+    separate `tailwise train --stage N --epochs 1` commands (the recipe says 2 and 2), then exported by
+    export.model_folder.export_run (what `tailwise export` calls) to models/tiny. Returns (recipe, run, model). Read-only: a test that changes the run or
     the model works on a copy (shutil.copytree)."""
     from tailwise.cli import main
+    from tailwise.export.model_folder import export_run
 
     tmp = tmp_path_factory.mktemp("tiny-run")
     archive, _, _ = write_cifar_archive(tmp, per_class=60, test_per_class=10)
@@ -156,7 +157,8 @@ def exported_run(tmp_path_factory):
     assert main(["train", "--config", str(recipe), "--out", str(run), "--stage", "2", "--epochs", "1",
                  "--no-progress"]) == 0
     model = tmp / "models" / "tiny"
-    assert main(["export", str(run), "--out", str(model), "--parity-images", "20"]) == 0
+    report = export_run(run, model, parity_images=20)   # the typed function `tailwise export` calls, no argv
+    assert report["parity"]["n_images"] == 20 and report["files"][0] == str(model / "model.onnx")
     return recipe, run, model
 
 

@@ -20,13 +20,13 @@ from tailwise.serving.integrity import write_manifest
 from tailwise.serving.predict import predict_files
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # serving.artifact.SHIPPED_MODEL
+SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # the shipped model (format 1)
 SAMPLES = sorted((SHIPPED / "samples").glob("*.png"))
 
 
 def test_all_lists_the_api_and_import_tailwise_is_light():
-    assert set(tailwise.__all__) == {"Classifier", "ImageError", "UserError", "__version__", "export", "load",
-                                     "train"}
+    assert set(tailwise.__all__) == {"Classifier", "ImageError", "OptionError", "UserError", "__version__",
+                                     "evaluate", "export", "load", "train"}
     code = ("import sys, tailwise; tailwise.__all__; "
             "bad = [m for m in ('numpy', 'PIL', 'onnx', 'onnxruntime', 'torch') if m in sys.modules]; "
             "assert not bad, bad; "
@@ -116,40 +116,44 @@ def test_an_older_model_format_is_refused_by_rule(tmp_path, version):
     assert result.returncode == 2 and "older than" in result.stderr
 
 
-def test_train_and_export_take_the_cli_options(monkeypatch, tmp_path):
-    """tailwise.train/export parse exactly what `tailwise train/export` would (their handlers are stubbed)."""
-    from tailwise._api import _flatten, _parse
+def test_train_export_and_evaluate_call_the_library_functions_with_keywords(monkeypatch, tmp_path):
+    """tailwise.train/export/evaluate call training.launch.train, export.model_folder.export_run and
+    training.launch.evaluate with keyword arguments (stubbed here; real runs: test_train, test_run_lifecycle)."""
+    import tailwise.export.model_folder as model_folder
+    import tailwise.training.launch as launch
+    from tailwise._api import _flatten
 
-    args = _parse(["train", "--config", "fmnist-lt-r32-cpu", "--epochs", "2", "--set", 'stage2.sampler="random"'])
-    assert args.config == "fmnist-lt-r32-cpu" and args.epochs == 2 and args.overrides == ['stage2.sampler="random"']
     assert list(_flatten({"stage2": {"sampler": "random"}, "stage1__epochs": 3})) == [
         ("stage2.sampler", "random"), ("stage1.epochs", 3)]
-
     seen = {}
-    import tailwise.training.cli as training_cli
-
-    monkeypatch.setattr(training_cli, "train_from_args", lambda a: seen.setdefault("train", a) and tmp_path / "run")
+    monkeypatch.setattr(launch, "train", lambda *a, **k: seen.setdefault("train", (a, k)) and tmp_path / "run")
     assert tailwise.train("fmnist-lt-r32-cpu", out=tmp_path / "run", epochs=1, stage2__sampler="random",
                           progress=False) == tmp_path / "run"
-    a = seen["train"]
-    assert (a.config, a.out, a.epochs, a.no_progress, a.overrides) == (
-        "fmnist-lt-r32-cpu", str(tmp_path / "run"), 1, True, ['stage2.sampler="random"'])
+    args, kwargs = seen["train"]
+    assert args == ("fmnist-lt-r32-cpu", tmp_path / "run")
+    assert (kwargs["epochs"], kwargs["progress"], kwargs["overrides"]) == (1, False, {"stage2.sampler": "random"})
 
-    import tailwise.export.cli as export_cli
-
-    monkeypatch.setattr(export_cli, "run_export", lambda a: seen.setdefault("export", a) and 0)
-    monkeypatch.setattr(tailwise._api, "_parse", _reparse_with(export_cli))
+    monkeypatch.setattr(model_folder, "export_run", lambda *a, **k: seen.setdefault("export", (a, k)) and {})
     assert tailwise.export(tmp_path / "run", tmp_path / "model", variants=["int8"], force=True) == tmp_path / "model"
-    a = seen["export"]
-    assert (a.checkpoint, a.out, a.variants, a.force) == (str(tmp_path / "run"), str(tmp_path / "model"), "int8", True)
+    args, kwargs = seen["export"]
+    assert args == (tmp_path / "run", tmp_path / "model")
+    assert (kwargs["variants"], kwargs["force"], kwargs["opset"]) == (("int8",), True, model_folder.DEFAULT_OPSET)
+
+    monkeypatch.setattr(launch, "evaluate", lambda *a, **k: seen.setdefault("evaluate", (a, k)) and
+                        launch.Evaluation({"top1": 0.5}, ["a"], None))
+    assert tailwise.evaluate(tmp_path / "model", device="cpu") == {"top1": 0.5}
+    assert seen["evaluate"] == ((tmp_path / "model",), {"device": "cpu", "out": None})
 
 
-def _reparse_with(export_cli):
-    """The real parser, with the export handler re-bound to the (monkeypatched) module attribute."""
-    from tailwise.cli import build_parser
+def test_api_errors_name_the_api_parameters(tmp_path, capsys):
+    """The same check, worded for whoever called: `budget=` from Python, `--budget` on the command line."""
+    with pytest.raises(tailwise.UserError, match=r"^test=, budget= and minutes= go with data=DIR$"):
+        tailwise.train(budget=3)
+    with pytest.raises(tailwise.UserError, match=r"^stage= must be 1 or 2"):
+        tailwise.train(stage=3)
+    with pytest.raises(tailwise.UserError, match=r"^variants=: unknown fp8"):
+        tailwise.export(tmp_path / "run", tmp_path / "m", variants=["fp8"])
+    from tailwise.cli import main
 
-    def parse(argv):
-        args = build_parser().parse_args(argv)
-        args.handler = export_cli.run_export
-        return args
-    return parse
+    assert main(["train", "--budget", "3"]) == 2
+    assert capsys.readouterr().err == "tailwise train: error: --test, --budget and --minutes go with --data DIR\n"

@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.slow,
 
 REPO = Path(__file__).resolve().parents[1]
 CHANCE = 0.1   # 10 balanced test classes
+TORCHRUN_TIMEOUT_S = 60   # per launch: CUDA start-up takes seconds; nccl that hangs must not eat the step's cap
 
 
 def cuda_recipe(tmp_path, root, stage1=None, stage2=None):
@@ -160,12 +161,12 @@ def test_sigkill_then_resume_on_cuda(tmp_path, fmnist_root):
 
 
 NCCL_SNIPPET = """
-import torch, torch.distributed as dist
+import datetime, torch, torch.distributed as dist
 from tailwise.training import engine
 from tailwise.training.networks import Classifier
 device = engine.resolve_device("cuda")
 torch.cuda.set_device(device)
-dist.init_process_group("nccl")
+dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=30))
 t = torch.full((1,), 3.0, device=device)
 dist.all_reduce(t)
 model = engine.to_device(Classifier("resnet32", 1, 10, (0.5,), (0.25,)), device)
@@ -181,18 +182,23 @@ dist.destroy_process_group()
 
 
 def test_torchrun_nccl_one_process(tmp_path, fmnist_root):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                str(free_port())]
+    """experiments/gpu_run.sh runs this test alone (step cuda-nccl, `-k nccl`), under a short cap."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
     snippet = tmp_path / "nccl_check.py"
     snippet.write_text(NCCL_SNIPPET)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(torchrun + [str(snippet)], cwd=REPO, capture_output=True, text=True, timeout=150, env=env)
+    # one machine, loopback only (the device machine reaches nothing else): nccl's sockets on lo, no InfiniBand
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               NCCL_SOCKET_IFNAME=os.environ.get("NCCL_SOCKET_IFNAME", "lo"),
+               NCCL_IB_DISABLE=os.environ.get("NCCL_IB_DISABLE", "1"))
+    done = subprocess.run(torchrun + [str(snippet)], cwd=REPO, capture_output=True, text=True,
+                          timeout=TORCHRUN_TIMEOUT_S, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "nccl nccl 1 3.0 True" in done.stdout
     # the training CLI under torchrun on CUDA (one process: the same loop, rank 0 of 1)
     run = tmp_path / "run"
     cmd = torchrun + ["-m", "tailwise.cli", "train", "--config", str(cuda_recipe(tmp_path, fmnist_root)),
                       "--out", str(run), "--epochs", "1", "--device", "cuda", "--no-progress"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=150, env=env)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "on cuda:0 (1 process(es))" in done.stdout

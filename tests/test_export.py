@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tailwise.export.cli import metadata_from_card, parse_variants
+from tailwise.export.cli import parse_variants
+from tailwise.export.model_folder import metadata_from_card
 from tailwise.export.onnx_export import ExportParityError, export_classifier
 from tailwise.serving.artifact import OnnxClassifier, build_metadata, read_metadata
 from tailwise import UserError
@@ -206,7 +207,8 @@ def test_metadata_from_a_checkpoint_card():
     assert meta["input"]["resize_policy"] == "resize" and (meta["input"]["height"], meta["input"]["width"]) == (28, 28)
     assert meta["group_thresholds"] == {"many_above": 500, "few_below": 30}
     assert meta["metrics"] == {"top1": 0.61}  # the test report, not training's validation metrics
-    assert meta["logit_adjustment"] == {"tau": 1.0, "log_prior": log_prior}
+    # a card from before the prior was named (only stage 2 chose one): the stage-2 subset's counts
+    assert meta["logit_adjustment"] == {"tau": 1.0, "log_prior": log_prior, "prior": "stage2-subset"}
     assert meta["dataset"] == {"name": "fmnist", "index_sha256": "ef" * 32}
 
     card["data"].update(name="folder", channels=3, image_size=[224, 224], build_args={"dataset": "folder"})
@@ -218,8 +220,28 @@ def test_metadata_from_a_checkpoint_card():
 def test_parse_variants():
     assert parse_variants("fp16, int8,fp16") == ("fp16", "int8")
     assert parse_variants("") == ()
-    with pytest.raises(UserError, match="--variants"):
-        parse_variants("fp16,fp8")
+
+
+def test_export_run_names_its_own_parameters(tmp_path, capsys):
+    """Bad options are refused before anything loads, named as the caller spells them: `variants=` from Python,
+    `--variants` from the command line."""
+    from tailwise.cli import main as tailwise_main
+    from tailwise.export.model_folder import export_run
+
+    with pytest.raises(UserError, match=r"^variants=: unknown fp8"):
+        export_run(tmp_path / "run", tmp_path / "m", variants=("fp16", "fp8"))
+    with pytest.raises(UserError, match=r"^parity_images= must be >= 1"):
+        export_run(tmp_path / "run", tmp_path / "m", parity_images=0)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "x").write_text("mine")
+    with pytest.raises(UserError, match=r"out= .* already holds a model .*pass force=True"):
+        export_run(tmp_path / "run", tmp_path / "m")
+    assert tailwise_main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--variants", "fp8"]) == 2
+    assert "error: --variants: unknown fp8" in capsys.readouterr().err
+    assert tailwise_main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --out {tmp_path / 'm'} already holds a model" in err and "pass --force to replace" in err
+    assert (tmp_path / "m" / "x").read_text() == "mine"
 
 
 def test_tailwise_export_end_to_end(tmp_path, cifar_archive):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tailwise.export.cli import staged_folder
+from tailwise.export.model_folder import staged_folder
 from tailwise import UserError
 
 
@@ -28,7 +28,7 @@ def test_force_replaces_the_whole_folder(tmp_path):
     out = tmp_path / "m"
     out.mkdir()
     (out / "model.int8.onnx").write_bytes(b"old int8")
-    with pytest.raises(UserError, match="--force"):
+    with pytest.raises(UserError, match="pass force=True"):
         with staged_folder(out) as staging:
             pytest.fail("must refuse before the block runs")
     with staged_folder(out, force=True) as staging:

@@ -4,6 +4,7 @@ those inside functions alike. A wrong-way import fails here before it can make s
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -17,25 +18,29 @@ RULES = {
     # the shared core: numpy and pillow only
     "core": {"tailwise": ("tailwise._core",),
              "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "onnxscript", "bentoml")},
+    # the one format every layer reads (file names, metadata, manifest, logit adjustment): numpy and the core only
+    "format": {"tailwise": ("tailwise", "tailwise._core"),
+               "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "onnxscript", "bentoml", "PIL")},
     # tailwise/__init__.py, cli.py, __main__.py: the command dispatches to the layers by name; the API names
     # (tailwise.load ...) are imported on first use (tests/test_api.py checks that `import tailwise` stays light)
     "root": {"tailwise": ("tailwise", "tailwise.cli", "tailwise._api", "tailwise._core", "tailwise.export"),
              "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "bentoml", "numpy", "PIL")},
-    # the Python API: load() is serving's classifier (no torch); train() and export() run the CLI's handlers
-    "api": {"tailwise": ("tailwise", "tailwise.cli", "tailwise._core", "tailwise.serving", "tailwise.training.cli",
-                         "tailwise.export"),
-            "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "bentoml")},
+    # the Python API: load() is serving's classifier (no torch); train(), export() and evaluate() call the typed
+    # library functions, never a command-line parser
+    "api": {"tailwise": ("tailwise", "tailwise._core", "tailwise.serving.artifact", "tailwise.training.launch",
+                         "tailwise.export.model_folder"),
+            "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "bentoml", "argparse")},
     # serving: everything it needs is inside model.onnx
-    "serving": {"tailwise": ("tailwise", "tailwise._core", "tailwise.serving"),
+    "serving": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.serving"),
                 "never": ("torch", "torchvision", "safetensors", "onnxscript")},
     # training reads an exported model (tailwise evaluate MODEL_DIR) with onnxruntime, never with onnx
-    "training": {"tailwise": ("tailwise", "tailwise._core", "tailwise.training"),
+    "training": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.training"),
                  "never": ("onnx", "onnxscript", "bentoml")},
-    # export rebuilds networks and reads checkpoints from training; of serving it uses only the definitions of
-    # what it writes: serving.artifact (the ONNX metadata) and serving.integrity (the folder's manifest.json)
+    # export rebuilds networks and reads checkpoints from training and writes by the format module; of serving it
+    # uses only OnnxClassifier, to classify the model card's samples exactly as `tailwise predict` does
     # (export/__init__.py makes the package callable as the API's tailwise.export(run, out), via tailwise._api)
-    "export": {"tailwise": ("tailwise", "tailwise._core", "tailwise.export", "tailwise.training",
-                            "tailwise.serving.artifact", "tailwise.serving.integrity", "tailwise._api"),
+    "export": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.export", "tailwise.training",
+                            "tailwise.serving.artifact", "tailwise._api"),
                "never": ("bentoml",)},
 }
 
@@ -43,7 +48,7 @@ RULES = {
 def layer_of(path: Path) -> str:
     rel = path.relative_to(REPO)
     if rel.parts[0] == "tailwise":
-        return {"_core.py": "core", "_api.py": "api"}.get(rel.name, "root")
+        return {"_core.py": "core", "_api.py": "api", "format.py": "format"}.get(rel.name, "root")
     return rel.parts[0]
 
 
@@ -114,3 +119,50 @@ def test_the_rules_catch_a_wrong_way_import(tmp_path, monkeypatch):
     assert "tailwise.serving.artifact" in modules and "tailwise.export.cli" in modules
     with pytest.raises(AssertionError, match="tailwise.serving.artifact"):
         test_each_layer_imports_only_what_it_may(fake)
+
+
+def test_export_uses_serving_only_to_classify_samples():
+    """export writes serving's metadata and manifest by the format module; of serving it imports OnnxClassifier
+    alone (export/model_card.py, to classify the samples as `tailwise predict` does)."""
+    found = [(p.relative_to(REPO), m) for p in sorted((REPO / "export").glob("*.py")) for _, m in imported_modules(p)
+             if m.startswith("tailwise.serving")]
+    assert {m for _, m in found} <= {"tailwise.serving.artifact", "tailwise.serving.artifact.OnnxClassifier"}, found
+    assert {str(p) for p, _ in found} <= {"export/model_card.py"}, found
+
+
+# A run or model file name (training/checkpoint.py's cards and weights, engine's metrics logs, the model folder's
+# files): only tailwise/format.py spells one where a path is built.
+FILE_NAME = re.compile(r"(^|/)(stage[0-9{*]|model\.|card\.json|weights\.safetensors|manifest\.json|report\.json|"
+                       r"per_class\.png|README\.md$|eval$|samples$)")
+
+
+def path_literals(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every string literal (f-string pieces included) that names a path: the right side of a
+    `/`, or an argument of glob / rglob / open / joinpath."""
+    def texts(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, ast.JoinedStr):   # f"stage{n}.json" reads as "stage{}.json"
+            return ["".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)]
+        return []
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            found += [(node.lineno, t) for t in texts(node.right)]
+        elif isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            if name in ("glob", "rglob", "open", "joinpath"):
+                found += [(node.lineno, t) for arg in node.args for t in texts(arg)]
+    return found
+
+
+def test_only_the_format_module_spells_run_and_model_file_names():
+    wrong = [f"{p.relative_to(REPO)}:{line}: {text!r}" for p in package_modules() if p.name != "format.py"
+             for line, text in path_literals(p.read_text()) if FILE_NAME.search(text)]
+    assert not wrong, wrong
+    # the checker itself: each way a name used to be spelled is found
+    snippet = ('card = run_dir / f"stage{stage}.json"\nfound = folder.glob("*/model.onnx")\n'
+               'plot = run_dir / "eval" / "per_class.png"\nopen(out / "card.json")\n')
+    assert sorted(t for _, t in path_literals(snippet) if FILE_NAME.search(t)) == [
+        "*/model.onnx", "card.json", "eval", "per_class.png", "stage{}.json"]

@@ -277,8 +277,6 @@ def test_file_batches_are_decoded_ahead_in_order(tmp_path):
 
 @pytest.mark.slow
 def test_plan_prints_every_derived_value_and_respects_set_and_minutes(tmp_path):
-    import argparse
-
     from tailwise.training.plan import plan_for_folder
 
     root = tmp_path / "plan"
@@ -287,11 +285,8 @@ def test_plan_prints_every_derived_value_and_respects_set_and_minutes(tmp_path):
         for i in range(n):
             save(root / c / f"{i}.png", Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)))
 
-    def args(**kw):
-        return argparse.Namespace(**{"data": str(root), "test": None, "config": None, "budget": None,
-                                     "minutes": None, **kw})
-
-    cfg, data, lines = plan_for_folder(args(budget=8), ["stage2.batch_size=16", "device='cpu'"])
+    overrides = {"stage2.batch_size": 16, "device": "cpu"}
+    cfg, data, lines = plan_for_folder(root, budget=8, overrides=overrides)   # the typed function, no argv
     text = "\n".join(lines)
     assert cfg["data"]["dataset"] == "folder" and cfg["data"]["image_size"] == 12 == data.image_size[0]
     assert cfg["stage1"]["epochs"] == 6 and cfg["stage2"]["batch_size"] == 16    # 3/4 of 8 passes; --set wins
@@ -299,14 +294,16 @@ def test_plan_prints_every_derived_value_and_respects_set_and_minutes(tmp_path):
     for field in ("data.image_size", "data.many_threshold", "stage1.batch_size", "stage1.lr", "stage1.epochs",
                   "stage1.warmup_epochs", "stage2.epochs"):
         assert f"  {field} " in text and f"[--set {field}=...]" in text, field
-    assert "stage2.batch_size as given by --set" in text and "estimated time:" in text
+    assert "stage2.batch_size as given" in text and "estimated time:" in text
     assert (cfg["data"]["many_threshold"], cfg["data"]["few_threshold"]) == folder_group_thresholds(data.counts)
 
-    by_minutes, _, lines = plan_for_folder(args(minutes=0.5), ["device='cpu'"])
-    assert any("--minutes 0.5 at" in line for line in lines)
+    by_minutes, _, lines = plan_for_folder(root, minutes=0.5, overrides={"device": "cpu"})
+    assert any("0.5 minutes at" in line for line in lines)
     assert by_minutes["stage1"]["epochs"] >= 1 and by_minutes["stage2"]["epochs"] >= 1
-    with pytest.raises(UserError, match="not both"):
-        plan_for_folder(args(minutes=1, budget=3), [])
+    with pytest.raises(UserError, match="^give budget= or minutes=, not both$"):
+        plan_for_folder(root, minutes=1, budget=3)
+    with pytest.raises(UserError, match="^budget= must be positive, got 0"):
+        plan_for_folder(root, budget=0)
 
 
 @pytest.mark.slow
@@ -327,6 +324,6 @@ def test_resume_keeps_the_plan_the_run_started_with(tmp_path, capsys):
     capsys.readouterr()
     assert tailwise_main(common + ["--budget", "40", "--resume"]) == 0
     out = capsys.readouterr().out
-    assert "with the plan recorded in stage1.json (--budget / --minutes apply to a new run only)" in out
+    assert "with the plan recorded in stage1.json (a budget in passes or minutes applies to a new run only)" in out
     assert "plan (each line" not in out
     assert checkpoint.load_card(run, stage=2)["epoch"] == planned

@@ -82,7 +82,8 @@ def test_tailwise_parser_does_not_import_torch_or_onnxruntime():
 # ------------------------------------------------------------------------------------------ metadata
 
 def test_metadata_round_trips_through_the_onnx_file(tmp_path):
-    meta = meta_for(logit_adjustment={"tau": 1.0, "log_prior": [-0.2, -1.9, -3.0]}, metrics={"top1": 0.7})
+    meta = meta_for(logit_adjustment={"tau": 1.0, "log_prior": [-0.2, -1.9, -3.0], "prior": "train"},
+                    metrics={"top1": 0.7})
     path = write_identity_model(tmp_path / "m" / "model.onnx", meta)
     assert read_metadata(path) == meta
     assert read_metadata(path.parent) == meta  # a model folder works too
@@ -301,7 +302,8 @@ def test_top_k_applies_the_logit_adjustment(tmp_path):
     log_prior = np.log([0.80, 0.15, 0.05])
     plain = OnnxClassifier(write_identity_model(tmp_path / "a.onnx", meta_for()))
     adjusted = OnnxClassifier(write_identity_model(
-        tmp_path / "b.onnx", meta_for(logit_adjustment={"tau": 1.0, "log_prior": log_prior.tolist()})))
+        tmp_path / "b.onnx", meta_for(logit_adjustment={"tau": 1.0, "log_prior": log_prior.tolist(),
+                                                        "prior": "stage2-subset"})))
     pixels = np.array([10, 12, 11], dtype=np.uint8).reshape(1, 1, 1, 3)
     logits = adjusted.predict_arrays(pixels)
     np.testing.assert_array_equal(logits, [[10, 12, 11]])  # the graph gives raw logits

@@ -92,6 +92,10 @@ def test_evaluate_prints_plain_and_served_for_a_run_and_an_exported_model(export
     images = data.test_source.load(np.arange(len(data.test_source))).numpy()
     top1 = [p[0]["index"] for p in classifier.top_k(classifier.predict_arrays(images), 1)]
     assert served_top1 == pytest.approx(float(np.mean(top1 == data.test_source.labels)))
+    # tailwise.evaluate: the same typed function, called directly (no report written for a model without `out`)
+    import tailwise
+
+    assert tailwise.evaluate(model)["per_class"] == from_model["per_class"]
 
 
 def test_evaluate_exported_model_without_training_card(tiny_model_dir, capsys):

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from tailwise import UserError
+from tailwise import format as fmt
 from tailwise.cli import main
 from tailwise.training import checkpoint
 from tailwise.training.config import load_config
+from tailwise.training.launch import train
 
 from conftest import free_port, write_recipe
 
@@ -200,13 +202,16 @@ def test_bns_joint_with_balanced_loss_then_la_stage2(tmp_path, cifar_archive):
     recipe = write_recipe(tmp_path, archive, stage1={"sup_loss": "la", "sup_weight": 0.5, "epochs": 1, "probe_every": 1},
                           stage2={"loss": "la", "reinit_classifier": False, "epochs": 1, "lr": 0.0})
     run = tmp_path / "run"
-    assert main(["train", "--config", str(recipe), "--out", str(run), "--no-progress"]) == 0
+    assert train(recipe, run, progress=False) == run     # the typed function `tailwise train` calls, no argv
     card1, card2 = checkpoint.load_card(run, stage=1), checkpoint.load_card(run, stage=2)
     w1 = checkpoint.load_weights(card1)
     assert card1["kind"] == "contrastive" and card1["head"] == "linear" and "fc.weight" in w1
     assert "val_top1" in card1["metrics"]          # the joint classifier is scored on validation every epoch
     assert 0 <= card1["metrics"]["val_probe_top1"] <= 1    # and the encoder by a linear probe on validation
     assert card2["finished"] and "test" in card2 and "logit_adjustment" in card2
+    # the chosen adjustment names its prior: the class counts of the stage-2 subset, whose log it holds
+    la = card2["logit_adjustment"]
+    assert la["prior"] == fmt.PRIOR_STAGE2_SUBSET and la["log_prior"] == fmt.log_prior(card2["train_distribution"])
     # stage 2 (at lr 0 here) started from the stage-1 classifier rather than a new one
     w2 = checkpoint.load_weights(card2)
     assert torch.equal(w2["fc.weight"], w1["fc.weight"]) and torch.equal(w2["fc.bias"], w1["fc.bias"])

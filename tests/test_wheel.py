@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow   # builds wheels and virtual environments
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # serving.artifact.SHIPPED_MODEL
+SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # the shipped model (format 1)
 SOURCES = ("pyproject.toml", "README.md", "tailwise", "training", "export", "serving")
 
 
@@ -69,8 +69,8 @@ def test_the_wheel_holds_only_tailwise(wheel):
     outside = [n for n in names if not n.startswith(("tailwise/", "tailwise-"))]
     assert not outside, outside
     assert {n.split("/")[0] for n in names if n.startswith("tailwise-")} == {wheel.name.split("-py")[0] + ".dist-info"}
-    for name in ("tailwise/__init__.py", "tailwise/_core.py", "tailwise/_api.py", "tailwise/training/train.py",
-                 "tailwise/training/recipes/tailwise.toml", "tailwise/export/onnx_export.py",
+    for name in ("tailwise/__init__.py", "tailwise/_core.py", "tailwise/format.py", "tailwise/_api.py",
+                 "tailwise/training/train.py", "tailwise/training/recipes/tailwise.toml", "tailwise/export/onnx_export.py",
                  "tailwise/serving/service.py"):
         assert name in names, name
     top_level = next(n for n in names if n.endswith(".dist-info/top_level.txt"))

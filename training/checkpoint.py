@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from tailwise import UserError, __version__
 from tailwise._core import atomic_path, atomic_write_text, sha256_file  # noqa: F401 (re-exported for export/)
+from tailwise.format import STAGE_CARDS, stage_card, stage_resume, stage_tensor_files, stage_weights
 
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> str:
@@ -59,21 +60,21 @@ def save_checkpoint(run_dir: str | os.PathLike, stage: int, model: torch.nn.Modu
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     epoch = int(card["epoch"])
-    weights_name = f"stage{stage}-e{epoch:04d}.safetensors"
+    weights_name = stage_weights(stage, epoch)
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     card = dict(card, tailwise_version=__version__, stage=stage, weights=weights_name)
     card["weights_sha256"] = atomic_save_tensors(run_dir / weights_name, model.state_dict())
     card["resume"] = None
     if optimizer is not None:
-        resume_name = f"stage{stage}-e{epoch:04d}.resume.safetensors"
+        resume_name = stage_resume(stage, epoch)
         tensors, meta = _optimizer_tensors(optimizer)
         tensors.update({f"extra.{k}": v for k, v in (extra_tensors or {}).items()})
         card["resume"] = {"file": resume_name, "sha256": atomic_save_tensors(run_dir / resume_name, tensors),
                           "optimizer": meta}
-    card_path = run_dir / f"stage{stage}.json"
+    card_path = run_dir / stage_card(stage)
     atomic_write_text(card_path, json.dumps(card, indent=2, sort_keys=True))
     keep = {weights_name, card["resume"]["file"] if card["resume"] else None}
-    for old in run_dir.glob(f"stage{stage}-e*.safetensors"):
+    for old in run_dir.glob(stage_tensor_files(stage)):
         if old.name not in keep:
             old.unlink(missing_ok=True)
     return card_path
@@ -85,11 +86,11 @@ def card_path_for(path: str | os.PathLike, stage: int | None = None) -> Path:
     if path.is_dir():
         stages = [stage] if stage else [2, 1]
         for s in stages:
-            if (path / f"stage{s}.json").exists():
-                return path / f"stage{s}.json"
-        raise UserError(f"{path}: no checkpoint card (stage{stages[0]}.json) in this folder")
+            if (path / stage_card(s)).exists():
+                return path / stage_card(s)
+        raise UserError(f"{path}: no checkpoint card ({stage_card(stages[0])}) in this folder")
     if path.suffix == ".safetensors":
-        candidates = list(path.parent.glob("stage*.json"))
+        candidates = list(path.parent.glob(STAGE_CARDS))
         for c in candidates:
             if json.loads(c.read_text()).get("weights") == path.name:
                 return c
@@ -143,7 +144,7 @@ def update_card(card: dict, fields: dict) -> None:
     """Add `fields` to the checkpoint card `card` (as load_card returned it) and write it back atomically."""
     stored = {k: v for k, v in card.items() if k != "_dir"}
     stored.update(fields)
-    atomic_write_text(Path(card["_dir"]) / f"stage{card['stage']}.json", json.dumps(stored, indent=2, sort_keys=True))
+    atomic_write_text(Path(card["_dir"]) / stage_card(card["stage"]), json.dumps(stored, indent=2, sort_keys=True))
     card.update(fields)
 
 

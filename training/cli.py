@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     data.set_defaults(handler=run_data)
 
     train = subparsers.add_parser(
-        "train", help="train a recipe: stage 1 (BNS or a supervised baseline), then stage 2 (IP-DPP)",
+        "train", help="train a recipe: stage 1 (an encoder: by default a supervised one with the logit-adjusted "
+                      "loss; BNS or a baseline in other recipes), then stage 2 (IP-DPP)",
         description="Train a named recipe (training/recipes/*.toml) or a TOML file. Every config field can be "
                     "overridden with --set section.key=value. Under torchrun, each process trains its share "
                     "(DistributedDataParallel; nccl on CUDA, gloo on CPU).")
@@ -51,8 +52,8 @@ def register(subparsers) -> None:
 
     evaluate = subparsers.add_parser(
         "evaluate", help="score a run or an exported model on the test set: plain and served (logit-adjusted) numbers",
-        description="Score a run's final classifier (torch) or an exported model folder (its model.onnx, with "
-                    "onnxruntime, on the data its card.json names) on the test set. Prints plain-logit and served "
+        description="Score a run's final classifier (torch) or an exported model folder (its ONNX model, with "
+                    "onnxruntime, on the data its model card names) on the test set. Prints plain-logit and served "
                     "numbers side by side: served is what `tailwise predict` and the service return.")
     evaluate.add_argument("run", help="run folder, checkpoint card, or exported model folder (models/NAME)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="for a run (torch)")
@@ -73,31 +74,14 @@ def register(subparsers) -> None:
     probe.set_defaults(handler=run_probe)
 
 
-def data_from_args(args):
-    """The data of the options DataSpec.add_arguments registered."""
-    from tailwise.training.data import build_lt_data
-
-    return build_lt_data(DataSpec.from_args(args))
-
-
 def run_data(args) -> int:
-    from pathlib import Path
+    from tailwise.training.launch import describe_data
+    from tailwise.training.metrics import count_bars
 
-    from tailwise.training.metrics import count_bars, plot_class_counts
-
-    data = data_from_args(args)
+    data, written = describe_data(DataSpec.from_args(args), out=args.out)
     card = data.card()
     card["val_size"] = card["num_val"]
     many, few = data.group_thresholds()
-    written = []
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "data.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        plot_class_counts(card["counts"], card["groups"], card["class_names"], (many, few),
-                          f"{card['name']}: {card['num_train']} training images, {len(card['counts'])} classes",
-                          out / "class_counts.png")
-        written = [out / "data.json", out / "class_counts.png"]
     if args.json:
         print(json.dumps(card, indent=2))
         return 0
@@ -131,117 +115,34 @@ def run_data(args) -> int:
 
 
 def run_train(args) -> int:
-    run_dir = train_from_args(args)
+    from tailwise.training.config import parse_overrides
+    from tailwise.training.launch import train
+
+    run_dir = train(args.config, args.out, data=args.data, test=args.test, budget=args.budget, minutes=args.minutes,
+                    stage=args.stage, epochs=args.epochs, device=args.device, seed=args.seed, resume=args.resume,
+                    progress=not args.no_progress, overrides=parse_overrides(args.overrides))
     print(f"run folder: {run_dir}")
     return 0
 
 
-def train_from_args(args):
-    """Train what the `train` options ask for; returns the run folder (also what `tailwise.train` returns)."""
-    from tailwise import UserError
-    from tailwise.training.config import DEFAULT_RECIPE, load_config
-    from tailwise.training.train import run
-
-    overrides = list(args.overrides)
-    stages = (args.stage,) if args.stage else (1, 2)
-    if args.epochs is not None:
-        overrides += [f"stage{s}.epochs={args.epochs}" for s in stages]
-    if args.device:
-        overrides.append(f"device='{args.device}'")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
-    data = None
-    recorded = _recorded_plan(args, overrides) if args.data and args.resume else None
-    if recorded:
-        cfg = recorded
-    elif args.data:
-        from tailwise.training.plan import plan_for_folder
-
-        cfg, data, lines = plan_for_folder(args, overrides)
-        print("\n".join(lines), flush=True)
-    elif args.test or args.budget is not None or args.minutes is not None:
-        raise UserError("--test, --budget and --minutes go with --data DIR")
-    else:
-        cfg = load_config(args.config or DEFAULT_RECIPE, overrides)
-    run_dir = _run_dir(args, cfg)
-    if args.resume and not any((run_dir / f"stage{s}.json").exists() for s in (1, 2)):
-        raise UserError(f"{run_dir}: nothing to resume (no stage1.json or stage2.json checkpoint card there); "
-                        "drop --resume to start a new run")
-    run(cfg, run_dir, stages=stages, resume=args.resume, progress=not args.no_progress, data=data)
-    return run_dir
-
-
-def _run_dir(args, cfg: dict):
-    """The run folder of the `train` options: --out, or runs/<config name>."""
-    from pathlib import Path
-
-    return Path(args.out or Path("runs") / cfg["name"])
-
-
-def _recorded_plan(args, overrides: list[str]) -> dict | None:
-    """`--data DIR --resume`: the config the run's newest card records (the plan it was started with; planning
-    again could measure another speed and size the stages differently), with this command's --set on top."""
-    from tailwise.training.checkpoint import load_card
-    from tailwise.training.config import DEFAULT_RECIPE, apply_overrides, load_config, recorded_config
-
-    run_dir = _run_dir(args, load_config(args.config or DEFAULT_RECIPE, overrides))
-    if not any((run_dir / f"stage{s}.json").exists() for s in (1, 2)):
-        return None
-    card = load_card(run_dir)
-    print(f"tailwise: resuming {run_dir} with the plan recorded in stage{card['stage']}.json"
-          + (" (--budget / --minutes apply to a new run only)" if args.budget or args.minutes else ""), flush=True)
-    return apply_overrides(recorded_config(card["config"]), overrides)
-
-
 def run_evaluate(args) -> int:
-    from pathlib import Path
-
-    from tailwise.training.exported import is_exported_model
+    from tailwise.format import PER_CLASS_PLOT, REPORT_FILE
+    from tailwise.training.launch import evaluate
     from tailwise.training.metrics import format_evaluation
 
-    path, out = Path(args.run), Path(args.out) if args.out else None
-    if is_exported_model(path):
-        from tailwise.training.exported import evaluate_exported
-
-        report, class_names = evaluate_exported(path, out_dir=out)
-    else:
-        from tailwise.training import engine
-        from tailwise.training.checkpoint import load_card
-        from tailwise.training.train import evaluate_run
-
-        report = evaluate_run(path, engine.resolve_device(args.device), out_dir=out)
-        card = load_card(path)
-        class_names = card["data"]["class_names"]
-        out = out or Path(card["_dir"]) / "eval"
-    print(json.dumps(report, indent=2) if args.json else format_evaluation(report, class_names))
-    if out is not None and not args.json:
-        print(f"\nper-class accuracy against training count: {out / 'per_class.png'} (report: {out / 'report.json'})")
+    result = evaluate(args.run, device=args.device, out=args.out)
+    print(json.dumps(result.report, indent=2) if args.json else format_evaluation(result.report, result.class_names))
+    if result.out is not None and not args.json:
+        print(f"\nper-class accuracy against training count: {result.out / PER_CLASS_PLOT} "
+              f"(report: {result.out / REPORT_FILE})")
     return 0
 
 
 def run_probe(args) -> int:
-    from tailwise.training import engine
-    from tailwise.training.checkpoint import load_card, load_weights
-    from tailwise.training.config import load_config
-    from tailwise.training.data import rebuild_lt_data
-    from tailwise.training.probe import linear_probe, stage1_encoder
-    from tailwise import UserError
+    from tailwise.training.probe import probe_encoder
 
-    if bool(args.run) == bool(args.random_init):
-        raise UserError("give a run folder or --random-init CONFIG (one of them)")
-    if args.run:
-        card = load_card(args.run, stage=1)
-        cfg, data = card["config"], rebuild_lt_data(card["data"]["build_args"])
-    else:
-        cfg = load_config(args.random_init)
-        from tailwise.training.train import data_from_config
-        data = data_from_config(cfg)
-    import torch
-
-    torch.manual_seed(args.seed)
-    model = stage1_encoder(cfg, data, load_weights(card) if args.run else None)
-    report = linear_probe(model, data, engine.resolve_device(args.device), per_class=args.per_class, seed=args.seed,
-                          on=args.on)
+    report = probe_encoder(args.run, random_init=args.random_init, per_class=args.per_class, on=args.on,
+                           device=args.device, seed=args.seed)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

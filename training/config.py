@@ -15,7 +15,9 @@ import re
 import shlex
 import tomllib
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from tailwise import UserError
 from tailwise.training.dataspec import DataSpec, config_rules as dataspec_rules
@@ -179,7 +181,7 @@ def validate_config(cfg: dict) -> dict:
     return cfg
 
 
-def load_config(recipe: str | None = None, overrides: list[str] = ()) -> dict:
+def load_config(recipe: str | None = None, overrides: Mapping[str, Any] | Iterable[str] = ()) -> dict:
     """Defaults, then the recipe (a name from training/recipes/ or a path to a TOML file), then overrides;
     validated (validate_config) before it is returned."""
     cfg = copy.deepcopy(DEFAULTS)
@@ -204,17 +206,28 @@ def recorded_config(config: dict) -> dict:
     return _merge(copy.deepcopy(DEFAULTS), config)
 
 
-def apply_overrides(cfg: dict, overrides: list[str] = ()) -> dict:
-    """`cfg` with each `section.key=value` (TOML value syntax) written in, validated (validate_config)."""
-    cfg = copy.deepcopy(cfg)
-    for item in overrides:
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`--set` strings, `section.key=value` (TOML value syntax; a bare word is a string), as
+    {"section.key": value}; a later one of the same field wins."""
+    parsed = {}
+    for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
             raise UserError(f"override {item!r} must look like section.key=value")
         try:
-            value = tomllib.loads(f"v = {raw}")["v"]
+            parsed[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            value = raw  # a bare string such as cifar10
+            parsed[key.strip()] = raw  # a bare string such as cifar10
+    return parsed
+
+
+def apply_overrides(cfg: dict, overrides: Mapping[str, Any] | Iterable[str] = ()) -> dict:
+    """`cfg` with each override written in, validated (validate_config). `overrides`: {"section.key": value}, or
+    `--set` strings (parse_overrides)."""
+    cfg = copy.deepcopy(cfg)
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    for key, value in overrides.items():
         node: dict = {}
         parts = key.strip().split(".")
         update = node

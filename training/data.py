@@ -154,6 +154,7 @@ def _decode_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="tailwise-decode")
 
 
+FILE_RESIZE_POLICY = "shorter-center-crop"   # how file data is decoded (tailwise._core.RESIZE_POLICIES)
 IMAGE_SIZES = (28, 32, 48, 64, 96, 128, 160, 192, 224)   # what a folder's images are decoded to, by default
 
 
@@ -169,7 +170,7 @@ def decode_image(path: str, size: int, channels: int = 3) -> np.ndarray:
     """One image file as a ``size x size x channels`` uint8 array, decoded exactly as the served model decodes
     it (tailwise._core.load_image, policy "shorter-center-crop": EXIF, RGB or L, shorter-side resize, centre
     crop)."""
-    spec = {"input": {"channels": channels, "height": size, "width": size, "resize_policy": "shorter-center-crop"}}
+    spec = {"input": {"channels": channels, "height": size, "width": size, "resize_policy": FILE_RESIZE_POLICY}}
     try:
         return np.require(load_image(path, spec, max_pixels=None).transpose(1, 2, 0), requirements="W")
     except ImageError as exc:
@@ -186,9 +187,9 @@ def lt_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: st
     none: ``n_max`` for every class.
     """
     if profile not in PROFILES:
-        raise UserError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+        raise UserError(f"{DataSpec.where('profile')} must be one of {', '.join(PROFILES)}, got {profile!r}")
     if not imbalance_factor >= 1:
-        raise UserError(f"--imbalance-factor must be >= 1, got {imbalance_factor}")
+        raise UserError(f"{DataSpec.where('imbalance_factor')} must be >= 1, got {imbalance_factor}")
     imb = 1.0 / imbalance_factor  # LDAM's imb_factor
     if profile == "none" or num_classes == 1:
         return [int(n_max)] * num_classes
@@ -255,7 +256,8 @@ def groups_from_counts(counts, many_threshold=None, few_threshold=None) -> list[
     """'many' (count > many), 'few' (count < few) or 'medium' for each class; thresholds: group_thresholds."""
     many, few = group_thresholds(len(counts), many_threshold, few_threshold)
     if few > many:
-        raise UserError(f"--few-threshold ({few}) must not exceed --many-threshold ({many})")
+        raise UserError(f"{DataSpec.where('few_threshold')} = {few} must not exceed "
+                        f"{DataSpec.where('many_threshold')} = {many}")
     return ["many" if n > many else "few" if n < few else "medium" for n in counts]
 
 
@@ -348,6 +350,7 @@ class LTData:
             "groups": list(self.groups),
             "group_thresholds": {"many_above": int(self.bands[0]), "few_below": int(self.bands[1])},
             "index_sha256": self.index_sha256,
+            "resize_policy": self.resize_policy,
             "num_train": int(len(self.train_idx)),
             "num_val": int(len(self.val_idx)),
             "num_test": 0 if self.test_source is None else len(self.test_source),
@@ -360,6 +363,13 @@ class LTData:
     def build_args(self) -> dict:
         """The spec as a card records it (DataSpec.card)."""
         return self.spec.card()
+
+    @property
+    def resize_policy(self) -> str:
+        """How an image is fitted to this data's input size, recorded in the card for export to write into the
+        model: file data as training decodes it (FILE_RESIZE_POLICY); the in-memory sets hold their images at
+        their native size, so another image is resized to it whole ("resize")."""
+        return FILE_RESIZE_POLICY if isinstance(self.train_source, FileSource) else "resize"
 
     def group_thresholds(self) -> tuple[int, int]:
         """(many, few) this set's groups were drawn with: many = count > many, few = count < few."""
@@ -409,9 +419,21 @@ def build_lt_data(spec: DataSpec | str | None = None, **values) -> LTData:
     return _build_file_data(spec)
 
 
-def rebuild_lt_data(build_args: dict) -> LTData:
-    """The data a card's ``build_args`` describe (DataSpec.from_card)."""
-    return build_lt_data(DataSpec.from_card(build_args))
+def rebuild_lt_data(build_args: dict, index_sha256: str | None = None, where: str | os.PathLike = "") -> LTData:
+    """The data a card's ``build_args`` describe (DataSpec.from_card); with `index_sha256` (what the card or model
+    records), checked to be that very data (check_same_data, naming `where`)."""
+    data = build_lt_data(DataSpec.from_card(build_args))
+    if index_sha256 is not None:
+        check_same_data(data, index_sha256, where)
+    return data
+
+
+def check_same_data(data: LTData, index_sha256: str | None, where: str | os.PathLike) -> None:
+    """The one check that `data` is the data a checkpoint or model was trained on: its LT index sha256 is the one
+    recorded (`index_sha256`); UserError naming `where` and the data's root otherwise."""
+    if data.index_sha256 != index_sha256:
+        raise UserError(f"{where}: trained on other data than {data.name} at {data.spec.given('root') or 'its default root'} "
+                        f"(index sha256 {str(index_sha256)[:12]}... recorded, {data.index_sha256[:12]}... here)")
 
 
 def _build_array_data(spec: DataSpec) -> LTData:
@@ -457,10 +479,10 @@ def _build_file_data(spec: DataSpec) -> LTData:
     many_threshold, few_threshold = spec.given("many_threshold"), spec.given("few_threshold")
     image_size = spec.given("image_size") or (224 if dataset == "splits" else None)
     if root is None:
-        raise UserError(f"--root is required for --dataset {dataset}")
+        raise UserError(f"{DataSpec.where('root')} is required for dataset {dataset}")
     root = os.path.abspath(root)
     if not os.path.isdir(root):
-        raise UserError(f"--root {root} is not a directory")
+        raise UserError(f"{DataSpec.where('root')} {root} is not a directory")
     test_paths = test_labels = None
     skipped, notes, file_stats = [], [], {}
     if dataset == "folder":
@@ -487,7 +509,7 @@ def _build_file_data(spec: DataSpec) -> LTData:
             test_labels = np.array([class_names.index(test_names[t]) for t in test_labels], dtype=np.int64)
     else:
         if train_split is None:
-            raise UserError("--train-split is required for --dataset splits")
+            raise UserError(f"{DataSpec.where('train_split')} is required for dataset splits")
         train_split = _find_split(train_split, root)
         train_paths, train_labels = read_split(train_split, root)
         num_classes = int(train_labels.max()) + 1
@@ -833,8 +855,3 @@ def scan_class_folder(root: str) -> FolderScan:
     return FolderScan(class_names, paths, np.array(labels, dtype=np.int64),
                       np.array(sizes, dtype=np.int64).reshape(-1, 2), modes, skipped, ignored, empty)
 
-
-def read_class_folder(root: str) -> tuple[list[str], list[str], np.ndarray]:
-    """(class_names, paths, labels) of the readable images of a class folder (see scan_class_folder)."""
-    scan = scan_class_folder(root)
-    return scan.class_names, scan.paths, scan.labels

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from tailwise import UserError
+from tailwise import OptionError, UserError
+from tailwise.format import stage_metrics_log
 from tailwise.training import checkpoint
 
 
@@ -34,11 +35,11 @@ def resolve_device(name: str = "auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+            raise OptionError("{device=cuda}: no CUDA device is available (use {device=cpu} or auto)", "device")
         torch.backends.cudnn.benchmark = True   # fixed batch shapes: let cuDNN pick the fastest convolutions
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if name != "cpu":
-        raise UserError(f"--device {name!r}: expected auto, cpu or cuda")
+        raise OptionError(f"{{device={name}}}: expected auto, cpu or cuda", "device")
     return torch.device("cpu")
 
 
@@ -227,7 +228,7 @@ def fit(stage: Stage, run_dir: Path, seed: int, d: Dist, start_epoch: int = 0, p
     total = epochs * steps_per_epoch
     warmup = min(scfg["warmup_epochs"], epochs / 2) * steps_per_epoch   # a short run still reaches its peak lr
     peak = base_lr(scfg)
-    metrics_path = run_dir / f"stage{stage.number}_metrics.jsonl"
+    metrics_path = run_dir / stage_metrics_log(stage.number)
     # Checking the loss reads it on the host, which on a GPU waits for every queued step: there, check the
     # running sum every CHECK_EVERY steps (a non-finite loss still stops the epoch before its checkpoint).
     check_every = 1 if stage.images.device.type == "cpu" else CHECK_EVERY

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from tailwise._core import GROUP_NAMES, atomic_path
+from tailwise.format import PER_CLASS_PLOT, REPORT_FILE
 
 GROUPS = GROUP_NAMES  # tailwise._core, the one definition
 
@@ -149,7 +150,7 @@ def save_report(report: dict, out_dir, class_names: list[str], title: str = "") 
                          f"{len(report['per_class'])} classes")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / "report.json", out_dir / "per_class.png"
+    json_path, png_path = out_dir / REPORT_FILE, out_dir / PER_CLASS_PLOT
     text = json.dumps(report, indent=2, allow_nan=False)
 
     def write_json(tmp):

@@ -18,12 +18,15 @@ derived from the folder and a budget, and each derived value is printed, with wh
 from __future__ import annotations
 
 import math
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from tailwise import UserError
+from tailwise import OptionError
 
 MIN_PASSES, MAX_PASSES, DEFAULT_IMAGE_PASSES = 20, 200, 50_000
 STAGE1_SHARE, WARMUP_SHARE, MIN_BATCH = 0.75, 0.05, 16
@@ -148,54 +151,56 @@ def estimate_minutes(fields: dict, data, images_per_second: float, views: int) -
     return images / images_per_second / 60
 
 
-def plan_for_folder(args, overrides: list[str]) -> tuple[dict, object, list[str]]:
-    """(config, data, lines to print) for `tailwise train --data DIR [--test DIR]`: the default recipe with the
-    folder as its data, every size derived (see the module docstring), then the user's --set on top."""
-    import os
-
+def plan_for_folder(folder: str | os.PathLike, *, test: str | os.PathLike | None = None, budget: float | None = None,
+                    minutes: float | None = None, recipe: str | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> tuple[dict, object, list[str]]:
+    """(config, data, lines to print) for the default recipe (or `recipe`) trained on `folder` (one subfolder of
+    images per class; `test`: a test folder laid out the same way): every size derived (see the module
+    docstring) for a budget of `budget` passes or `minutes` on this machine (default: default_passes), then
+    `overrides` ({"section.key": value}, as `--set`) on top."""
     from tailwise.training import engine
     from tailwise.training.config import DEFAULT_RECIPE, load_config
     from tailwise.training.train import data_from_config
 
-    recipe = args.config or DEFAULT_RECIPE
-    test = _toml(os.path.abspath(args.test)) if args.test else '""'
-    data_set = ["data.dataset='folder'", f"data.root={_toml(os.path.abspath(args.data))}", f"data.test_split={test}"]
+    if budget is not None and minutes is not None:
+        raise OptionError("give {budget} or {minutes}, not both", "budget", "minutes")
+    if minutes is not None and not minutes > 0:
+        raise OptionError(f"{{minutes}} must be positive, got {minutes}", "minutes")
+    if budget is not None and not budget > 0:
+        raise OptionError(f"{{budget}} must be positive, got {budget}", "budget")
+    overrides = dict(overrides or {})
+    recipe = recipe or DEFAULT_RECIPE
+    data_set = {"data.dataset": "folder", "data.root": os.path.abspath(folder),
+                "data.test_split": os.path.abspath(test) if test else ""}
     recipe_cfg = load_config(recipe, data_set)
-    cfg = load_config(recipe, data_set + overrides)       # the user's data.* settings shape the data itself
+    cfg = load_config(recipe, {**data_set, **overrides})   # the user's data.* settings shape the data itself
     data = data_from_config(cfg)
-    user_fields = {o.partition("=")[0].strip() for o in overrides}
-    given = {f: cfg[f.split(".")[0]][f.split(".")[1]] for f in user_fields if f.count(".") == 1}
+    given = {f: cfg[f.split(".")[0]][f.split(".")[1]] for f in overrides if f.count(".") == 1}
     device = engine.resolve_device(cfg["device"])
     views = 2 if cfg["stage1"]["method"] == "bns" else 1
     n = len(data.train_idx)
     probe_batch = batch_for(n, cfg["stage1"]["batch_size"])
     images_per_second = measure_images_per_second(cfg, data, device, probe_batch)
-    if args.minutes is not None:
-        if args.budget is not None:
-            raise UserError("give --budget PASSES or --minutes M, not both")
-        if not args.minutes > 0:
-            raise UserError(f"--minutes must be positive, got {args.minutes}")
+    if minutes is not None:
         # passes the minutes buy, less the validation passes (estimate_minutes is linear in the passes)
         per_pass = estimate_minutes(_fields_for(recipe_cfg, data, 4.0), data, images_per_second, views) / 4
-        passes = max(views + 1.0, args.minutes / per_pass)
-        passes_why = f"--minutes {args.minutes:g} at {images_per_second:.0f} images/s = {passes:.1f} passes"
-    elif args.budget is not None:
-        if not args.budget > 0:
-            raise UserError(f"--budget must be positive, got {args.budget}")
-        passes, passes_why = float(args.budget), f"--budget {args.budget:g} passes"
+        passes = max(views + 1.0, minutes / per_pass)
+        passes_why = f"{minutes:g} minutes at {images_per_second:.0f} images/s = {passes:.1f} passes"
+    elif budget is not None:
+        passes, passes_why = float(budget), f"a budget of {budget:g} passes"
     else:
         passes = float(default_passes(n))
         passes_why = f"default budget for {n} images: {passes:g} passes (50,000 / N in [20, 200])"
-    derived = [d for d in derive(recipe_cfg, data, passes, passes_why, given) if d.field not in user_fields]
-    cfg = load_config(recipe, data_set + [f"{d.field}={d.value}" for d in derived] + overrides)
+    derived = [d for d in derive(recipe_cfg, data, passes, passes_why, given) if d.field not in overrides]
+    cfg = load_config(recipe, {**data_set, **{d.field: d.value for d in derived}, **overrides})
     if cfg["data"]["image_size"] != data.image_size[0]:
         data = data_from_config(cfg)
     fields = {f"{sec}.{k}": v for sec in ("stage1", "stage2") for k, v in cfg[sec].items()}
-    minutes = estimate_minutes(fields, data, images_per_second, views)
+    estimate = estimate_minutes(fields, data, images_per_second, views)
 
     stats = data.file_stats
     modes = ", ".join(f"{m} {c}" for m, c in sorted(stats.get("modes", {}).items(), key=lambda kv: -kv[1]))
-    lines = [f"tailwise train --data {args.data}: recipe {cfg['name']}, {data.num_classes} classes, "
+    lines = [f"{folder}: recipe {cfg['name']}, {data.num_classes} classes, "
              f"{n} training / {len(data.val_idx)} validation / "
              f"{0 if data.test_source is None else len(data.test_source)} test images",
              f"images: {modes}; decoded to {'grayscale (1 channel)' if data.channels == 1 else 'RGB (3 channels)'} "
@@ -205,10 +210,10 @@ def plan_for_folder(args, overrides: list[str]) -> tuple[dict, object, list[str]
     width = max(len(d.field) for d in derived) if derived else 0
     for d in derived:
         lines.append(f"  {d.field:<{width}} = {d.value!s:<6} {d.why}   [--set {d.field}=...]")
-    for field in sorted(user_fields):
-        lines.append(f"  {field} as given by --set")
-    lines.append(f"estimated time: {minutes:.1f} minutes on {device} ({images_per_second:.0f} training images/s "
-                 f"measured on {probe_batch}-image steps here; --budget PASSES or --minutes M changes it)")
+    for field in sorted(overrides):
+        lines.append(f"  {field} as given")
+    lines.append(f"estimated time: {estimate:.1f} minutes on {device} ({images_per_second:.0f} training images/s "
+                 f"measured on {probe_batch}-image steps here; a budget in passes or minutes changes it)")
     return cfg, data, lines
 
 
@@ -216,9 +221,3 @@ def _fields_for(cfg: dict, data, passes: float) -> dict:
     fields = {f"{sec}.{k}": v for sec in ("stage1", "stage2") for k, v in cfg[sec].items()}
     fields.update({d.field: d.value for d in derive(cfg, data, passes, "")})
     return fields
-
-
-def _toml(text: str) -> str:
-    import json
-
-    return json.dumps(text)

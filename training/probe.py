@@ -87,3 +87,28 @@ def linear_probe(model: torch.nn.Module, data: LTData, device: torch.device, per
     report["probe_train_per_class"] = np.bincount(data.train_source.labels[train_ids],
                                                   minlength=len(data.class_names)).tolist()
     return report
+
+
+def probe_encoder(run: str | None = None, *, random_init: str | None = None, per_class: int = 100, on: str = "test",
+                  device: str = "auto", seed: int = 0) -> dict:
+    """`tailwise probe`: the linear probe of a run's stage-1 encoder (`run`: its folder), or of a randomly
+    initialised encoder of the recipe `random_init` (one of the two)."""
+    from tailwise import OptionError
+    from tailwise.training.checkpoint import load_card, load_weights
+    from tailwise.training.config import load_config
+    from tailwise.training.data import rebuild_lt_data
+
+    if bool(run) == bool(random_init):
+        raise OptionError("give a run folder or {random_init} (one of them)", "random_init")
+    if run:
+        card = load_card(run, stage=1)
+        cfg = card["config"]
+        data = rebuild_lt_data(card["data"]["build_args"], card["data"]["index_sha256"], card["_dir"])
+    else:
+        from tailwise.training.train import data_from_config
+
+        cfg = load_config(random_init)
+        data = data_from_config(cfg)
+    torch.manual_seed(seed)
+    model = stage1_encoder(cfg, data, load_weights(card) if run else None)
+    return linear_probe(model, data, engine.resolve_device(device), per_class=per_class, seed=seed, on=on)

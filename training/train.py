@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tailwise import UserError
+from tailwise import OptionError, UserError
+from tailwise import format as fmt
 from tailwise.training import checkpoint, engine
 from tailwise.training.augment import BatchAugment
 from tailwise.training.config import reproduce_command, validate_config
-from tailwise.training.data import LTData, build_lt_data, rebuild_lt_data
+from tailwise.training.data import LTData, build_lt_data, check_same_data, rebuild_lt_data
 from tailwise.training.dataspec import DataSpec
 from tailwise.training.metrics import evaluate_logits, format_evaluation, save_report
 from tailwise.training.networks import Classifier, ContrastiveModel
@@ -39,11 +40,6 @@ def autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def log_prior(counts) -> torch.Tensor:
-    counts = torch.as_tensor(counts, dtype=torch.float32)
-    return torch.log(counts / counts.sum())
 
 
 @torch.no_grad()
@@ -68,18 +64,17 @@ def _card_base(cfg: dict, data: LTData, kind: str, head: str = "linear") -> dict
 
 
 def _resume_or_none(run_dir: Path, stage: int, resume: bool) -> dict | None:
-    path = run_dir / f"stage{stage}.json"
+    path = run_dir / fmt.stage_card(stage)
     if not path.exists():
         return None
     if not resume:
-        raise UserError(f"{path} exists: pass --resume to continue this run, or choose another --out")
+        raise OptionError(f"{path} exists: pass {{resume=True}} to continue this run, or choose another {{out}}",
+                          "resume", "out")
     return checkpoint.load_card(path)
 
 
 def _check_same_data(card: dict, data: LTData) -> None:
-    if card["data"]["index_sha256"] != data.index_sha256:
-        raise UserError(f"{card['_dir']}: checkpoint was trained on different data "
-                        f"(index sha256 {card['data']['index_sha256'][:12]}... vs {data.index_sha256[:12]}...)")
+    check_same_data(data, card["data"]["index_sha256"], card["_dir"])
     trained = (card["data"]["channels"], *card["data"]["image_size"])
     if trained != (data.channels, *data.image_size):
         raise UserError(f"{card['_dir']}: checkpoint was trained on {trained[0]} x {trained[1]} x {trained[2]} images, "
@@ -125,7 +120,7 @@ def supervised_criterion(name: str, counts: list[int], epochs: int, drw_start: f
     """(logits, labels, epoch) -> loss, for ce | la (logit-adjusted, tau 1) | bsce (balanced softmax) | ldam-drw."""
     from tailwise.training import losses
 
-    prior = log_prior(counts).to(device)
+    prior = torch.tensor(fmt.log_prior(counts), dtype=torch.float32, device=device)   # of the LA and BS losses
     if name == "ce":
         return lambda logits, y, epoch: F.cross_entropy(logits, y)
     if name == "la":
@@ -235,7 +230,7 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     from tailwise.training.ipdpp import class_targets
 
     s = cfg["stage2"]
-    card1 = checkpoint.load_card(run_dir / "stage1.json")
+    card1 = checkpoint.load_card(run_dir, stage=1)
     if not card1.get("finished"):
         raise UserError(f"{run_dir}: stage 1 has not finished (epoch {card1['epoch']}/{card1['epochs']})")
     _check_same_data(card1, data)
@@ -264,7 +259,7 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
 
     streams = engine.Streams(cfg["seed"])
     images = engine.DeviceImages(data.train_source, device)
-    pool = SubsetRedraw(s, data, model, images, streams, run_dir / "stage2_redraws.jsonl" if d.main else None)
+    pool = SubsetRedraw(s, data, model, images, streams, run_dir / fmt.REDRAWS_LOG if d.main else None)
     start = 0
     if card0:
         _check_same_data(card0, data)
@@ -343,31 +338,36 @@ class SubsetRedraw:
 
 
 # ----------------------------------------------------------------------------- final classifier: LA and test
-def choose_logit_adjustment(model, data: LTData, device: torch.device, train_counts: list[int]) -> dict:
-    """Pick tau for logits - tau * log(prior) on the validation split (balanced accuracy); never the test set."""
+def choose_logit_adjustment(model, data: LTData, device: torch.device, counts: list[int], prior: str) -> dict:
+    """Pick tau for the served logits - tau * log_prior(counts) (tailwise.format.adjust_logits) on the validation
+    split (balanced accuracy); never the test set. `prior` names the counts (tailwise.format.PRIORS: the stage-2
+    subset's class counts, or the training counts) and is recorded with them."""
+    if prior not in fmt.PRIORS:
+        raise ValueError(f"prior {prior!r}: expected one of {fmt.PRIORS}")
     images = engine.DeviceImages(data.train_source, device)
-    logits = predict_logits(model, images, data.val_idx).cpu()
+    logits = predict_logits(model, images, data.val_idx).cpu().numpy()
     labels = data.train_source.labels[data.val_idx]
-    prior = log_prior(train_counts)
+    prior_logs = fmt.log_prior(counts)
     scores = {}
     for tau in LA_TAU_GRID:
-        report = evaluate_logits((logits - tau * prior).numpy(), labels, data.counts, data.groups)
+        report = evaluate_logits(fmt.adjust_logits(logits, tau, prior_logs), labels, data.counts, data.groups)
         scores[tau] = report["mean_per_class"]
     best = max(LA_TAU_GRID, key=lambda t: (scores[t], -t))
-    return {"tau": best, "log_prior": prior.tolist(), "val_mean_per_class": scores}
+    return {"tau": best, "log_prior": prior_logs, "prior": prior, "val_mean_per_class": scores}
 
 
 def evaluate_run(run_dir: Path, device: torch.device, data: LTData | None = None, out_dir: Path | None = None) -> dict:
     """Score a run's final classifier on the test set; write report.json + per_class.png; return the report."""
     model, card = checkpoint.load_classifier(run_dir)
     if data is None:
-        data = rebuild_lt_data(card["data"]["build_args"])
+        data = rebuild_lt_data(card["data"]["build_args"], card["data"]["index_sha256"], card["_dir"])
     return score_classifier(model, card, data, device, card.get("logit_adjustment"), out_dir)
 
 
 def score_classifier(model, card: dict, data: LTData, device: torch.device, logit_adjustment: dict | None,
                      out_dir: Path | None = None) -> dict:
-    """The test report of a classifier: plain, and with `logit_adjustment` (tau, log_prior) when there is one
+    """The test report of a classifier: plain, and with `logit_adjustment` ({"tau", "log_prior", ...}: the
+    served adjustment, tailwise.format.adjust_logits) when there is one
     (also when validation picked tau = 0, so the adjusted row always exists). Written to out_dir (default:
     the run's eval/)."""
     if data.test_source is None:
@@ -378,11 +378,10 @@ def score_classifier(model, card: dict, data: LTData, device: torch.device, logi
     report = evaluate_logits(logits.numpy(), data.test_source.labels, data.counts, data.groups)
     la = logit_adjustment
     if la:
-        adjusted = logits - la["tau"] * torch.tensor(la["log_prior"])
-        report["logit_adjusted"] = evaluate_logits(adjusted.numpy(), data.test_source.labels, data.counts,
-                                                   data.groups)
+        adjusted = fmt.adjust_logits(logits.numpy(), la["tau"], la["log_prior"])
+        report["logit_adjusted"] = evaluate_logits(adjusted, data.test_source.labels, data.counts, data.groups)
         report["logit_adjusted"]["tau"] = la["tau"]
-    save_report(report, out_dir or Path(card["_dir"]) / "eval", data.class_names,
+    save_report(report, out_dir or Path(card["_dir"]) / fmt.EVAL_DIR, data.class_names,
                 title=f"{card['config']['name']} (stage {card['stage']}, epoch {card['epoch']})")
     return report
 
@@ -394,7 +393,7 @@ def training_record(run_dir: Path, device: torch.device, d: engine.Dist) -> dict
 
     seconds = {}
     for stage in (1, 2):
-        path = run_dir / f"stage{stage}_metrics.jsonl"
+        path = run_dir / fmt.stage_metrics_log(stage)
         if path.exists():
             seconds[f"stage{stage}"] = round(sum(json.loads(x)["seconds"] for x in path.read_text().splitlines()), 1)
     if device.type == "cuda":
@@ -409,7 +408,7 @@ def training_record(run_dir: Path, device: torch.device, d: engine.Dist) -> dict
 
 
 def _stage_card(run_dir: Path, stage: int) -> dict | None:
-    path = run_dir / f"stage{stage}.json"
+    path = run_dir / fmt.stage_card(stage)
     return checkpoint.load_card(path) if path.exists() else None
 
 
@@ -420,12 +419,12 @@ def check_start(cfg: dict, run_dir: Path, stages: tuple[int, ...], resume: bool)
     if not resume:
         for s in todo:
             if cards[s]:
-                raise UserError(f"{run_dir / f'stage{s}.json'} exists: pass --resume to continue this run, "
-                                "or choose another --out")
+                raise OptionError(f"{run_dir / fmt.stage_card(s)} exists: pass {{resume=True}} to continue this run, "
+                                  "or choose another {out}", "resume", "out")
     if 2 in todo and 1 not in stages and not (cards[1] and cards[1].get("finished")):
-        raise UserError(f"{run_dir}: stage 2 needs a finished stage 1 there (stage1.json "
-                        + (f"is at epoch {cards[1]['epoch']}/{cards[1]['epochs']}" if cards[1] else "is missing")
-                        + "); train it first with --stage 1")
+        raise OptionError(f"{run_dir}: stage 2 needs a finished stage 1 there ({fmt.stage_card(1)} "
+                          + (f"is at epoch {cards[1]['epoch']}/{cards[1]['epochs']}" if cards[1] else "is missing")
+                          + "); train it first with {stage=1}", "stage")
     if not (resume and todo and all(cards[s] and cards[s].get("finished") for s in todo)):
         return False
     final = cards[max(todo)]
@@ -434,12 +433,12 @@ def check_start(cfg: dict, run_dir: Path, stages: tuple[int, ...], resume: bool)
 
 def _with_stage1_as_trained(cfg: dict, run_dir: Path) -> dict:
     """cfg with the model and stage1 sections of the run's stage-1 card: stage 2 builds on what was trained."""
-    card1 = checkpoint.load_card(run_dir / "stage1.json")
+    card1 = checkpoint.load_card(run_dir, stage=1)
     trained = {k: card1["config"][k] for k in ("model", "stage1")}
     differs = [f"{section}.{k}" for section in trained for k in trained[section]
                if cfg[section].get(k) != trained[section][k]]
     if differs:
-        print(f"tailwise: stage 2 builds on {run_dir / 'stage1.json'}, trained with its own "
+        print(f"tailwise: stage 2 builds on {card1['_dir']}/{fmt.stage_card(1)}, trained with its own "
               + ", ".join(f"{f}={json.dumps(card1['config'][f.split('.')[0]][f.split('.')[1]])}" for f in differs[:4])
               + (" ..." if len(differs) > 4 else "") + " (recorded as such)", flush=True)
     return dict(cfg, **copy.deepcopy(trained))
@@ -457,7 +456,7 @@ def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool
     if check_start(cfg, run_dir, stages, resume):
         final = checkpoint.load_card(run_dir)
         print(f"tailwise: {run_dir} is already finished (stage {final['stage']}: epoch {final['epoch']}/"
-              f"{final['epochs']}); nothing to train. Its test report is in {run_dir / 'eval'}; "
+              f"{final['epochs']}); nothing to train. Its test report is in {run_dir / fmt.EVAL_DIR}; "
               f"`tailwise evaluate {run_dir}` scores it again.", flush=True)
         return final.get("test", {})
     device = engine.resolve_device(cfg["device"])
@@ -469,7 +468,7 @@ def run(cfg: dict, run_dir: Path, stages: tuple[int, ...] = (1, 2), resume: bool
         run_dir.mkdir(parents=True, exist_ok=True)
         return _train_and_score(cfg, data, run_dir, device, d, stages, resume, progress)
     except BaseException:
-        if created and d.main and not list(run_dir.glob("stage*.json")):  # nothing to resume from: leave no folder
+        if created and d.main and not list(run_dir.glob(fmt.STAGE_CARDS)):  # nothing to resume from: leave no folder
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -520,7 +519,7 @@ def finish_stage(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
             updates[stage] = {"trained": records}
     result: dict = {}
     if last:
-        final_stage = 2 if (run_dir / "stage2.json").exists() else 1
+        final_stage = 2 if (run_dir / fmt.stage_card(2)).exists() else 1
         final = cards.get(final_stage) or checkpoint.load_card(run_dir, stage=final_stage)
         cards[final_stage] = final
         if final.get("finished") and final.get("kind") == "classifier":
@@ -537,7 +536,8 @@ def _score_final(cfg: dict, data: LTData, card: dict, device: torch.device, d: e
     model = checkpoint.classifier_from_card(card).to(device)
     fields = {}
     if card["stage"] == 2 and cfg["stage2"]["logit_adjust"] and len(data.val_idx):
-        fields["logit_adjustment"] = choose_logit_adjustment(model, data, device, card["train_distribution"])
+        fields["logit_adjustment"] = choose_logit_adjustment(model, data, device, card["train_distribution"],
+                                                             fmt.PRIOR_STAGE2_SUBSET)
     fields["training"] = training_record(Path(card["_dir"]), device, d)
     if data.test_source is None:
         print("tailwise: no test set (give one with --test DIR, or data.test_split): nothing scored", flush=True)
