@@ -112,6 +112,33 @@ def variant_report(variant: str) -> str:
 MODEL_FILES = (MODEL_FILE, variant_model("*"), variant_report("*"), WEIGHTS_FILE, CARD_FILE)
 
 
+# Everything export writes into a model folder (the model card's files too): a folder that holds these and
+# nothing else is one that `export --force` may replace.
+MODEL_FOLDER_FILES = (*MODEL_FILES, MANIFEST_FILE, README_FILE, PER_CLASS_PLOT)
+
+
+def foreign_files(folder: str | os.PathLike) -> list[str]:
+    """The names in `folder` that export did not write there (sorted): everything but MODEL_FOLDER_FILES and a
+    samples/ folder of PNGs. Empty for a tailwise model folder (or an empty folder)."""
+    folder = Path(folder)
+    foreign = []
+    for entry in folder.iterdir():
+        if entry.name == SAMPLES_DIR and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"{SAMPLES_DIR}/{p.name}" for p in entry.iterdir()
+                        if not (p.suffix == ".png" and p.is_file() and not p.is_symlink())]
+        elif not (entry.is_file() and not entry.is_symlink()
+                  and any(entry.match(pattern) for pattern in MODEL_FOLDER_FILES)):
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return sorted(foreign)
+
+
+def is_model_folder(folder: str | os.PathLike) -> bool:
+    """A folder with a manifest and a model.onnx and nothing export would not have written."""
+    folder = Path(folder)
+    return ((folder / MANIFEST_FILE).is_file() and (folder / MODEL_FILE).is_file()
+            and not foreign_files(folder))
+
+
 def model_file_of(path: str | os.PathLike) -> Path:
     """A model folder's model.onnx, or `path` itself when it names a file (no check that it exists)."""
     path = Path(path)
