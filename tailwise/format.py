@@ -145,6 +145,59 @@ def model_file_of(path: str | os.PathLike) -> Path:
     return path / MODEL_FILE if path.is_dir() else path
 
 
+# --------------------------------------------------------------------------------------------- the default model
+
+SHIPPED_MODEL = "models/fmnist-lt-tailwise"   # the model tailwise ships, relative to the source tree's root
+MODEL_ENV = "TAILWISE_MODEL"
+# Where a shipped model can be: the source tree (a checkout, a Bento's src/) above the package, or inside it (a
+# wheel that carries the model as package data).
+_PACKAGE = Path(__file__).resolve().parent
+SHIPPED_ROOTS = (_PACKAGE.parent, _PACKAGE)
+
+
+def shipped_model() -> Path | None:
+    """The model folder shipped with this tailwise, or None where this install does not carry it."""
+    for root in SHIPPED_ROOTS:
+        if (root / SHIPPED_MODEL / MODEL_FILE).is_file():
+            return root / SHIPPED_MODEL
+    return None
+
+
+def default_model() -> Path:
+    """The model used when none is named (one rule for serve, predict, tailwise.load() and the Bento):
+    $TAILWISE_MODEL (a model folder or .onnx file), else the model shipped with tailwise. A user's own models
+    are used only when named; nothing is chosen by modification time. UserError saying how, when neither is
+    there."""
+    env = os.environ.get(MODEL_ENV)
+    if env:
+        if not Path(env).exists():
+            raise UserError(f"{MODEL_ENV}={env}: no such model folder or file")
+        return Path(env)
+    found = shipped_model()
+    if found is None:
+        raise UserError(f"no model named, {MODEL_ENV} is not set, and this install does not carry the shipped "
+                        f"model ({SHIPPED_MODEL} is in the tailwise repository): name a model folder, or set "
+                        f"{MODEL_ENV}")
+    return found
+
+
+def find_model(path: str | os.PathLike) -> Path:
+    """`path` as given when it exists; the shipped model when `path` names it (models/fmnist-lt-tailwise) and
+    the current folder has no such folder (outside the checkout); else UserError saying how."""
+    path = Path(path)
+    if path.exists():
+        return path
+    if not path.is_absolute():
+        rel = Path(os.path.normpath(path))
+        shipped = shipped_model()
+        if shipped is not None and rel in (Path(SHIPPED_MODEL), Path(SHIPPED_MODEL) / MODEL_FILE):
+            return shipped / rel.relative_to(SHIPPED_MODEL)
+        if rel in (Path(SHIPPED_MODEL), Path(SHIPPED_MODEL) / MODEL_FILE):
+            raise UserError(f"{path}: not here, and this install does not carry the shipped model (it is in the "
+                            f"tailwise repository: run from a checkout, or pass the full path of a model folder)")
+    raise UserError(f"{path}: no such model folder or file")
+
+
 # --------------------------------------------------------------------------------------------- preprocessing
 
 # Data sets whose images are stored at their native small size: a user's image is resized to it whole. Cards

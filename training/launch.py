@@ -33,7 +33,6 @@ def train(config: str | os.PathLike | None = None, out: str | os.PathLike | None
     {"section.key": value} for any other field (`--set`); `epochs`, `device` and `seed` win over them.
     `resume`: continue the run in `out` from its last checkpoint (a folder run: with the plan it recorded)."""
     from tailwise.training.config import DEFAULT_RECIPE, apply_overrides, load_config, recorded_config
-    from tailwise.training.train import run
 
     if stage not in (None, 1, 2):
         raise OptionError(f"{{stage}} must be 1 or 2 (or not given: both), got {stage!r}", "stage")
@@ -45,6 +44,23 @@ def train(config: str | os.PathLike | None = None, out: str | os.PathLike | None
     if data is None and (test is not None or budget is not None or minutes is not None):
         raise OptionError("{test}, {budget} and {minutes} go with {data=DIR}", "test", "budget", "minutes", "data")
     recipe = config or DEFAULT_RECIPE
+    if data is not None:   # every check that reads no data, before the folder is scanned and the speed probed
+        from tailwise.training.plan import check_budget
+
+        check_budget(budget, minutes)
+        for name, folder in (("data", data), ("test", test)):
+            if folder is not None and not Path(folder).is_dir():
+                raise OptionError(f"{{{name}}} {folder} is "
+                                  + ("not a folder" if Path(folder).exists() else "not there")
+                                  + " (a folder with one subfolder of images per class)", name)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise OptionError(f"{{out}} {out} exists and is not a folder", "out")
+    if not resume:
+        run_dir = _run_dir(out, load_config(recipe, overrides)) if out is None else Path(out)
+        taken = [fmt.stage_card(s) for s in stages if (run_dir / fmt.stage_card(s)).exists()]
+        if taken:
+            raise OptionError(f"{run_dir / taken[0]} exists: pass {{resume=True}} to continue this run, "
+                              "or choose another {out}", "resume", "out")
     cfg, planned_data = None, None
     if data is not None and resume:
         run_dir = _run_dir(out, load_config(recipe, overrides))
@@ -66,6 +82,8 @@ def train(config: str | os.PathLike | None = None, out: str | os.PathLike | None
     if resume and _newest_card(run_dir) is None:
         raise OptionError(f"{run_dir}: nothing to resume (no {fmt.stage_card(1)} or {fmt.stage_card(2)} checkpoint "
                           "card there); drop {resume} to start a new run", "resume")
+    from tailwise.training.train import run
+
     run(cfg, run_dir, stages=stages, resume=resume, progress=progress, data=planned_data)
     return run_dir
 

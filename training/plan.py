@@ -151,6 +151,16 @@ def estimate_minutes(fields: dict, data, images_per_second: float, views: int) -
     return images / images_per_second / 60
 
 
+def check_budget(budget: float | None, minutes: float | None) -> None:
+    """Refuse both, or a budget that is not positive (before any data is read)."""
+    if budget is not None and minutes is not None:
+        raise OptionError("give {budget} or {minutes}, not both", "budget", "minutes")
+    if minutes is not None and not minutes > 0:
+        raise OptionError(f"{{minutes}} must be positive, got {minutes:g}", "minutes")
+    if budget is not None and not budget > 0:
+        raise OptionError(f"{{budget}} must be positive, got {budget:g}", "budget")
+
+
 def plan_for_folder(folder: str | os.PathLike, *, test: str | os.PathLike | None = None, budget: float | None = None,
                     minutes: float | None = None, recipe: str | None = None,
                     overrides: Mapping[str, Any] | None = None) -> tuple[dict, object, list[str]]:
@@ -162,12 +172,7 @@ def plan_for_folder(folder: str | os.PathLike, *, test: str | os.PathLike | None
     from tailwise.training.config import DEFAULT_RECIPE, load_config
     from tailwise.training.train import data_from_config
 
-    if budget is not None and minutes is not None:
-        raise OptionError("give {budget} or {minutes}, not both", "budget", "minutes")
-    if minutes is not None and not minutes > 0:
-        raise OptionError(f"{{minutes}} must be positive, got {minutes}", "minutes")
-    if budget is not None and not budget > 0:
-        raise OptionError(f"{{budget}} must be positive, got {budget}", "budget")
+    check_budget(budget, minutes)
     overrides = dict(overrides or {})
     recipe = recipe or DEFAULT_RECIPE
     data_set = {"data.dataset": "folder", "data.root": os.path.abspath(folder),
