@@ -56,3 +56,50 @@ def test_an_unknown_option_is_one_line_with_the_likely_flag(folder):
     assert rc == 2 and len(err) == 1 and "-o: did you mean --output?" in err[0] and "tailwise predict" in err[0]
     rc, _, err, _ = tailwise_in_process(["train", "--minuts", "3"], folder)
     assert rc == 2 and len(err) == 1 and "did you mean --minutes" in err[0]
+
+
+def _folder_of(root, counts, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_a_folder_is_described_by_its_real_imbalance_and_validation(tmp_path):
+    """Item 8: an 8:1 folder is not 'imbalance factor 1, none profile' nor validated 'from images the LT subset
+    did not keep'."""
+    from tailwise.training.data import build_lt_data, describe_imbalance, describe_validation
+
+    data = build_lt_data("folder", root=str(_folder_of(tmp_path / "f", {"a": 80, "b": 30, "c": 10})))
+    card = dict(data.card())
+    assert data.counts == [64, 24, 8]
+    assert describe_imbalance(card) == "imbalance factor 8 as found (largest class 64 images, smallest 8)"
+    assert "held out of the training images" in describe_validation(card) and "LT subset" not in \
+        describe_validation(card)
+    rc, out, _, _ = tailwise_in_process(["data", "--dataset", "folder", "--root", "f"], tmp_path)
+    assert rc == 0 and "imbalance factor 8 as found" in out[0] and "profile" not in out[0]
+    assert any(line.startswith("validation: up to 100 per class") for line in out)
+    fmnist_like = {"build_args": {"dataset": "fmnist", "profile": "exp", "imbalance_factor": 10.0,
+                                  "val_per_class": 100, "holdout_kept": True}, "counts": [60, 6], "num_val": 5}
+    assert describe_imbalance(fmnist_like) == "imbalance factor 10, exp profile"
+    assert "LT subset did not keep" in describe_validation(fmnist_like)
+
+
+def test_one_truncated_png_moves_no_count_and_no_band(tmp_path):
+    """Item 8: a file whose header reads but whose pixels do not is left out when the folder is scanned, so the
+    counts, the group bands and the groups are those of the folder without it."""
+    from tailwise.training.data import build_lt_data
+
+    counts = {"a": 48, "b": 37, "c": 28, "d": 22, "e": 17, "f": 13, "g": 10, "h": 8, "i": 6, "j": 5}
+    clean = build_lt_data("folder", root=str(_folder_of(tmp_path / "clean", counts)), val_per_class=0)
+    broken_root = _folder_of(tmp_path / "broken", counts)
+    extra = broken_root / "j" / "extra.png"
+    extra.write_bytes((broken_root / "j" / "0.png").read_bytes()[:120])   # header whole, pixels cut
+    broken = build_lt_data("folder", root=str(broken_root), val_per_class=0)
+    assert [p for p, _ in broken.skipped] == [str(extra)]
+    assert broken.counts == clean.counts and broken.bands == clean.bands and broken.groups == clean.groups

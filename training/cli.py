@@ -75,6 +75,7 @@ def register(subparsers) -> None:
 
 
 def run_data(args) -> int:
+    from tailwise.training.data import describe_imbalance, describe_validation
     from tailwise.training.launch import describe_data
     from tailwise.training.metrics import count_bars
 
@@ -88,10 +89,10 @@ def run_data(args) -> int:
     build = card["build_args"]
     for line in data.skipped_report():
         print(line)
-    print(f"{card['name']}  root={build['root']}  profile={build['profile']}  "
-          f"imbalance_factor={build['imbalance_factor']:g}")
+    print(f"{card['name']}  root={build['root']}  {describe_imbalance(card)}")
     print(f"image {card['channels']}x{card['image_size'][0]}x{card['image_size'][1]}  "
           f"train {card['num_train']}  val {card['num_val']}  test {card['num_test']}")
+    print(f"validation: {describe_validation(card)}")
     print(f"index_sha256 {card['index_sha256']}")
     if data.file_stats:
         modes = ", ".join(f"{m} {n}" for m, n in sorted(data.file_stats["modes"].items(), key=lambda kv: -kv[1]))
