@@ -164,13 +164,16 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fals
     return Path(out)
 
 
-def evaluate(path: str | os.PathLike, *, device: str = "auto", out: str | os.PathLike | None = None) -> dict:
+def evaluate(path: str | os.PathLike, *, device: str = "auto", out: str | os.PathLike | None = None,
+             data: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """`tailwise evaluate`: the test report of a run's final classifier or of an exported model folder: plain
     logits, and "logit_adjusted" (what is served) when the model adjusts its logits (training.launch.evaluate).
-    `out`: also write report.json and per_class.png there (a run: by default into its eval/ folder)."""
+    `data`: an exported model's report on this labelled folder (one subfolder of images per class) instead.
+    `out`: also write report.json and per_class.png there (a run: by default into its eval/ folder).
+    `progress`: say on stderr what it is doing."""
     from tailwise.training.launch import evaluate as evaluate_path
 
-    return evaluate_path(path, device=device, out=out).report
+    return evaluate_path(path, device=device, out=out, data=data, progress=progress).report
 
 
 def _flatten(overrides: dict, prefix: str = ""):

@@ -103,3 +103,62 @@ def test_one_truncated_png_moves_no_count_and_no_band(tmp_path):
     broken = build_lt_data("folder", root=str(broken_root), val_per_class=0)
     assert [p for p, _ in broken.skipped] == [str(extra)]
     assert broken.counts == clean.counts and broken.bands == clean.bands and broken.groups == clean.groups
+
+
+SHIPPED = os.path.join(ROOT, "models", "fmnist-lt-tailwise")
+
+
+def test_evaluate_scores_a_model_on_a_labelled_folder_as_predict_serves_it(tmp_path):
+    """Item 9 (and 6): `tailwise evaluate MODEL --data DIR` gives the test-set report on a folder of the model's
+    classes, with its own groups, plain and served; the served top-1 is what `predict` answers for those files.
+    It says what it does on stderr while it works."""
+    import shutil
+    from pathlib import Path
+
+    from tailwise.serving.artifact import OnnxClassifier
+    from tailwise.serving.predict import predict_files
+
+    model = OnnxClassifier(SHIPPED)
+    by_key = {n.lower().replace("/", "-"): n for n in model.class_names}
+    samples = sorted(Path(SHIPPED, "samples").glob("*.png"))
+    truth = {}
+    for path in samples:   # samples/<class slug>-<i>.png -> labelled/<class slug>/<i>.png
+        slug = path.stem.rsplit("-", 1)[0]
+        name = next(n for k, n in by_key.items() if k.replace(" ", "-") == slug)
+        (tmp_path / "labelled" / slug).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, tmp_path / "labelled" / slug / path.name)
+        truth[path.name] = name
+    (tmp_path / "labelled" / slug / "broken.png").write_bytes(b"not an image")
+    rc, out, err, _ = tailwise_in_process(["evaluate", SHIPPED, "--data", "labelled", "--json"], tmp_path)
+    assert rc == 0, err
+    report = json.loads("\n".join(out))
+    served = predict_files(model, [str(p) for p in samples])
+    right = sum(r["predictions"][0]["label"] == truth[p.name] for p, r in zip(samples, served))
+    assert report["num_samples"] == len(samples) and report["skipped"] == 1
+    assert report["logit_adjusted"]["top1"] == right / len(samples)
+    assert report["groups"] == model.meta["groups"] and report["train_counts"] == model.meta["train_counts"]
+    assert set(report) >= {"top1", "mean_per_class", "many", "medium", "few", "per_class"}
+    assert any("decoding" in line for line in err) and any("scoring" in line for line in err)
+    rc, out, _, _ = tailwise_in_process(["evaluate", SHIPPED, "--data", "labelled"], tmp_path)
+    assert rc == 0 and out[0].startswith("labelled, 10 images (1 files that do not decode left out)")
+    assert any(line.startswith("few (") for line in out) and any(line.startswith("Ankle boot") for line in out)
+    (tmp_path / "labelled" / "cat").mkdir()
+    rc, _, err, _ = tailwise_in_process(["evaluate", SHIPPED, "--data", "labelled"], tmp_path)
+    assert rc == 2 and "subfolders cat are not classes of the model" in err[-1]
+    rc, _, err, torch_imported = tailwise_in_process(["evaluate", SHIPPED, "--data", "nope"], tmp_path)
+    assert rc == 2 and err == ["tailwise evaluate: error: --data nope is not a folder (one subfolder of images "
+                               "per class)"]
+
+
+def test_probe_says_what_it_is_doing(tmp_path):
+    """Item 6: `tailwise probe` prints each step on stderr (reading the data, encoding, fitting)."""
+    from conftest import write_cifar_archive, write_recipe
+
+    archive, _, _ = write_cifar_archive(tmp_path, per_class=20, test_per_class=2)
+    recipe = write_recipe(tmp_path, archive)
+    rc, out, err, _ = tailwise_in_process(["probe", "--random-init", str(recipe), "--per-class", "3",
+                                           "--device", "cpu"], tmp_path)
+    assert rc == 0, err
+    assert [line.split(" ")[2] for line in err if line.startswith("tailwise probe: ")] == \
+        ["reading", "encoding", "fitting"]
+    assert out[0].startswith("linear probe of the randomly initialised encoder")

@@ -51,11 +51,16 @@ def register(subparsers) -> None:
     train.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser(
-        "evaluate", help="score a run or an exported model on the test set: plain and served (logit-adjusted) numbers",
+        "evaluate", help="score a run or an exported model on the test set (or a model on your labelled folder): "
+                         "plain and served (logit-adjusted) numbers",
         description="Score a run's final classifier (torch) or an exported model folder (its ONNX model, with "
-                    "onnxruntime, on the data its model card names) on the test set. Prints plain-logit and served "
-                    "numbers side by side: served is what `tailwise predict` and the service return.")
+                    "onnxruntime, on the data its model card names) on the test set, or an exported model on a "
+                    "labelled folder of yours (--data DIR). Prints plain-logit and served numbers side by side: "
+                    "served is what `tailwise predict` and the service return.")
     evaluate.add_argument("run", help="run folder, checkpoint card, or exported model folder (models/NAME)")
+    evaluate.add_argument("--data", metavar="DIR",
+                          help="score an exported model on this labelled folder instead (one subfolder of images "
+                               "per class, as for training): the same report, with the model's own groups")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="for a run (torch)")
     evaluate.add_argument("--out", help="report folder (default <run>/eval; an exported model: none unless given)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -131,7 +136,7 @@ def run_evaluate(args) -> int:
     from tailwise.training.launch import evaluate
     from tailwise.training.metrics import format_evaluation
 
-    result = evaluate(args.run, device=args.device, out=args.out)
+    result = evaluate(args.run, device=args.device, out=args.out, data=args.data)
     print(json.dumps(result.report, indent=2) if args.json else format_evaluation(result.report, result.class_names))
     if result.out is not None and not args.json:
         print(f"\nper-class accuracy against training count: {result.out / PER_CLASS_PLOT} "

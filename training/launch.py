@@ -109,25 +109,55 @@ class Evaluation:
     out: Path | None
 
 
-def evaluate(path: str | os.PathLike, *, device: str = "auto", out: str | os.PathLike | None = None) -> Evaluation:
+def evaluate(path: str | os.PathLike, *, device: str = "auto", out: str | os.PathLike | None = None,
+             data: str | os.PathLike | None = None, progress: bool = True) -> Evaluation:
     """Score on its test set a run's final classifier (a run folder or checkpoint card; torch on `device`), or an
     exported model (a model folder or its .onnx file; onnxruntime, on the data its card.json names): plain
     logits and, when there is one, with the logit adjustment that is served. The report goes to `out` (default:
-    the run's eval/ folder; for an exported model, nowhere unless given)."""
-    from tailwise.training.exported import evaluate_exported, is_exported_model
+    the run's eval/ folder; for an exported model, nowhere unless given).
+
+    `data`: score an exported model on this labelled folder instead (one subfolder of images per class, as for
+    training; training.exported.evaluate_folder), with the model's own many/medium/few groups.
+    `progress`: say on stderr what it is doing while it works."""
+    import sys
+
+    from tailwise import UserError
+    from tailwise.training.exported import evaluate_exported, evaluate_folder, is_exported_model
+
+    def say(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr, flush=True)
 
     if device not in ("auto", "cpu", "cuda"):
         raise OptionError(f"{{device}} must be auto, cpu or cuda, got {device!r}", "device")
     path, out = Path(path), Path(out) if out is not None else None
+    if not path.exists():
+        raise UserError(f"{path}: no such run or model folder")
+    if data is not None:
+        if not Path(data).is_dir():
+            raise OptionError(f"{{data}} {data} is not a folder (one subfolder of images per class)", "data")
+        if not is_exported_model(path):
+            raise OptionError(f"{{data}} scores an exported model (models/NAME); {path} is not one: export the "
+                              "run first with `tailwise export`", "data")
+        report, class_names = evaluate_folder(path, data, out_dir=out, say=say)
+        return Evaluation(report, class_names, out)
     if is_exported_model(path):
-        report, class_names = evaluate_exported(path, out_dir=out)
+        report, class_names = evaluate_exported(path, out_dir=out, say=say)
         return Evaluation(report, class_names, out)
     from tailwise.training import engine
     from tailwise.training.checkpoint import load_card
+    from tailwise.training.data import rebuild_lt_data
     from tailwise.training.train import evaluate_run
 
-    report = evaluate_run(path, engine.resolve_device(device), out_dir=out)
     card = load_card(path)
+    build = card["data"]["build_args"]
+    say(f"tailwise evaluate: reading the data {path} was trained on ({build.get('dataset')} at "
+        f"{build.get('root') or 'its default root'}) and checking it is that data ...")
+    lt_data = rebuild_lt_data(build, card["data"]["index_sha256"], card["_dir"])
+    resolved = engine.resolve_device(device)
+    say(f"tailwise evaluate: scoring {0 if lt_data.test_source is None else len(lt_data.test_source)} test images "
+        f"on {resolved} ...")
+    report = evaluate_run(path, resolved, data=lt_data, out_dir=out)
     return Evaluation(report, card["data"]["class_names"], out or Path(card["_dir"]) / fmt.EVAL_DIR)
 
 
