@@ -162,3 +162,20 @@ def test_probe_says_what_it_is_doing(tmp_path):
     assert [line.split(" ")[2] for line in err if line.startswith("tailwise probe: ")] == \
         ["reading", "encoding", "fitting"]
     assert out[0].startswith("linear probe of the randomly initialised encoder")
+
+
+@pytest.mark.slow
+def test_a_recipe_run_prints_its_time_estimate_and_what_a_short_run_shows(tmp_path):
+    """Item 3: `train --config` prints the estimate `--data` runs print (images/s measured here), and a run cut
+    short with --epochs says it shows the steps working, not the recipe's accuracy."""
+    from conftest import write_cifar_archive, write_recipe
+
+    archive, _, _ = write_cifar_archive(tmp_path, per_class=20, test_per_class=2)
+    recipe = write_recipe(tmp_path, archive)
+    rc, out, err, _ = tailwise_in_process(["train", "--config", str(recipe), "--stage", "1", "--epochs", "1",
+                                           "--out", "run", "--no-progress"], tmp_path)
+    assert rc == 0, err
+    estimate = [line for line in out if line.startswith("estimated time: ")]
+    assert len(estimate) == 1 and "training images/s measured" in estimate[0] and "stage 1 1 epochs, stage 2 0" \
+        in estimate[0] and "not a limit" in estimate[0]
+    assert any(line.startswith("a short run (1 epoch(s) of stage 1; the recipe trains 2)") for line in out)

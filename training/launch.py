@@ -78,6 +78,13 @@ def train(config: str | os.PathLike | None = None, out: str | os.PathLike | None
         print("\n".join(lines), flush=True)
     elif cfg is None:
         cfg = load_config(recipe, overrides)
+        if not resume and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            from tailwise.training.plan import estimate_for_config
+            from tailwise.training.train import check_start
+
+            if not check_start(cfg, _run_dir(out, cfg), stages, resume):   # refuses a bad start before data loads
+                planned_data, lines = estimate_for_config(cfg, stages)
+                print("\n".join(lines + _expectation(recipe, cfg, epochs, stages)), flush=True)
     run_dir = _run_dir(out, cfg)
     if resume and _newest_card(run_dir) is None:
         raise OptionError(f"{run_dir}: nothing to resume (no {fmt.stage_card(1)} or {fmt.stage_card(2)} checkpoint "
@@ -86,6 +93,20 @@ def train(config: str | os.PathLike | None = None, out: str | os.PathLike | None
 
     run(cfg, run_dir, stages=stages, resume=resume, progress=progress, data=planned_data)
     return run_dir
+
+
+def _expectation(recipe: str, cfg: dict, epochs: int | None, stages: tuple[int, ...]) -> list[str]:
+    """What to expect of a run shortened with `epochs` (the README's quick try): a line, or none."""
+    from tailwise.training.config import load_config
+
+    full = load_config(recipe)
+    shorter = [s for s in stages if epochs is not None and epochs < full[f"stage{s}"]["epochs"]]
+    if not shorter:
+        return []
+    return [f"a short run ({epochs} epoch(s) of stage {' and '.join(map(str, shorter))}; the recipe trains "
+            + " + ".join(str(full[f"stage{s}"]["epochs"]) for s in shorter)
+            + "): it shows every step working, not the recipe's accuracy, which needs its full epochs "
+              "(the shipped model's card, models/fmnist-lt-tailwise/README.md, has those numbers)"]
 
 
 def _run_dir(out: str | os.PathLike | None, cfg: dict) -> Path:
