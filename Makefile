@@ -1,10 +1,11 @@
-# tailwise: the two commands a new user runs.
-#   make serve   set up, then serve the shipped model over HTTP (port 3000)
-#   make test    set up, then run the whole test suite
-#   make test-fast  the tests not marked slow, for the inner loop (under a minute on 2 cores)
+# tailwise: the two commands a new user runs (README, "Two commands").
+#   make serve PORT=3000   set up, then serve the shipped model over HTTP (PORT: default 3000)
+#   make test-fast         set up, then run the tests not marked slow, for the inner loop
+# and `make test`, the whole suite (what CI runs).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,test
+PORT ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 
 .PHONY: setup test test-fast serve help clean gpu
@@ -28,7 +29,7 @@ test-fast: setup
 
 # Serves the shipped (or newest exported) model; with no model under models/ yet it prints the help instead.
 serve: setup
-	@if ls models/*/model.onnx >/dev/null 2>&1; then $(VENV)/bin/tailwise serve; \
+	@if ls models/*/model.onnx >/dev/null 2>&1; then $(VENV)/bin/tailwise serve --port $(PORT); \
 	else echo "no model under models/ yet: export one with 'tailwise export' (see README)"; $(VENV)/bin/tailwise --help; fi
 
 # On a bare GPU machine (no venv, no network; docs/GPU.md, which starts with experiments/gpu_run.sh --check):

@@ -1,4 +1,5 @@
-"""The README's walkthrough, run line by line as written (issue 16): a folder of real Fashion-MNIST PNGs ->
+"""The walkthrough (docs/YOUR-DATA.md, the README's Start here in full), run line by line as written (issue 16):
+a folder of real Fashion-MNIST PNGs ->
 data -> train -> evaluate -> export -> serve -> curl, with the served answer and the test accuracy checked."""
 
 import json
@@ -21,10 +22,10 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def walkthrough_lines() -> list[str]:
-    """The command lines of the README's block between the walkthrough markers."""
-    text = (REPO / "README.md").read_text()
+    """The command lines of docs/YOUR-DATA.md's block between the walkthrough markers."""
+    text = (REPO / "docs" / "YOUR-DATA.md").read_text()
     block = re.search(r"<!-- walkthrough:begin -->\n```bash\n(.*?)```\n<!-- walkthrough:end -->", text, re.S)
-    assert block, "README.md has no walkthrough block"
+    assert block, "docs/YOUR-DATA.md has no walkthrough block"
     return [line.split("  #")[0].strip() for line in block.group(1).splitlines() if line.strip()]
 
 
