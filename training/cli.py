@@ -46,8 +46,9 @@ def register(subparsers) -> None:
     own.add_argument("--test", metavar="DIR", help="a test folder laid out the same way (scored at the end)")
     own.add_argument("--budget", type=float, metavar="PASSES",
                      help="passes over the training images (default: 50,000 / N, between 20 and 200)")
-    own.add_argument("--minutes", type=float, metavar="M", help="budget in minutes on this machine instead "
-                                                                "(images/s measured on a few steps)")
+    own.add_argument("--minutes", type=float, metavar="M", help="budget in minutes on this machine instead: "
+                                                                "turned into passes by the images/s measured on a "
+                                                                "few steps (an estimate, not a time limit)")
     train.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser(
