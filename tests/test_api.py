@@ -176,7 +176,8 @@ def test_train_export_and_evaluate_call_the_library_functions_with_keywords(monk
     monkeypatch.setattr(launch, "evaluate", lambda *a, **k: seen.setdefault("evaluate", (a, k)) and
                         launch.Evaluation({"top1": 0.5}, ["a"], None))
     assert tailwise.evaluate(tmp_path / "model", device="cpu") == {"top1": 0.5}
-    assert seen["evaluate"] == ((tmp_path / "model",), {"device": "cpu", "out": None, "data": None, "progress": True})
+    assert seen["evaluate"] == ((tmp_path / "model",), {"device": "cpu", "out": None, "data": None,
+                                                        "progress": True})
 
 
 def test_api_errors_name_the_api_parameters(tmp_path, capsys):
