@@ -76,12 +76,14 @@ def read_verified(path: str | os.PathLike, verify: bool | None = None) -> bytes:
 
 
 def check_folder(folder: str | os.PathLike) -> list[str]:
-    """Problems with every file the manifest of `folder` lists (missing, size or sha256 mismatch); [] if none."""
+    """Problems with every file the manifest of `folder` lists (missing, size or sha256 mismatch); [] if none.
+    Spelled for `tailwise manifest --check`, its caller (`--no-verify`, not `verify=False`)."""
     folder = Path(folder)
     problems = []
     for name in read_manifest(folder)["files"]:
         try:
             read_verified(folder / name, verify=True)
         except UserError as exc:
-            problems.append(str(exc))
+            problems.append(exc.render(lambda name, value: f"--no-{name}") if isinstance(exc, OptionError)
+                            else str(exc))
     return problems

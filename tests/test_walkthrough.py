@@ -96,7 +96,7 @@ def test_readme_walkthrough_from_a_folder_to_a_served_model(tmp_path):
                 done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
                 assert done.returncode == 0, f"{line}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
                 key = argv[3] if argv[2] == "tailwise" or argv[1] == "-m" else "make"
-                outputs[key + (" --data" if "--data" in argv else "")] = done.stdout
+                outputs[key + (" --data" if key == "evaluate" and "--data" in argv else "")] = done.stdout
     finally:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
