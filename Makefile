@@ -1,13 +1,15 @@
-# tailwise: the two commands a new user runs.
-#   make serve   install what serving needs (no torch), then serve the shipped model over HTTP (port 3000)
-#   make test    install everything (serving, training, tests), then run the whole test suite
-#   make test-fast  the tests not marked slow, for the inner loop (under a minute on 2 cores)
+# tailwise: the two commands a new user runs (README, "Two commands").
+#   make serve PORT=3000   install what serving needs (no torch), then serve the default model over HTTP
+#                          ($TAILWISE_MODEL, else the shipped model; PORT: default 3000)
+#   make test-fast         install everything, then run the tests not marked slow, for the inner loop
+# and `make test`, the whole suite (what CI runs).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Extras per goal: serving needs onnxruntime only (cpu; gpu for onnxruntime-gpu), the tests also training (train:
 # torch ...) and the test tools. One stamp per set of extras, so `make test` after `make serve` adds the rest.
 SERVE_EXTRAS ?= cpu
 TEST_EXTRAS ?= cpu,train,test
+PORT ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 
 .PHONY: setup setup-serve test test-fast serve help clean gpu
@@ -30,10 +32,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# Serves the shipped (or newest exported) model; with no model under models/ yet it prints the help instead.
+# Serves $TAILWISE_MODEL, else the model shipped with tailwise (never a model chosen by modification time).
 serve: setup-serve
-	@if ls models/*/model.onnx >/dev/null 2>&1; then $(VENV)/bin/tailwise serve; \
-	else echo "no model under models/ yet: export one with 'tailwise export' (see README)"; $(VENV)/bin/tailwise --help; fi
+	$(VENV)/bin/tailwise serve --port $(PORT)
 
 # On a bare GPU machine (no venv, no network; docs/GPU.md, which starts with experiments/gpu_run.sh --check):
 # make gpu GPU_ARGS='--out $$OUT'

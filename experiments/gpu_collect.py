@@ -120,6 +120,12 @@ def main(argv=None) -> int:
                   f"to {target.relative_to(repo)}")
             return 0
         if target.exists():
+            from tailwise.format import foreign_files, is_model_folder
+
+            if not is_model_folder(target):   # never delete what is not a tailwise model (issue 25)
+                print(f"model: {target.relative_to(repo)} holds files that are not a tailwise model's "
+                      f"({', '.join(foreign_files(target)[:4]) or 'no manifest.json + model.onnx'}): not replaced")
+                return 1
             shutil.rmtree(target)
         shutil.copytree(model, target)
         print(f"model: validation {mine} beats the shipped model's {theirs}: copied to {target.relative_to(repo)} "

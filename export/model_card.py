@@ -99,6 +99,8 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
                      name: str | None = None) -> Path:
     """Write out_dir/README.md (and copy the run's per-class plot beside it); returns the README path.
     `name`: the model's name (default out_dir's), used in the card's commands."""
+    from tailwise.training.data import describe_imbalance, describe_validation
+
     out_dir = Path(out_dir)
     run_dir = Path(card["_dir"])
     plot = run_dir / fmt.EVAL_DIR / fmt.PER_CLASS_PLOT
@@ -115,8 +117,8 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
         "",
         f"A {cfg['model']['arch']} classifier for {data['name']} ({len(data['class_names'])} classes, "
         f"{data['channels']}x{data['image_size'][0]}x{data['image_size'][1]} input), trained by tailwise "
-        f"{card['tailwise_version']} on the long-tailed training set (imbalance factor "
-        f"{build.get('imbalance_factor', 1):g}, {build.get('profile')} profile) with recipe `{cfg['name']}`: {recipe}.",
+        f"{card['tailwise_version']} on the long-tailed training set ({describe_imbalance(data)}) with recipe "
+        f"`{cfg['name']}`: {recipe}.",
         "",
         "## Reproduce",
         "",
@@ -174,9 +176,9 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
         "",
         "## Data",
         "",
-        f"`{build.get('dataset')}` at imbalance factor {build.get('imbalance_factor', 1):g}: "
+        f"`{build.get('dataset')}`, {describe_imbalance(data)}: "
         f"{data['num_train']} training images (per class {', '.join(map(str, data['counts']))}), "
-        f"{data['num_val']} validation images (drawn from training images the LT subset did not keep), "
+        f"{data['num_val']} validation images ({describe_validation(data)}), "
         f"sha256 of the selected training indices `{data['index_sha256']}`.",
         "",
         "## Files",

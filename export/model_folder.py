@@ -23,32 +23,51 @@ VARIANTS = ("fp16", "int8")  # export.onnx_export.VARIANTS, repeated so importin
 CALIBRATION_IMAGES = 256  # validation images (disjoint from the parity images) that calibrate int8
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an `out` that is a file, or a folder with files in it unless `force`."""
+def check_out(out: Path, force: bool, run: str | os.PathLike | None = None) -> None:
+    """Refuse an `out` whose replacing could delete what export did not write: a file; the current folder, a
+    folder above it, or the run (`run`) or a folder above it; a folder with any file a model folder does not
+    hold (named, force or not); a model folder (manifest.json + model.onnx) unless `force`."""
     if out.exists() and not out.is_dir():
         raise OptionError(f"{{out}} {out} exists and is not a folder", "out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        names = sorted(p.name for p in out.iterdir())
-        raise OptionError(f"{{out}} {out} already holds a model ({', '.join(names[:4])}"
-                          f"{', ...' if len(names) > 4 else ''}); pass {{force=True}} to replace the whole folder, "
+    where = out.resolve()
+    inside = [Path.cwd().resolve()] + ([Path(run).resolve()] if run is not None else [])
+    for path in inside:
+        if where == path or where in path.parents:
+            what = "the current folder" if path == inside[0] else f"the run {run}"
+            raise OptionError(f"{{out}} {out} is {what}{' or a folder above it' if where != path else ''}; "
+                              "export into a new folder, e.g. {out=models/NAME}", "out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    foreign = fmt.foreign_files(out)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        raise OptionError(f"{{out}} {out} holds files export did not write ({shown}); replacing it would delete "
+                          "them, so export refuses (even with {force}): choose another {out}", "out", "force")
+    if not fmt.is_model_folder(out):
+        raise OptionError(f"{{out}} {out} holds model files but no {fmt.MANIFEST_FILE} and {fmt.MODEL_FILE} "
+                          "(not a whole tailwise model folder), so export does not replace it: choose another {out}",
+                          "out")
+    if not force:
+        raise OptionError(f"{{out}} {out} already holds a tailwise model; pass {{force=True}} to replace it, "
                           "or choose another {out}", "out", "force")
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, force: bool = False):
+def staged_folder(out: Path, force: bool = False, run: str | os.PathLike | None = None):
     """Yield a new empty folder beside `out` to write into; when the block succeeds it becomes `out` as a whole.
 
-    An existing `out` (non-empty only with `force`) is renamed aside and deleted after the new folder is in place;
+    An existing `out` (non-empty only when it holds a tailwise model and nothing else, and `force`; check_out)
+    is renamed aside and deleted after the new folder is in place;
     if the block fails, the new folder is deleted and `out` is left exactly as it was.
     """
     out = Path(out)
-    check_out(out, force)
+    check_out(out, force, run)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)   # mkdtemp makes it owner-only
-        check_out(out, force)  # nothing appeared there while we exported
+        check_out(out, force, run)  # nothing appeared there while we exported
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -104,7 +123,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = 
     The folder holds the ONNX model (uint8 pixels in, logits out, the metadata), its weights, its card and
     manifest, the model card README and, with `samples` K > 0, K test images per class with their predictions.
     It is kept only if onnxruntime reproduces torch on `parity_images` validation images (else
-    ExportParityError, and `out` is left as it was); an `out` that holds files is replaced only with `force`.
+    ExportParityError, and `out` is left as it was); an `out` that holds a tailwise model is replaced only with
+    `force`, one that holds anything else never (check_out).
     `variants`: extra precisions of the model to write ("fp16", "int8"; one that cannot be made here is
     reported as skipped in report["variants"])."""
     import numpy as np
@@ -122,7 +142,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = 
     if parity_images < 1:
         raise OptionError(f"{{parity_images}} must be >= 1, got {parity_images}", "parity_images")
     out = Path(out)
-    check_out(out, force)  # before the slow part
+    check_out(out, force, run)  # before the slow part
     model, card = load_classifier(run)
     meta = metadata_from_card(card)
     data = rebuild_lt_data(card["data"]["build_args"], card["data"].get("index_sha256"), run)
@@ -134,7 +154,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = 
     parity = data.train_source.load(parity_idx)
     calibration = data.train_source.load(sample_idx) if len(sample_idx) else parity
     weights_file = Path(card["_dir"]) / card["weights"] if "_dir" in card and "weights" in card else None
-    with staged_folder(out, force) as staging:
+    with staged_folder(out, force, run) as staging:
         report = export_classifier(model, meta, staging, calibration, parity, opset=opset, variants=variants,
                                    parity_labels=data.train_source.labels[parity_idx], weights_file=weights_file,
                                    card=card)

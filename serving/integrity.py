@@ -18,13 +18,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tailwise import UserError
+from tailwise import OptionError, UserError
 from tailwise._core import sha256_bytes
 from tailwise.format import (MANIFEST_FILE, MANIFEST_FORMAT, MODEL_FILES, build_manifest,  # noqa: F401 (re-exported)
                              model_files, parse_manifest, write_manifest)
 
 MANIFEST_NAME = MANIFEST_FILE   # the name this module has always exported
-OPT_OUT = "--no-verify or TAILWISE_VERIFY=0"
+# how to skip the check, as the caller spells it (OptionError): `--no-verify` on the command line, `verify=False`
+# in Python (tailwise.load)
+OPT_OUT = "{verify=False} or TAILWISE_VERIFY=0"
 
 
 def verify_enabled(verify: bool | None = None) -> bool:
@@ -40,9 +42,9 @@ def read_manifest(folder: str | os.PathLike, for_file: str | os.PathLike | None 
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise UserError(f"{for_file or folder}: no {MANIFEST_NAME} in {Path(folder)} to verify it against; if you "
-                        f"trust these files, create one with `tailwise manifest {Path(folder)}`, or skip the check "
-                        f"with {OPT_OUT}") from None
+        raise OptionError(f"{for_file or folder}: no {MANIFEST_NAME} in {Path(folder)} to verify it against; if "
+                          f"you trust these files, create one with `tailwise manifest {Path(folder)}`, or skip the "
+                          f"check with {OPT_OUT}", "verify") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: unreadable manifest ({exc})") from None
     return parse_manifest(text, path)
@@ -62,23 +64,26 @@ def read_verified(path: str | os.PathLike, verify: bool | None = None) -> bytes:
     entry = manifest["files"].get(path.name)
     where = path.parent / MANIFEST_NAME
     if entry is None:
-        raise UserError(f"{path}: not listed in {where}; refusing an unverified model file "
-                        f"(`tailwise manifest {path.parent}` adds it, or skip the check with {OPT_OUT})")
+        raise OptionError(f"{path}: not listed in {where}; refusing an unverified model file "
+                          f"(`tailwise manifest {path.parent}` adds it, or skip the check with {OPT_OUT})", "verify")
     actual = sha256_bytes(data)
     if actual != entry["sha256"] or len(data) != entry["size"]:
-        raise UserError(f"{path}: sha256 {actual} ({len(data)} bytes) does not match {entry['sha256']} "
-                        f"({entry['size']} bytes) in {where}: the file changed after export. Re-export it; if you "
-                        f"changed it on purpose, run `tailwise manifest {path.parent}` or skip the check with {OPT_OUT}")
+        raise OptionError(f"{path}: sha256 {actual} ({len(data)} bytes) does not match {entry['sha256']} "
+                          f"({entry['size']} bytes) in {where}: the file changed after export. Re-export it; if you "
+                          f"changed it on purpose, run `tailwise manifest {path.parent}` or skip the check with "
+                          f"{OPT_OUT}", "verify")
     return data
 
 
 def check_folder(folder: str | os.PathLike) -> list[str]:
-    """Problems with every file the manifest of `folder` lists (missing, size or sha256 mismatch); [] if none."""
+    """Problems with every file the manifest of `folder` lists (missing, size or sha256 mismatch); [] if none.
+    Spelled for `tailwise manifest --check`, its caller (`--no-verify`, not `verify=False`)."""
     folder = Path(folder)
     problems = []
     for name in read_manifest(folder)["files"]:
         try:
             read_verified(folder / name, verify=True)
         except UserError as exc:
-            problems.append(str(exc))
+            problems.append(exc.render(lambda name, value: f"--no-{name}") if isinstance(exc, OptionError)
+                            else str(exc))
     return problems

@@ -79,10 +79,14 @@ class Classifier:
         logits = np.concatenate(chunks) if chunks else np.zeros((0, len(self._model.class_names)), np.float32)
         return self._model.adjusted_logits(logits) if adjusted else logits
 
-    def predict(self, images: Image | Sequence[Image], top_k: int = 3) -> list[list[Prediction]]:
-        """Per image (one image counts as a list of one), the `top_k` most probable classes, best first:
-        {"label", "index", "probability", "group"}, the records of `tailwise predict` and the service."""
-        return self._model.top_k(self.predict_logits(images, adjusted=False), top_k)
+    def predict(self, images: Image | Sequence[Image],
+                top_k: int = 3) -> list[Prediction] | list[list[Prediction]]:
+        """The `top_k` most probable classes, best first, as {"label", "index", "probability", "group"} (the
+        records of `tailwise predict` and the service): for one image, its list; for a sequence of images (or a
+        uint8 [N, C, H, W] batch), one such list per image."""
+        results = self._model.top_k(self.predict_logits(images, adjusted=False), top_k)
+        single = _is_single(images) and not (isinstance(images, np.ndarray) and images.ndim == 4)
+        return results[0] if single else results
 
     def _one(self, image: Image, where: str) -> np.ndarray:
         if isinstance(image, np.ndarray):
@@ -119,11 +123,17 @@ def _is_single(images) -> bool:
         images, "getbands")
 
 
-def load(path: str | os.PathLike, *, providers: list[str] | None = None,
+def load(path: str | os.PathLike | None = None, *, providers: list[str] | None = None,
          max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool | None = None) -> Classifier:
-    """The exported model at `path` (a model folder such as models/NAME, or its model.onnx), ready to predict.
+    """The exported model at `path` (a model folder such as models/NAME, or its model.onnx), ready to predict;
+    no `path`: the default model ($TAILWISE_MODEL, else the model shipped with tailwise; tailwise.format.
+    default_model). "models/fmnist-lt-tailwise" names the shipped model from any folder (format.find_model).
     `providers`: onnxruntime execution providers (default CUDA when available, then CPU). `verify`: check the
-    file against the folder's manifest.json first, as `tailwise predict` does (None: unless TAILWISE_VERIFY=0)."""
+    file against the folder's manifest.json first, as `tailwise predict` does (None: unless TAILWISE_VERIFY=0;
+    False: skip it)."""
+    from tailwise.format import default_model, find_model
+
+    path = default_model() if path is None else find_model(path)
     return Classifier(path, providers=providers, max_pixels=max_pixels, verify=verify)
 
 
@@ -154,13 +164,16 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fals
     return Path(out)
 
 
-def evaluate(path: str | os.PathLike, *, device: str = "auto", out: str | os.PathLike | None = None) -> dict:
+def evaluate(path: str | os.PathLike, *, device: str = "auto", out: str | os.PathLike | None = None,
+             data: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """`tailwise evaluate`: the test report of a run's final classifier or of an exported model folder: plain
     logits, and "logit_adjusted" (what is served) when the model adjusts its logits (training.launch.evaluate).
-    `out`: also write report.json and per_class.png there (a run: by default into its eval/ folder)."""
+    `data`: an exported model's report on this labelled folder (one subfolder of images per class) instead.
+    `out`: also write report.json and per_class.png there (a run: by default into its eval/ folder).
+    `progress`: say on stderr what it is doing."""
     from tailwise.training.launch import evaluate as evaluate_path
 
-    return evaluate_path(path, device=device, out=out).report
+    return evaluate_path(path, device=device, out=out, data=data, progress=progress).report
 
 
 def _flatten(overrides: dict, prefix: str = ""):

@@ -37,12 +37,37 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in subparsers.choices.values():  # also after the subcommand: `tailwise train ... --debug`
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="on an error, print the full traceback")
+    parser.set_defaults(subcommands=subparsers.choices)
     return parser
+
+
+def unknown_options(command: str, sub: argparse.ArgumentParser, extra: list[str]) -> str:
+    """One line for arguments the subcommand does not take, with the option the user probably meant
+    (`-o` -> `--output`, `--outptu` -> `--output`)."""
+    import difflib
+
+    known = [o for action in sub._actions for o in action.option_strings if o.startswith("--")]
+    hints = []
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("-"):
+            continue
+        close = ([o for o in known if o.startswith("--" + name[1:])] if not name.startswith("--") else []) \
+            or difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+        if close:
+            hints.append(f"{name}: did you mean {' or '.join(close)}?")
+    return (f"tailwise {command}: error: unrecognized arguments: {' '.join(extra)}"
+            + (f" ({'; '.join(hints)})" if hints else "") + f"; `tailwise {command} --help` lists the options")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command is None:
+            parser.parse_args(argv)   # argparse's own message and exit
+        print(unknown_options(args.command, args.subcommands[args.command], extra), file=sys.stderr)
+        return 2
     if not getattr(args, "handler", None):
         parser.print_help()
         return 0
@@ -82,9 +107,12 @@ FLAGS = {"overrides": "--set", "run": "RUN_OR_CHECKPOINT"}
 
 
 def cli_message(exc: OptionError) -> str:
-    """An OptionError's message with its options spelled as flags (`--budget`, `--stage 1`, `--resume`)."""
+    """An OptionError's message with its options spelled as flags (`--budget`, `--stage 1`, `--resume`,
+    `--no-verify` for verify=False)."""
     def flag(name: str, value: str | None) -> str:
         spelled = FLAGS.get(name, "--" + name.replace("_", "-"))
+        if value == "False" and spelled.startswith("--"):
+            return "--no-" + spelled[2:]
         return spelled if value in (None, "True") else f"{spelled} {value}"
     return exc.render(flag)
 

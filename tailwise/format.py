@@ -112,10 +112,90 @@ def variant_report(variant: str) -> str:
 MODEL_FILES = (MODEL_FILE, variant_model("*"), variant_report("*"), WEIGHTS_FILE, CARD_FILE)
 
 
+# Everything export writes into a model folder (the model card's files too): a folder that holds these and
+# nothing else is one that `export --force` may replace.
+MODEL_FOLDER_FILES = (*MODEL_FILES, MANIFEST_FILE, README_FILE, PER_CLASS_PLOT)
+
+
+def foreign_files(folder: str | os.PathLike) -> list[str]:
+    """The names in `folder` that export did not write there (sorted): everything but MODEL_FOLDER_FILES and a
+    samples/ folder of PNGs. Empty for a tailwise model folder (or an empty folder)."""
+    folder = Path(folder)
+    foreign = []
+    for entry in folder.iterdir():
+        if entry.name == SAMPLES_DIR and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"{SAMPLES_DIR}/{p.name}" for p in entry.iterdir()
+                        if not (p.suffix == ".png" and p.is_file() and not p.is_symlink())]
+        elif not (entry.is_file() and not entry.is_symlink()
+                  and any(entry.match(pattern) for pattern in MODEL_FOLDER_FILES)):
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return sorted(foreign)
+
+
+def is_model_folder(folder: str | os.PathLike) -> bool:
+    """A folder with a manifest and a model.onnx and nothing export would not have written."""
+    folder = Path(folder)
+    return ((folder / MANIFEST_FILE).is_file() and (folder / MODEL_FILE).is_file()
+            and not foreign_files(folder))
+
+
 def model_file_of(path: str | os.PathLike) -> Path:
     """A model folder's model.onnx, or `path` itself when it names a file (no check that it exists)."""
     path = Path(path)
     return path / MODEL_FILE if path.is_dir() else path
+
+
+# --------------------------------------------------------------------------------------------- the default model
+
+SHIPPED_MODEL = "models/fmnist-lt-tailwise"   # the model tailwise ships, relative to the source tree's root
+MODEL_ENV = "TAILWISE_MODEL"
+# Where a shipped model can be: the source tree (a checkout, a Bento's src/) above the package, or inside it (a
+# wheel that carries the model as package data).
+_PACKAGE = Path(__file__).resolve().parent
+SHIPPED_ROOTS = (_PACKAGE.parent, _PACKAGE)
+
+
+def shipped_model() -> Path | None:
+    """The model folder shipped with this tailwise, or None where this install does not carry it."""
+    for root in SHIPPED_ROOTS:
+        if (root / SHIPPED_MODEL / MODEL_FILE).is_file():
+            return root / SHIPPED_MODEL
+    return None
+
+
+def default_model() -> Path:
+    """The model used when none is named (one rule for serve, predict, tailwise.load() and the Bento):
+    $TAILWISE_MODEL (a model folder or .onnx file), else the model shipped with tailwise. A user's own models
+    are used only when named; nothing is chosen by modification time. UserError saying how, when neither is
+    there."""
+    env = os.environ.get(MODEL_ENV)
+    if env:
+        if not Path(env).exists():
+            raise UserError(f"{MODEL_ENV}={env}: no such model folder or file")
+        return Path(env)
+    found = shipped_model()
+    if found is None:
+        raise UserError(f"no model named, {MODEL_ENV} is not set, and this install does not carry the shipped "
+                        f"model ({SHIPPED_MODEL} is in the tailwise repository): name a model folder, or set "
+                        f"{MODEL_ENV}")
+    return found
+
+
+def find_model(path: str | os.PathLike) -> Path:
+    """`path` as given when it exists; the shipped model when `path` names it (models/fmnist-lt-tailwise) and
+    the current folder has no such folder (outside the checkout); else UserError saying how."""
+    path = Path(path)
+    if path.exists():
+        return path
+    if not path.is_absolute():
+        rel = Path(os.path.normpath(path))
+        shipped = shipped_model()
+        if shipped is not None and rel in (Path(SHIPPED_MODEL), Path(SHIPPED_MODEL) / MODEL_FILE):
+            return shipped / rel.relative_to(SHIPPED_MODEL)
+        if rel in (Path(SHIPPED_MODEL), Path(SHIPPED_MODEL) / MODEL_FILE):
+            raise UserError(f"{path}: not here, and this install does not carry the shipped model (it is in the "
+                            f"tailwise repository: run from a checkout, or pass the full path of a model folder)")
+    raise UserError(f"{path}: no such model folder or file")
 
 
 # --------------------------------------------------------------------------------------------- preprocessing

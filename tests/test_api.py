@@ -40,13 +40,13 @@ def test_predict_gives_the_records_of_tailwise_predict_for_paths_pil_images_byte
     model = tailwise.load(SHIPPED)
     expected = [r["predictions"] for r in predict_files(OnnxClassifier(SHIPPED), [str(p) for p in SAMPLES])]
     assert model.predict(SAMPLES) == expected
-    assert model.predict(str(SAMPLES[0])) == expected[:1]              # one image is a list of one
+    assert model.predict(str(SAMPLES[0])) == expected[0]               # one image: its records, no outer list
     assert model.predict([p.read_bytes() for p in SAMPLES[:2]]) == expected[:2]
     with Image.open(SAMPLES[1]) as image:
-        assert model.predict(image, top_k=3) == expected[1:2]
+        assert model.predict(image, top_k=3) == expected[1]
         pixels = np.asarray(image.convert("L"))
     assert model.predict([pixels]) == expected[1:2]                    # H x W uint8
-    assert model.predict(pixels[None]) == expected[1:2]                # C x H x W, the model's input
+    assert model.predict(pixels[None]) == expected[1]                  # C x H x W, the model's input
     assert model.predict(np.stack([pixels[None]] * 3)) == expected[1:2] * 3   # N x C x H x W
     top1 = model.predict(SAMPLES, top_k=1)
     assert [len(p) for p in top1] == [1] * len(SAMPLES) and set(top1[0][0]) == {"label", "index", "probability",
@@ -75,6 +75,40 @@ def test_bad_inputs_name_the_image(tmp_path):
         model.predict([1.5])
     with pytest.raises(tailwise.UserError, match="no such model"):
         tailwise.load(tmp_path / "missing")
+
+
+def test_load_with_no_path_or_the_shipped_name_from_anywhere(tmp_path, monkeypatch):
+    """tailwise.load() is the default model ($TAILWISE_MODEL, else the shipped one); "models/fmnist-lt-tailwise"
+    names the shipped model outside the checkout too (issue 25, item 5)."""
+    monkeypatch.delenv("TAILWISE_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tailwise.load().path == SHIPPED / "model.onnx"
+    assert tailwise.load("models/fmnist-lt-tailwise").path == SHIPPED / "model.onnx"
+    assert tailwise.load("models/fmnist-lt-tailwise/model.onnx").path == SHIPPED / "model.onnx"
+    shutil.copytree(SHIPPED, tmp_path / "models" / "fmnist-lt-tailwise")   # a folder here of that name wins
+    assert tailwise.load("models/fmnist-lt-tailwise").path == Path("models/fmnist-lt-tailwise/model.onnx")
+    shutil.copytree(SHIPPED, tmp_path / "mine")
+    monkeypatch.setenv("TAILWISE_MODEL", str(tmp_path / "mine"))
+    assert tailwise.load().path == tmp_path / "mine" / "model.onnx"
+    monkeypatch.setenv("TAILWISE_MODEL", str(tmp_path / "gone"))
+    with pytest.raises(tailwise.UserError, match="TAILWISE_MODEL=.*gone: no such model"):
+        tailwise.load()
+    with pytest.raises(tailwise.UserError, match="models/other: no such model folder or file"):
+        tailwise.load("models/other")
+
+
+def test_without_a_manifest_python_is_told_verify_false(tmp_path, capsys):
+    shutil.copytree(SHIPPED, tmp_path / "m")
+    (tmp_path / "m" / "manifest.json").unlink()
+    with pytest.raises(tailwise.UserError) as err:
+        tailwise.load(tmp_path / "m")
+    assert "verify=False" in str(err.value) and "--no-verify" not in str(err.value)
+    assert tailwise.load(tmp_path / "m", verify=False).class_names
+    from tailwise.cli import main
+
+    assert main(["predict", "--model", str(tmp_path / "m"), str(SAMPLES[0])]) == 2
+    err = capsys.readouterr().err
+    assert "--no-verify or TAILWISE_VERIFY=0" in err and "verify=False" not in err
 
 
 def test_load_verifies_the_manifest_unless_told_not_to(tmp_path):
@@ -142,7 +176,8 @@ def test_train_export_and_evaluate_call_the_library_functions_with_keywords(monk
     monkeypatch.setattr(launch, "evaluate", lambda *a, **k: seen.setdefault("evaluate", (a, k)) and
                         launch.Evaluation({"top1": 0.5}, ["a"], None))
     assert tailwise.evaluate(tmp_path / "model", device="cpu") == {"top1": 0.5}
-    assert seen["evaluate"] == ((tmp_path / "model",), {"device": "cpu", "out": None})
+    assert seen["evaluate"] == ((tmp_path / "model",), {"device": "cpu", "out": None, "data": None,
+                                                        "progress": True})
 
 
 def test_api_errors_name_the_api_parameters(tmp_path, capsys):

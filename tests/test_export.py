@@ -234,13 +234,13 @@ def test_export_run_names_its_own_parameters(tmp_path, capsys):
         export_run(tmp_path / "run", tmp_path / "m", parity_images=0)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "x").write_text("mine")
-    with pytest.raises(UserError, match=r"out= .* already holds a model .*pass force=True"):
-        export_run(tmp_path / "run", tmp_path / "m")
+    with pytest.raises(UserError, match=r"out= .* holds files export did not write \(x\).*even with force="):
+        export_run(tmp_path / "run", tmp_path / "m", force=True)
     assert tailwise_main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--variants", "fp8"]) == 2
     assert "error: --variants: unknown fp8" in capsys.readouterr().err
-    assert tailwise_main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 2
+    assert tailwise_main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m"), "--force"]) == 2
     err = capsys.readouterr().err
-    assert f"error: --out {tmp_path / 'm'} already holds a model" in err and "pass --force to replace" in err
+    assert f"error: --out {tmp_path / 'm'} holds files export did not write (x)" in err and "even with --force" in err
     assert (tmp_path / "m" / "x").read_text() == "mine"
 
 

@@ -146,9 +146,9 @@ def test_a_file_that_fails_to_decode_while_training_is_replaced_by_its_class(tmp
     whole = save(root / "cat" / "1.png", Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3),
                                                                                            dtype=np.uint8)))
     save(root / "dog" / "0.png", solid("RGB", (0, 255, 0)))
-    whole.write_bytes(whole.read_bytes()[:200])  # the header reads, the pixels do not
     data = build(root, image_size=8)
     assert data.skipped == [] and data.counts == [2, 1]
+    whole.write_bytes(whole.read_bytes()[:200])  # after the scan: the header reads, the pixels do not
     batch = data.train_source.load([1, 2, 1])
     assert batch[0].tolist() == batch[2].tolist() == data.train_source.load([0])[0].tolist()
     err = capsys.readouterr().err

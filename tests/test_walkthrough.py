@@ -1,4 +1,5 @@
-"""The README's walkthrough, run line by line as written (issue 16): a folder of real Fashion-MNIST PNGs ->
+"""The walkthrough (docs/YOUR-DATA.md, the README's Start here in full), run line by line as written (issue 16):
+a folder of real Fashion-MNIST PNGs ->
 data -> train -> evaluate -> export -> serve -> curl, with the served answer and the test accuracy checked."""
 
 import json
@@ -21,10 +22,10 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def walkthrough_lines() -> list[str]:
-    """The command lines of the README's block between the walkthrough markers."""
-    text = (REPO / "README.md").read_text()
+    """The command lines of docs/YOUR-DATA.md's block between the walkthrough markers."""
+    text = (REPO / "docs" / "YOUR-DATA.md").read_text()
     block = re.search(r"<!-- walkthrough:begin -->\n```bash\n(.*?)```\n<!-- walkthrough:end -->", text, re.S)
-    assert block, "README.md has no walkthrough block"
+    assert block, "docs/YOUR-DATA.md has no walkthrough block"
     return [line.split("  #")[0].strip() for line in block.group(1).splitlines() if line.strip()]
 
 
@@ -67,7 +68,8 @@ def test_readme_walkthrough_from_a_folder_to_a_served_model(tmp_path):
     lines = walkthrough_lines()
     assert [shlex.split(line)[:2] for line in lines] == [
         ["python", "experiments/make_folder.py"], ["tailwise", "data"], ["tailwise", "train"],
-        ["tailwise", "evaluate"], ["tailwise", "export"], ["tailwise", "serve"], ["curl", "-F"]]
+        ["tailwise", "evaluate"], ["tailwise", "export"], ["tailwise", "evaluate"], ["tailwise", "serve"],
+        ["curl", "-F"]]
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENTOML_HOME": str(tmp_path / "bentoml"),
            "BENTOML_DO_NOT_TRACK": "true"}
@@ -93,7 +95,8 @@ def test_readme_walkthrough_from_a_folder_to_a_served_model(tmp_path):
             else:
                 done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
                 assert done.returncode == 0, f"{line}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-                outputs[argv[3] if argv[2] == "tailwise" or argv[1] == "-m" else "make"] = done.stdout
+                key = argv[3] if argv[2] == "tailwise" or argv[1] == "-m" else "make"
+                outputs[key + (" --data" if key == "evaluate" and "--data" in argv else "")] = done.stdout
     finally:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
@@ -110,6 +113,11 @@ def test_readme_walkthrough_from_a_folder_to_a_served_model(tmp_path):
     assert report["logit_adjusted"]["top1"] > 0.4, report["logit_adjusted"]["top1"]   # chance: 0.1
     assert "served" in outputs["evaluate"] and "Ankle boot" in outputs["evaluate"]
     assert (tmp_path / "models" / "fmnist-folder" / "model.onnx").exists()
+    # the exported model on the test folder as a labelled folder: the run's served numbers (issue 25, item 9)
+    folder_report = outputs["evaluate --data"]
+    assert folder_report.startswith("data/fmnist-folder/test, 500 images")
+    served_top1 = float(re.search(r"^overall \(top-1\) +[\d.]+ % +([\d.]+) %", folder_report, re.M).group(1))
+    assert abs(served_top1 - 100 * report["logit_adjusted"]["top1"]) <= 0.5, (served_top1, report["logit_adjusted"])
     answer = outputs["curl"]["predictions"]
     assert len(answer) == 3 and answer[0]["label"] in card["class_names"]
     assert {p["group"] for p in answer} <= {"many", "medium", "few"}

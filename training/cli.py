@@ -46,16 +46,22 @@ def register(subparsers) -> None:
     own.add_argument("--test", metavar="DIR", help="a test folder laid out the same way (scored at the end)")
     own.add_argument("--budget", type=float, metavar="PASSES",
                      help="passes over the training images (default: 50,000 / N, between 20 and 200)")
-    own.add_argument("--minutes", type=float, metavar="M", help="budget in minutes on this machine instead "
-                                                                "(images/s measured on a few steps)")
+    own.add_argument("--minutes", type=float, metavar="M", help="budget in minutes on this machine instead: "
+                                                                "turned into passes by the images/s measured on a "
+                                                                "few steps (an estimate, not a time limit)")
     train.set_defaults(handler=run_train)
 
     evaluate = subparsers.add_parser(
-        "evaluate", help="score a run or an exported model on the test set: plain and served (logit-adjusted) numbers",
+        "evaluate", help="score a run or an exported model on the test set (or a model on your labelled folder): "
+                         "plain and served (logit-adjusted) numbers",
         description="Score a run's final classifier (torch) or an exported model folder (its ONNX model, with "
-                    "onnxruntime, on the data its model card names) on the test set. Prints plain-logit and served "
-                    "numbers side by side: served is what `tailwise predict` and the service return.")
+                    "onnxruntime, on the data its model card names) on the test set, or an exported model on a "
+                    "labelled folder of yours (--data DIR). Prints plain-logit and served numbers side by side: "
+                    "served is what `tailwise predict` and the service return.")
     evaluate.add_argument("run", help="run folder, checkpoint card, or exported model folder (models/NAME)")
+    evaluate.add_argument("--data", metavar="DIR",
+                          help="score an exported model on this labelled folder instead (one subfolder of images "
+                               "per class, as for training): the same report, with the model's own groups")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="for a run (torch)")
     evaluate.add_argument("--out", help="report folder (default <run>/eval; an exported model: none unless given)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -75,6 +81,7 @@ def register(subparsers) -> None:
 
 
 def run_data(args) -> int:
+    from tailwise.training.data import describe_imbalance, describe_validation
     from tailwise.training.launch import describe_data
     from tailwise.training.metrics import count_bars
 
@@ -88,10 +95,10 @@ def run_data(args) -> int:
     build = card["build_args"]
     for line in data.skipped_report():
         print(line)
-    print(f"{card['name']}  root={build['root']}  profile={build['profile']}  "
-          f"imbalance_factor={build['imbalance_factor']:g}")
+    print(f"{card['name']}  root={build['root']}  {describe_imbalance(card)}")
     print(f"image {card['channels']}x{card['image_size'][0]}x{card['image_size'][1]}  "
           f"train {card['num_train']}  val {card['num_val']}  test {card['num_test']}")
+    print(f"validation: {describe_validation(card)}")
     print(f"index_sha256 {card['index_sha256']}")
     if data.file_stats:
         modes = ", ".join(f"{m} {n}" for m, n in sorted(data.file_stats["modes"].items(), key=lambda kv: -kv[1]))
@@ -130,7 +137,7 @@ def run_evaluate(args) -> int:
     from tailwise.training.launch import evaluate
     from tailwise.training.metrics import format_evaluation
 
-    result = evaluate(args.run, device=args.device, out=args.out)
+    result = evaluate(args.run, device=args.device, out=args.out, data=args.data)
     print(json.dumps(result.report, indent=2) if args.json else format_evaluation(result.report, result.class_names))
     if result.out is not None and not args.json:
         print(f"\nper-class accuracy against training count: {result.out / PER_CLASS_PLOT} "

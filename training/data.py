@@ -306,6 +306,34 @@ def holdout_split(labels: np.ndarray, num_classes: int, val_per_class: int,
     return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
 
 
+# ---------------------------------------------------------------------------------------------- describing it
+
+def describe_imbalance(card: dict) -> str:
+    """How imbalanced a data card's training set is, in words: an LT benchmark subset by its profile and factor;
+    a user's files (or a whole set, profile none) by the factor they really have, largest / smallest class."""
+    build, counts = card["build_args"], card["counts"]
+    if build.get("dataset") in ("fmnist", "cifar10", "cifar100") and build.get("profile") != "none":
+        return f"imbalance factor {build['imbalance_factor']:g}, {build['profile']} profile"
+    largest, smallest = max(counts), min(counts)
+    factor = largest / smallest if smallest else float("inf")
+    return f"imbalance factor {factor:.3g} as found (largest class {largest} images, smallest {smallest})"
+
+
+def describe_validation(card: dict) -> str:
+    """Where a data card's validation images come from, in words."""
+    build = card["build_args"]
+    if build.get("val_split"):
+        return "the given validation split"
+    if not card.get("num_val"):
+        return "none (val_per_class 0)"
+    per_class = build.get("val_per_class", "?")
+    if build.get("dataset") in ("fmnist", "cifar10", "cifar100") and build.get("profile") != "none":
+        return (f"up to {per_class} per class, drawn from training images the LT subset did not keep"
+                + (" (and, for classes it kept whole, held out of them)" if build.get("holdout_kept") else ""))
+    return (f"up to {per_class} per class (at most {MAX_HOLDOUT_FRACTION:.0%} of a class), held out of the "
+            "training images")
+
+
 # ---------------------------------------------------------------------------------------------- LTData
 
 @dataclass
@@ -769,15 +797,24 @@ class FolderScan:
 
 
 def probe_image(path: str) -> tuple[int, int, str]:
-    """(width, height, mode) from an image file's header; UserError naming the file when it cannot be read.
-    Pixel data is not decoded here: a file truncated after its header is caught when it is decoded."""
+    """(width, height, mode) of an image file whose pixels decode; UserError naming the file when it cannot be
+    read. The pixels are decoded (a JPEG at 1/8 scale, which still reads all of its data), so a file truncated
+    after its header is left out here, counted nowhere, rather than counted in its class and replaced when
+    training decodes it: one such file moves no class count and no group band (issue 25)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         if os.path.getsize(path) == 0:
             raise UserError(f"{path}: empty file")
         with Image.open(path) as image:
-            return image.width, image.height, image.mode
+            size, mode = (image.width, image.height), image.mode
+            if image.format == "JPEG":
+                image.draft(image.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
+            try:
+                image.load()
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise UserError(f"{path}: pixels do not decode ({exc})") from None
+            return size[0], size[1], mode
     except UserError:
         raise
     except FileNotFoundError:

@@ -202,7 +202,9 @@ def format_evaluation(report: dict, class_names: list[str]) -> str:
     rows = [("overall (top-1)", "top1"), ("mean per class", "mean_per_class"),
             *((f"{g} ({num_per_group[g]} classes)", g) for g in GROUPS)]
     w0, w1 = max(len(r[0]) for r in rows), max(len(head[0]), 9)
-    lines = [f"test set, {report['num_samples']} images; {note}", "",
+    scored_on = f"{report['data']}" if report.get("data") else "test set"
+    left_out = f" ({report['skipped']} files that do not decode left out)" if report.get("skipped") else ""
+    lines = [f"{scored_on}, {report['num_samples']} images{left_out}; {note}", "",
              f"{'':<{w0}}  {head[0]:>{w1}}  {head[1]}"]
     lines += [f"{label:<{w0}}  {pct(report[key]):>{w1}}  {pct(served[key]):>9}" for label, key in rows]
     lines += [f"NLL {report['nll']:.4f}, ECE {100 * report['ece']:.2f} % (plain logits)", ""]

@@ -7,6 +7,8 @@ the test set. Features are computed once; the classifier is full-batch multinomi
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,7 +64,7 @@ def fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, s
 
 
 def linear_probe(model: torch.nn.Module, data: LTData, device: torch.device, per_class: int = 100, seed: int = 0,
-                 on: str = "test") -> dict:
+                 on: str = "test", say=None) -> dict:
     """Probe `model`'s frozen encoder; returns the report (top1, many, medium, few, per_class, ...) on the test
     set, or on the validation split with `on="val"` (what training may look at)."""
     was_training = model.training
@@ -77,6 +79,8 @@ def linear_probe(model: torch.nn.Module, data: LTData, device: torch.device, per
         y_eval = data.test_source.labels
     x_train = encode(model, train_images, train_ids)
     model.train(was_training)
+    if say is not None:
+        say(f"fitting the linear classifier on {len(train_ids)} encoded training images ...")
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     y_train = torch.as_tensor(data.train_source.labels[train_ids], device=device)
     with torch.enable_grad():
@@ -90,9 +94,10 @@ def linear_probe(model: torch.nn.Module, data: LTData, device: torch.device, per
 
 
 def probe_encoder(run: str | None = None, *, random_init: str | None = None, per_class: int = 100, on: str = "test",
-                  device: str = "auto", seed: int = 0) -> dict:
+                  device: str = "auto", seed: int = 0, progress: bool = True) -> dict:
     """`tailwise probe`: the linear probe of a run's stage-1 encoder (`run`: its folder), or of a randomly
-    initialised encoder of the recipe `random_init` (one of the two)."""
+    initialised encoder of the recipe `random_init` (one of the two). `progress`: say on stderr what it is
+    doing while it works."""
     from tailwise import OptionError
     from tailwise.training.checkpoint import load_card, load_weights
     from tailwise.training.config import load_config
@@ -100,15 +105,32 @@ def probe_encoder(run: str | None = None, *, random_init: str | None = None, per
 
     if bool(run) == bool(random_init):
         raise OptionError("give a run folder or {random_init} (one of them)", "random_init")
+    if on not in ("test", "val"):
+        raise OptionError(f"{{on}} must be test or val, got {on!r}", "on")
+    if per_class < 1:
+        raise OptionError(f"{{per_class}} must be >= 1, got {per_class}", "per_class")
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"tailwise probe: {message}", file=sys.stderr, flush=True)
+
     if run:
         card = load_card(run, stage=1)
         cfg = card["config"]
-        data = rebuild_lt_data(card["data"]["build_args"], card["data"]["index_sha256"], card["_dir"])
+        build = card["data"]["build_args"]
+        say(f"reading the data {run} was trained on ({build.get('dataset')} at "
+            f"{build.get('root') or 'its default root'}) ...")
+        data = rebuild_lt_data(build, card["data"]["index_sha256"], card["_dir"])
     else:
         from tailwise.training.train import data_from_config
 
         cfg = load_config(random_init)
+        say(f"reading the data of recipe {random_init} ({cfg['data']['dataset']}) ...")
         data = data_from_config(cfg)
     torch.manual_seed(seed)
     model = stage1_encoder(cfg, data, load_weights(card) if run else None)
-    return linear_probe(model, data, engine.resolve_device(device), per_class=per_class, seed=seed, on=on)
+    resolved = engine.resolve_device(device)
+    n_eval = len(data.val_idx) if on == "val" else (0 if data.test_source is None else len(data.test_source))
+    say(f"encoding {n_eval} {'validation' if on == 'val' else 'test'} images and up to {per_class} training "
+        f"images per class on {resolved} ...")
+    return linear_probe(model, data, resolved, per_class=per_class, seed=seed, on=on, say=say)
