@@ -4,7 +4,7 @@
 #   make test-fast  the tests not marked slow, for the inner loop (under a minute on 2 cores)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,test
+EXTRAS ?= cpu,test,ray
 export BENTOML_DO_NOT_TRACK := true
 
 .PHONY: setup test test-fast serve help clean gpu
