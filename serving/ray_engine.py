@@ -136,8 +136,13 @@ def predict_dataset(dataset, model: str | os.PathLike, *, top_k: int = 3, batch_
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     actors = default_actors() if actors is None else actors
-    if actors < 1:
-        raise UserError(f"actors must be >= 1, got {actors}")
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if cpus < 2:
+        raise UserError(f"the Ray engine needs a cluster of at least 2 CPUs (one model actor, one decoding), "
+                        f"this one has {cpus}")
+    if not 1 <= actors < cpus:
+        raise UserError(f"actors must be from 1 to {cpus - 1}: each holds one of the cluster's {cpus} CPUs and "
+                        f"decoding needs at least one more, got {actors}")
     keep = [c for c in ("path", "bytes") if c in names]
     decoded = dataset.select_columns(keep).map_batches(
         _decode_batch, fn_kwargs={"meta": classifier.meta, "max_pixels": max_pixels}, batch_size=batch_size,

@@ -27,8 +27,8 @@ RULES = {
              "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "bentoml", "numpy", "PIL")},
     # the Python API: load() is serving's classifier (no torch); train(), export() and evaluate() call the typed
     # library functions, never a command-line parser
-    "api": {"tailwise": ("tailwise", "tailwise._core", "tailwise.serving.artifact", "tailwise.training.launch",
-                         "tailwise.export.model_folder"),
+    "api": {"tailwise": ("tailwise", "tailwise._core", "tailwise.serving.artifact", "tailwise.serving.ray_engine",
+                         "tailwise.training.launch", "tailwise.export.model_folder"),
             "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "bentoml", "argparse")},
     # serving: everything it needs is inside model.onnx
     "serving": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.serving"),
