@@ -85,8 +85,7 @@ def test_ray_engine_gives_the_local_engines_records_over_real_images_and_corrupt
         ray_cluster, fmnist_folder, tmp_path, capsys):
     from tailwise.cli import main
 
-    local, ray_out, ray_csv, ray_parquet = (tmp_path / name for name in ("local.jsonl", "ray.jsonl", "ray.csv",
-                                                                          "ray.parquet"))
+    local, ray_out, ray_parquet = (tmp_path / name for name in ("local.jsonl", "ray.jsonl", "ray.parquet"))
     base = ["predict", "--model", str(SHIPPED), str(fmnist_folder), "--top-k", "3"]
     assert main([*base, "--output", str(local)]) == 1  # 1: some files failed
     assert main([*base, "--engine", "ray", "--output", str(ray_out), "--batch-size", "32"]) == 1
@@ -96,9 +95,6 @@ def test_ray_engine_gives_the_local_engines_records_over_real_images_and_corrupt
     assert_same_records(ray_records, local_records)
     assert ray_out.read_text() == local.read_text()  # in fact byte for byte: one decoding, one record shape
 
-    assert main([*base, "--engine", "ray", "--format", "csv", "--output", str(ray_csv)]) == 1
-    assert main([*base, "--format", "csv", "--output", str(tmp_path / "local.csv")]) == 1
-    assert ray_csv.read_text() == (tmp_path / "local.csv").read_text()
     assert main([*base, "--engine", "ray", "--format", "parquet", "--output", str(ray_parquet)]) == 1
     import pyarrow.parquet as pq
 
@@ -173,6 +169,7 @@ def test_every_input_exactly_once_when_a_model_actor_is_killed_mid_run(ray_clust
     consumer.join(300)
     assert drained.is_set(), "the run did not finish after the actor was killed"
     assert owed > 0, "the actor was killed after the last batch: nothing was tested"
+    print(f"killed the model actor with {owed} of {len(paths)} records owed")
     assert [r["path"] for r in received] == paths  # every input, exactly once, in order
     assert pid not in classify_actor_pids()
     assert_same_records(received, list(predict_files(classifier, paths, top_k=3)))
