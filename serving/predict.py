@@ -190,6 +190,8 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 3, bat
           file=sys.stderr)
     print(f"tailwise predict: {len(paths)} of {len(all_paths)} files (shard {index}/{count})", file=sys.stderr)
 
+    if engine == "ray":
+        ray_engine.connect(ray_address)  # a cluster that cannot be reached is an error before the output is opened
     try:
         stream = ((open(output, "wb") if fmt == "parquet" else open(output, "w", newline="")) if output
                   else sys.stdout)

@@ -20,7 +20,9 @@ naming the extra.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import sys
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
@@ -51,9 +53,31 @@ def connect(address: str | None = None):
     machine's CPUs) when None; a Ray already initialised in this process is used as it is."""
     ray = require_ray()
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 logging_level="WARNING", configure_logging=True)
+        _probe(address)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     logging_level="WARNING", configure_logging=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"--ray-address {address}" if address else "a local Ray cluster"
+            raise UserError(f"{where}: cannot connect or start ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+                            ) from None
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-job INFO lines on the command's stderr
     return ray
+
+
+def _probe(address: str | None) -> None:
+    """A HOST:PORT address that nothing answers on is a one-line error within seconds (ray.init would wait for
+    minutes); "auto", ray:// addresses and None are left to Ray."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise UserError(f"--ray-address {address}: no Ray cluster answers there ({reason}); start one with "
+                        "`ray start --head` or pass its address") from None
 
 
 def default_actors() -> int:

@@ -211,3 +211,15 @@ def test_ray_is_imported_only_by_the_ray_engine(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == len(list((SHIPPED / "samples").glob("*.png")))
+
+
+def test_an_address_where_no_cluster_answers_is_a_one_line_error(tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'tailwise[ray]')")
+    from conftest import free_port
+
+    result = subprocess.run([sys.executable, "-m", "tailwise", "predict", "--engine", "ray", "--ray-address",
+                             f"127.0.0.1:{free_port()}", str(SHIPPED / "samples"), "--output", "out.jsonl"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode != 0 and not (tmp_path / "out.jsonl").exists()
+    assert "no Ray cluster answers there" in result.stderr.strip().splitlines()[-1], result.stderr
