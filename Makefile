@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Extras per goal: serving needs onnxruntime only (cpu; gpu for onnxruntime-gpu), the tests also training (train:
 # torch ...) and the test tools. One stamp per set of extras, so `make test` after `make serve` adds the rest.
 SERVE_EXTRAS ?= cpu
-TEST_EXTRAS ?= cpu,train,test
+TEST_EXTRAS ?= cpu,train,test,ray
 PORT ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 

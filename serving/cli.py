@@ -19,11 +19,21 @@ def register(subparsers) -> None:
     predict.add_argument("--top-k", type=int, default=3,
                          help="classes per image, 1 to the model's number of classes (default 3)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime call (default 64)")
-    predict.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output format (default jsonl)")
+    predict.add_argument("--format", choices=("jsonl", "csv", "parquet"), default="jsonl",
+                         help="output format (default jsonl; parquet with --engine ray and --output)")
     predict.add_argument("--output", help="output file (default: stdout)")
     predict.add_argument("--shard", metavar="I/N",
                          help="process only the files whose position in the sorted input list mod N is I, "
-                              "to split one job across N machines")
+                              "to split one job across N machines without Ray (merge the N outputs yourself)")
+    predict.add_argument("--engine", choices=("local", "ray"), default="local",
+                         help="local: this process (default); ray: Ray Data, decoding in tasks and classifying in "
+                              "an actor pool, same records (needs pip install 'tailwise[ray]')")
+    predict.add_argument("--ray-address", metavar="ADDRESS",
+                         help="with --engine ray: the cluster to join (auto, ray://HOST:10001, ...; "
+                              "default: start a local one on this machine's CPUs)")
+    predict.add_argument("--actors", type=int,
+                         help="with --engine ray: model actors (one onnxruntime session and one CPU each; "
+                              "default half the cluster's CPUs, at least 1)")
     predict.add_argument("--max-pixels", type=int,
                          help="refuse images with more pixels (width * height) than this "
                               "(default: Pillow's limit, 89478485)")
@@ -82,7 +92,8 @@ def run_predict_command(args) -> int:
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels
     return run_predict(args.inputs, model=args.model, top_k=args.top_k, batch_size=args.batch_size, fmt=args.format,
                        output=args.output, shard=args.shard, max_pixels=max_pixels,
-                       verify=False if args.no_verify else None)
+                       verify=False if args.no_verify else None, engine=args.engine, ray_address=args.ray_address,
+                       actors=args.actors)
 
 
 def run_serve_command(args) -> int:

@@ -9,6 +9,10 @@ into n disjoint parts that together cover every file, on any machine that sees t
 Each file gives one record, in sorted order:
     {"path": str, "predictions": [{"label", "index", "probability", "group"}, ...], "error": null}
 or, for a file that cannot be read as an image, {"path": str, "predictions": [], "error": "reason"}.
+
+Two engines give the same records in the same order, each input exactly once: "local" (predict_files: a
+thread pool decodes, this process classifies) and "ray" (serving/ray_engine.py: Ray Data tasks decode, an
+actor pool classifies, on one machine or a cluster). Both decode with decode() and classify with classify().
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from tailwise.serving.artifact import (DEFAULT_MAX_PIXELS, ImageError, OnnxClass
 from tailwise import UserError
 from tailwise._core import IMAGE_EXTENSIONS
 
-FORMATS = ("jsonl", "csv")
+FORMATS = ("jsonl", "csv", "parquet")  # parquet: the Ray engine only (pyarrow comes with tailwise[ray])
+ENGINES = ("local", "ray")
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
@@ -91,15 +96,31 @@ def select_shard(paths: list[str], index: int, count: int) -> list[str]:
     return paths[index::count]
 
 
+def decode(source: str | bytes, meta: dict, max_pixels: int | None = DEFAULT_MAX_PIXELS
+           ) -> tuple[np.ndarray | None, str | None]:
+    """One image file (or its bytes) -> (the model's input uint8 [C, H, W], None), or (None, reason) for a file
+    that cannot be read as an image. Both engines decode with this."""
+    try:
+        return load_image(source, meta, max_pixels=max_pixels), None
+    except ImageError as exc:
+        return None, str(exc)
+
+
+def classify(classifier: OnnxClassifier, paths: list, decoded: list, top_k: int) -> list[dict]:
+    """The records of one batch (see the module docstring): `decoded` holds decode()'s (array, error) per path;
+    the decoded images go through the model in one call. Both engines classify with this."""
+    good = [array for array, _ in decoded if array is not None]
+    tops = iter(classifier.top_k(classifier.predict_arrays(np.stack(good)), top_k)) if good else iter(())
+    return [{"path": path, "predictions": next(tops) if array is not None else [], "error": error}
+            for path, (array, error) in zip(paths, decoded)]
+
+
 def predict_files(classifier: OnnxClassifier, paths: list[str], top_k: int = 3, batch_size: int = 64,
                   max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = None) -> Iterator[dict]:
-    """One record per path, in order (see the module docstring). Images are decoded by a thread pool,
-    one batch ahead of inference."""
+    """One record per path, in order (see the module docstring): the local engine. Images are decoded by a
+    thread pool, one batch ahead of inference."""
     def load(path):
-        try:
-            return load_image(path, classifier.meta, max_pixels=max_pixels), None
-        except ImageError as exc:
-            return None, str(exc)
+        return decode(path, classifier.meta, max_pixels)
 
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
@@ -107,10 +128,7 @@ def predict_files(classifier: OnnxClassifier, paths: list[str], top_k: int = 3, 
         for b, batch in enumerate(batches):
             loaded = [future.result() for future in pending]
             pending = [pool.submit(load, p) for p in batches[b + 1]] if b + 1 < len(batches) else []
-            good = [array for array, _ in loaded if array is not None]
-            tops = iter(classifier.top_k(classifier.predict_arrays(np.stack(good)), top_k)) if good else iter(())
-            for path, (array, error) in zip(batch, loaded):
-                yield {"path": path, "predictions": next(tops) if array is not None else [], "error": error}
+            yield from classify(classifier, batch, loaded, top_k)
 
 
 def write_jsonl(records: Iterable[dict], stream: TextIO) -> Iterator[dict]:
@@ -132,11 +150,26 @@ def write_csv(records: Iterable[dict], stream: TextIO, k: int) -> Iterator[dict]
 
 def run_predict(inputs: list[str], model: str | None = None, top_k: int = 3, batch_size: int = 64,
                 fmt: str = "jsonl", output: str | None = None, shard: str | None = None,
-                max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool | None = None) -> int:
+                max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool | None = None, engine: str = "local",
+                ray_address: str | None = None, actors: int | None = None) -> int:
     """`tailwise predict`: write one record per input file; returns 1 if any file failed, else 0.
-    `verify`: check the model against its manifest first (None: unless TAILWISE_VERIFY=0)."""
+    `verify`: check the model against its manifest first (None: unless TAILWISE_VERIFY=0). `engine`: "local"
+    (this process) or "ray" (serving.ray_engine: a Ray cluster at `ray_address`, default a local one, with
+    `actors` model actors); both give the same records in the same order."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if fmt == "parquet" and engine != "ray":
+        raise UserError("--format parquet is written by --engine ray (pip install 'tailwise[ray]')")
+    if fmt == "parquet" and not output:
+        raise UserError("--format parquet needs --output FILE")
+    if actors is not None and actors < 1:
+        raise UserError(f"--actors must be >= 1, got {actors}")
+    if engine == "ray":
+        from tailwise.serving import ray_engine
+
+        ray_engine.require_ray()  # the missing extra is a one-line error before any work
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if max_pixels is not None and max_pixels < 1:
@@ -157,14 +190,23 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 3, bat
           file=sys.stderr)
     print(f"tailwise predict: {len(paths)} of {len(all_paths)} files (shard {index}/{count})", file=sys.stderr)
 
+    if engine == "ray":
+        ray_engine.connect(ray_address)  # a cluster that cannot be reached is an error before the output is opened
     try:
-        stream = open(output, "w", newline="") if output else sys.stdout
+        stream = ((open(output, "wb") if fmt == "parquet" else open(output, "w", newline="")) if output
+                  else sys.stdout)
     except OSError as exc:
         raise UserError(f"--output {output}: cannot write ({exc.strerror or exc})") from None
     failed = 0
     try:
-        records = predict_files(classifier, paths, top_k=k, batch_size=batch_size, max_pixels=max_pixels)
-        records = write_jsonl(records, stream) if fmt == "jsonl" else write_csv(records, stream, k)
+        if engine == "ray":
+            records = ray_engine.predict_records(classifier, paths, top_k=k, batch_size=batch_size,
+                                                 max_pixels=max_pixels, verify=verify, address=ray_address,
+                                                 actors=actors)
+        else:
+            records = predict_files(classifier, paths, top_k=k, batch_size=batch_size, max_pixels=max_pixels)
+        records = (write_jsonl(records, stream) if fmt == "jsonl" else write_csv(records, stream, k)
+                   if fmt == "csv" else ray_engine.write_parquet(records, stream, k))
         with tqdm(total=len(paths), unit="img", file=sys.stderr, desc="predict") as bar:
             for record in records:
                 if record["error"]:

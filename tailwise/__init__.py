@@ -32,7 +32,7 @@ except PackageNotFoundError:  # a source tree or a Bento that is not installed: 
 
 
 __all__ = ["Classifier", "ImageError", "OptionError", "UserError", "__version__", "evaluate", "export", "load",
-           "train"]
+           "predict_dataset", "train"]
 
 
 def __getattr__(name: str):
@@ -42,7 +42,7 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("tailwise.export")
-    if name in ("load", "train", "evaluate", "Classifier"):
+    if name in ("load", "train", "evaluate", "Classifier", "predict_dataset"):
         from tailwise import _api
 
         return getattr(_api, name)
@@ -85,5 +85,5 @@ class OptionError(UserError):
 
 if _TYPE_CHECKING:  # for type checkers and IDEs only: the lazy names above, with their signatures
     from tailwise import export  # noqa: F401
-    from tailwise._api import Classifier, evaluate, load, train  # noqa: F401
+    from tailwise._api import Classifier, evaluate, load, predict_dataset, train  # noqa: F401
     from tailwise._core import ImageError  # noqa: F401

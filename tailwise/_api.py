@@ -183,3 +183,18 @@ def _flatten(overrides: dict, prefix: str = ""):
             yield from _flatten(value, name + ".")
         else:
             yield name, value
+
+
+def predict_dataset(dataset, model: str | os.PathLike, *, top_k: int = 3, batch_size: int = 64,
+                    actors: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                    verify: bool | None = None):
+    """`tailwise predict --engine ray` for your own Ray pipeline (needs `pip install 'tailwise[ray]'`): a
+    ray.data.Dataset with a "path" column of image files or a "bytes" column of their contents (as
+    `ray.data.read_binary_files(..., include_paths=True)` gives) -> the Dataset of rows {"path", "predictions"
+    (the top_k records of `predict`), "error" (None, or why the image could not be read), and the top-1
+    "label", "index", "probability", "group"}. Images are decoded in Ray tasks and classified by `actors` model
+    actors (default half the cluster's CPUs); `model` must be readable at that path on every node."""
+    from tailwise.serving.ray_engine import predict_dataset as run
+
+    return run(dataset, model, top_k=top_k, batch_size=batch_size, actors=actors, max_pixels=max_pixels,
+               verify=verify)

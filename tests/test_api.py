@@ -26,7 +26,7 @@ SAMPLES = sorted((SHIPPED / "samples").glob("*.png"))
 
 def test_all_lists_the_api_and_import_tailwise_is_light():
     assert set(tailwise.__all__) == {"Classifier", "ImageError", "OptionError", "UserError", "__version__",
-                                     "evaluate", "export", "load", "train"}
+                                     "evaluate", "export", "load", "predict_dataset", "train"}
     code = ("import sys, tailwise; tailwise.__all__; "
             "bad = [m for m in ('numpy', 'PIL', 'onnx', 'onnxruntime', 'torch') if m in sys.modules]; "
             "assert not bad, bad; "

@@ -28,8 +28,7 @@ RULES = {
     # the Python API: load() is serving's classifier (no torch); train(), export() and evaluate() call the typed
     # library functions, never a command-line parser
     "api": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.serving.artifact",
-                         "tailwise.training.launch",
-                         "tailwise.export.model_folder"),
+                         "tailwise.serving.ray_engine", "tailwise.training.launch", "tailwise.export.model_folder"),
             "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "bentoml", "argparse")},
     # serving: everything it needs is inside model.onnx
     "serving": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.serving"),
