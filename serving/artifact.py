@@ -27,7 +27,6 @@ from tailwise.format import (FORMAT_VERSION, INPUT_NAME, METADATA_KEY, MIN_FORMA
                              served_logits, validate_metadata, write_metadata)
 from tailwise.serving.integrity import read_verified
 
-REPO_ROOT = Path(__file__).resolve().parent.parent  # the repository (or Bento) root; in a wheel, tailwise/
 # The folder that holds the `tailwise` package: the repository root, a Bento's src/, or site-packages.
 PACKAGE_PARENT = Path(tailwise.__file__).resolve().parent.parent
 
@@ -70,27 +69,17 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def default_model_path(models_dir: str | os.PathLike | None = None) -> Path:
-    """The model to use when none is given, in this order:
+def default_model_path() -> Path:
+    """The model file to use when none is named: `tailwise.format.default_model()` ($TAILWISE_MODEL, else the
+    model shipped with tailwise), the one rule of serve, predict, tailwise.load() and the Bento. A user's own
+    models are used only when named; nothing is chosen by modification time."""
+    from tailwise.format import MODEL_ENV, default_model
 
-    1. $TAILWISE_MODEL (a model folder or .onnx file);
-    2. the newest `models/*/model.onnx` (by modification time) under the current directory;
-    3. the newest `models/*/model.onnx` of the repository this file lives in (the shipped model).
-
-    `models_dir` replaces both folders of 2 and 3 (tests)."""
-    env = os.environ.get("TAILWISE_MODEL")
-    if env:
-        try:
-            return resolve_model_path(env)
-        except UserError as exc:
-            raise UserError(f"TAILWISE_MODEL: {exc}") from None
-    folders = [Path(models_dir)] if models_dir is not None else [Path("models"), REPO_ROOT / "models"]
-    for folder in folders:
-        found = sorted(folder.glob(f"*/{MODEL_FILE}"), key=lambda p: (p.stat().st_mtime, str(p)))
-        if found:
-            return found[-1]
-    raise UserError(f"no model in {' or '.join(f'{f}/*/{MODEL_FILE}' for f in dict.fromkeys(folders))}: pass "
-                    "--model, set TAILWISE_MODEL, or export one with `tailwise export`")
+    where = default_model()
+    try:
+        return resolve_model_path(where)
+    except UserError as exc:
+        raise UserError(f"{MODEL_ENV}: {exc}" if os.environ.get(MODEL_ENV) else str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------- inference

@@ -79,8 +79,8 @@ def register(subparsers) -> None:
     manifest.set_defaults(handler=run_manifest_command)
 
 
-MODEL_HELP = ("model folder (models/NAME) or .onnx file; default: $TAILWISE_MODEL, else the newest "
-              "./models/*/model.onnx, else the newest model shipped with tailwise")
+MODEL_HELP = ("model folder (models/NAME) or .onnx file; default: $TAILWISE_MODEL, else the model shipped with "
+              "tailwise (your own models are used only when named)")
 NO_VERIFY_HELP = ("load the model without checking it against its folder's manifest.json (also: TAILWISE_VERIFY=0); "
                   "for a model you changed on purpose")
 

@@ -3,7 +3,7 @@
     bentoml serve tailwise.serving.service:TailwiseClassifier [--arg model=models/NAME]    # or: tailwise serve
 
 The model is `--arg model=...` (a bentoml argument; `bentoml build --arg` stores it in the Bento), else
-$TAILWISE_MODEL, else `serving.artifact.default_model_path()`; it is read, and checked against its folder's
+$TAILWISE_MODEL, else the model shipped with tailwise (`tailwise.format.default_model`); it is read, and checked against its folder's
 manifest.json (serving/integrity.py; off with TAILWISE_VERIFY=0), when this module is imported, so that
 `bentoml build` of a missing or tampered model fails with the reason. Everything else (classes, input size,
 preprocessing, groups, logit adjustment, metrics) comes from the model's own metadata. No torch here.
@@ -60,7 +60,7 @@ from tailwise.serving.shutdown import drain
 
 
 def model_path() -> Path:
-    """The model to serve: `--arg model=...`, else $TAILWISE_MODEL, else the shipped or newest models/*/model.onnx."""
+    """The model to serve: `--arg model=...`, else $TAILWISE_MODEL, else the model shipped with tailwise."""
     argument = getattr(bentoml.use_arguments(), "model", None)
     if argument:
         try:

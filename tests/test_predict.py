@@ -121,34 +121,22 @@ def test_read_metadata_names_the_path_of_a_bad_model(tmp_path):
         OnnxClassifier(bare)
 
 
-def test_default_model_path(tmp_path, monkeypatch):
-    """$TAILWISE_MODEL, else the newest ./models/*/model.onnx, else the newest shipped one; a newer export wins
-    over the shipped model."""
-    models = tmp_path / "models"
-    monkeypatch.delenv("TAILWISE_MODEL", raising=False)
-    with pytest.raises(UserError, match="no model in"):
-        default_model_path(models)
-    older = write_identity_model(models / "older" / "model.onnx", meta_for())
-    newer = write_identity_model(models / "newer" / "model.onnx", meta_for())
-    os.utime(older, (1_000_000, 1_000_000))
-    assert default_model_path(models) == newer
-    shipped = write_identity_model(models / "fmnist-lt-tailwise" / "model.onnx", meta_for())
-    os.utime(shipped, (1_000, 1_000))
-    assert default_model_path(models) == newer  # the shipped model no longer wins over a newer export
-    monkeypatch.setenv("TAILWISE_MODEL", str(older.parent))
-    assert default_model_path(models) == older
-    monkeypatch.setenv("TAILWISE_MODEL", str(tmp_path / "nowhere"))
-    with pytest.raises(UserError, match="TAILWISE_MODEL"):
-        default_model_path(models)
-
-
-def test_default_model_is_the_current_directorys_models_first(tmp_path, monkeypatch):
+def test_default_model_is_the_env_model_else_the_shipped_one_never_the_newest(tmp_path, monkeypatch):
+    """One rule (issue 25): $TAILWISE_MODEL, else the shipped model; a newer export under ./models is not chosen."""
     monkeypatch.delenv("TAILWISE_MODEL", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert default_model_path().resolve() == (SHIPPED / "model.onnx").resolve()  # no ./models: the shipped one
     mine = write_identity_model(tmp_path / "models" / "mine" / "model.onnx", meta_for())
-    os.utime(mine, (1_000, 1_000))  # older than the shipped model, still first: ./models comes first
-    assert default_model_path().resolve() == mine.resolve()
+    assert default_model_path().resolve() == (SHIPPED / "model.onnx").resolve()   # not ./models/mine, newer
+    monkeypatch.setenv("TAILWISE_MODEL", str(mine.parent))
+    assert default_model_path() == mine
+    monkeypatch.setenv("TAILWISE_MODEL", str(mine))
+    assert default_model_path() == mine
+    monkeypatch.setenv("TAILWISE_MODEL", str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="TAILWISE_MODEL"):
+        default_model_path()
+    monkeypatch.setenv("TAILWISE_MODEL", str(tmp_path))                 # a folder without model.onnx
+    with pytest.raises(UserError, match="TAILWISE_MODEL: .*no such model file"):
+        default_model_path()
 
 
 # ------------------------------------------------------------------------------------------ images
