@@ -1,6 +1,7 @@
 """The one ASGI middleware tailwise puts in front of BentoML's request handling, and the log filter beside it.
 
 `Guard`, per request, in this order:
+  - GET /model_info is answered as POST /model_info (it reads nothing and changes nothing);
   - while the worker drains for shutdown (serving/shutdown.py), every response carries `Connection: close`;
   - at most `max_in_flight` requests to the classify paths in the worker at once; past it, 503 with
     `Retry-After: 1` at once (the body is read first, so that the client reads the answer), summed up in one
@@ -23,6 +24,7 @@ from tailwise.serving.settings import Settings
 from tailwise.serving.shutdown import drain
 
 CLASSIFY_PATHS = ("/classify", "/classify_batch")
+READ_ONLY_POSTS = ("/model_info",)   # answered to GET too
 OVERLOAD_LOG_EVERY_S = 10.0
 JSON_HEADERS = [(b"content-type", b"application/json")]
 log = logging.getLogger("tailwise.service")
@@ -63,6 +65,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         drain.seen_request()
+        if scope["method"] == "GET" and scope["path"] in READ_ONLY_POSTS:   # BentoML's APIs are POST only
+            scope = {**scope, "method": "POST"}
         guarded = scope["path"] in self.paths
         if guarded and self.active >= self.limit:
             return await self.overloaded(receive, send)

@@ -33,6 +33,11 @@ class Options(BaseModel):
     top_k: Annotated[int, Field(ge=1, description=TOP_K_HELP)] = 3
 
 
+class Upload(bytes):
+    """A file field's bytes with the client's file name (`.filename`, None when the client sent none)."""
+    filename: str | None = None
+
+
 class ImageRequest(bentoml.IODescriptor):
     """Base of the classify requests: file fields are `Path` in the schema (a multipart file upload in the OpenAPI
     spec), the API method gets their bytes."""
@@ -75,7 +80,9 @@ class ImageRequest(bentoml.IODescriptor):
                 kind = "a file upload" if name in cls.multipart_fields else "a plain value, not a file"
                 raise InvalidArgument(f"field {name!r} must be {kind}")
             if isinstance(value, UploadFile):
-                files.setdefault(name, []).append(await value.read())  # in memory up to 1 MiB, then spooled
+                upload = Upload(await value.read())  # in memory up to 1 MiB, then spooled
+                upload.filename = value.filename or None
+                files.setdefault(name, []).append(upload)
                 await value.close()
             else:
                 values[name] = value
@@ -138,6 +145,7 @@ class Classification(Answer):
 
 class FileClassification(BaseModel):
     index: int = Field(description="the file's position in the request")
+    filename: str | None = Field(description="the file name the client sent with the file, else null")
     predictions: list[Prediction] = Field(description="the top-k classes, most probable first; empty on error")
     error: str | None = Field(description="why this file could not be classified, else null")
 

@@ -190,7 +190,8 @@ class TailwiseClassifier:
                 errors.append(str(exc))
         tops = iter(self.top_k(await self.logits(np.stack(arrays)), k) if arrays else ())
         return BatchClassification(provider=self.provider, results=[
-            FileClassification(index=i, predictions=next(tops) if error is None else [], error=error)
+            FileClassification(index=i, filename=getattr(images[i], "filename", None),
+                               predictions=next(tops) if error is None else [], error=error)
             for i, error in enumerate(errors)])
 
     @bentoml.api(input_spec=NoArguments)

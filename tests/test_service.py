@@ -182,6 +182,7 @@ def test_classify_agrees_with_tailwise_predict(client, tiny_model_dir, images):
         assert raw.json() == answer  # the raw body, whatever image type it claims: the same answer
     batch = classify(client, [("images", (p.name, p.read_bytes())) for p in images], route="/classify_batch").json()
     assert [r["index"] for r in batch["results"]] == list(range(len(images)))
+    assert [r["filename"] for r in batch["results"]] == [p.name for p in images]   # issue 25 item 10
     for path, record in zip(images, batch["results"]):
         assert record["error"] is None
         same_predictions(record["predictions"], expected[str(path)])
@@ -213,6 +214,7 @@ def test_model_info_shows_the_settings_read_at_start(service):
     http = in_process(service, TAILWISE_BATCHING=0, TAILWISE_MAX_PIXELS=1000, TAILWISE_MAX_IN_FLIGHT=7)
     try:
         info = http.post("/model_info", json={}).json()
+        assert http.get("/model_info").json() == info          # GET too (issue 25 item 10)
         assert info["model"] == "tiny" and info["class_names"] == ["ant", "bee", "cat", "dog", "eel"]
         assert info["train_counts"] == [600, 300, 150, 40, 10]
         assert info["groups"] == ["many", "medium", "few", "few", "few"]
