@@ -39,7 +39,8 @@ DEFAULTS: dict = {
         "class_balanced": False, "sup_loss": "none", "sup_weight": 1.0,
         "probe_every": 0,      # BNS: linear probe of the encoder on validation every this many epochs (0: never)
     },
-    # Stage 2: the boundary-corrected classifier re-trained on the IP-DPP subset.
+    # Stage 2: the boundary-corrected classifier re-trained on the IP-DPP subset. `logit_adjust`: choose the tau of
+    # post-hoc logit adjustment on validation for the run's final classifier (either stage; 0 is a choice).
     "stage2": {
         "enabled": True, "sampler": "kdpp", "ratio": 10.0, "redraw_every": 10, "freeze_encoder": False,
         "reinit_classifier": True, "loss": "ce", "epochs": 100, "batch_size": 64, "lr": 2.5e-4,

@@ -532,12 +532,14 @@ def finish_stage(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
 
 
 def _score_final(cfg: dict, data: LTData, card: dict, device: torch.device, d: engine.Dist) -> tuple[dict, dict]:
-    """(test report, card fields) of the run's final classifier: logit adjustment chosen on validation (stage 2),
+    """(test report, card fields) of the run's final classifier: logit adjustment chosen on validation (prior: what
+    the classifier last trained on, the LT counts for a stage-1 classifier; `stage2.logit_adjust` switches it off),
     hardware and time, and the test report when there is a test set."""
     model = checkpoint.classifier_from_card(card).to(device)
     fields = {}
-    if card["stage"] == 2 and cfg["stage2"]["logit_adjust"] and len(data.val_idx):
-        fields["logit_adjustment"] = choose_logit_adjustment(model, data, device, card["train_distribution"])
+    if cfg["stage2"]["logit_adjust"] and len(data.val_idx):     # every final classifier, single-stage included
+        fields["logit_adjustment"] = choose_logit_adjustment(model, data, device,
+                                                             card.get("train_distribution") or data.counts)
     fields["training"] = training_record(Path(card["_dir"]), device, d)
     if data.test_source is None:
         print("tailwise: no test set (give one with --test DIR, or data.test_split): nothing scored", flush=True)
