@@ -44,7 +44,9 @@ RESULTS = HERE / "results"
 STAGE1_SHARE = 0.75
 GRID_LR = (1.0, 0.5, 2.0)              # learning-rate multipliers, applied to every stage
 GRID_AUG = ("simclr", "light")         # augmentation, chosen per stage
-GRID_FIRST = ("la", "tailwise-la-kdpp", "ce", "ldam-drw", "bsce")   # grid order: these, then methods.toml order
+# grid order: the default recipe and the rows it must beat first (baselines, peers, controls), then the rest
+GRID_FIRST = ("la", "tailwise-la-kdpp", "ce", "ldam-drw", "bsce", "weight-balancing", "mislas", "crt-la",
+              "la-restart", "tailwise-la-none", "tailwise-la-random")
 DOC = HERE.parent / "docs" / "RESULTS.md"
 
 
