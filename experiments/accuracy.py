@@ -128,6 +128,19 @@ def optimizer_steps(run_dir: Path, cfg: dict) -> int:
     return total
 
 
+def planned_steps(cfg: dict, counts: list[int]) -> int:
+    """Optimizer steps the training loop takes for `cfg` on an LT set with these class counts (engine.fit: whole
+    batches of the epoch's pool, at least one); for results recorded before optimizer steps were."""
+    from tailwise.training.ipdpp import class_targets
+
+    s1, s2, n = cfg["stage1"], cfg["stage2"], sum(counts)
+    steps = s1["epochs"] * max(1, n // s1["batch_size"])
+    if s2["enabled"]:
+        pool = n if s2["sampler"] == "none" else sum(class_targets(counts, s2["ratio"]))
+        steps += s2["epochs"] * max(1, pool // s2["batch_size"])
+    return steps
+
+
 def train_seconds(run_dir: Path) -> float:
     """Seconds spent in training steps, both stages (a shared stage 1 counts in full for every row using it)."""
     return round(sum(json.loads(line)["seconds"] for stage in (1, 2)
@@ -266,7 +279,10 @@ def collect(args) -> list[dict]:
             row["plain"].append(plain)
             row["taus"].append(served["tau"] if served else None)
             row["passes"].append(result["image_passes"])
-            row["steps"].append(result.get("optimizer_steps"))
+            steps = result.get("optimizer_steps")
+            if steps is None and result.get("config") and result.get("classes"):
+                steps = planned_steps(result["config"], result["classes"]["counts"])
+            row["steps"].append(steps)
             row["seconds"].append(result.get("train_seconds"))
             row["classes"] = row["classes"] or result.get("classes")
         rows.append(row)

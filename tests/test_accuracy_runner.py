@@ -64,6 +64,9 @@ def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
     assert ce["test"]["logit_adjusted"]["tau"] == ce["logit_adjustment_tau"] in accuracy_taus()
     assert ce["optimizer_steps"] == sum(json.loads(line)["steps"] for line in
                                         (work / "ce-s0" / "stage1_metrics.jsonl").read_text().splitlines())
+    # results recorded before optimizer steps were: the count follows from the config, as the loop takes them
+    for row in (ce, bns):
+        assert _load_runner_module().planned_steps(row["config"], row["classes"]["counts"]) == row["optimizer_steps"]
     # the winner sentence names the row(s) with the highest mean served test accuracy, read from the JSON
     overall = {"CE": ce["test"]["logit_adjusted"]["top1"], "BNS + IP-DPP (kdpp)": bns["test"]["logit_adjusted"]["top1"],
                "BNS + IP-DPP + post-hoc logit adjustment": bns["test"]["logit_adjusted"]["top1"],
