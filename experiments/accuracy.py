@@ -67,8 +67,9 @@ def results_dir(args) -> Path:
 
 
 def method_config(name: str, spec: dict, args, seed: int, point: dict | None = None) -> dict:
-    """The full config of one table row: base recipe + --set + the method's fields (+ a grid `point`: aug1,
-    aug2, lr multiplier; see grid_points) + epochs from the budget."""
+    """The full config of one table row: base recipe + --set + the method's fields + its grid setting + epochs
+    from the budget. The grid setting (aug1, aug2, lr multiplier; see grid_points) is `point` when the grid
+    trains it (the run is then named after it), else the row's `tuned` entry in methods.toml, if any."""
     from tailwise.training.config import load_config
     from tailwise.training.ipdpp import class_targets
     from tailwise.training.train import data_from_config
@@ -80,6 +81,8 @@ def method_config(name: str, spec: dict, args, seed: int, point: dict | None = N
             overrides.append(f"{section}.{key}={json.dumps(value)}")
     if point:
         overrides[overrides.index(f"name='{name}-s{seed}'")] = f"name='{name}__{point_id(point)}-s{seed}'"
+    point = point or spec.get("tuned")
+    if point:
         overrides += [f"stage1.aug={json.dumps(point['aug1'])}"]
         overrides += [f"stage2.aug={json.dumps(point['aug2'])}"] if point.get("aug2") else []
     cfg = load_config(args.recipe, overrides)
@@ -238,6 +241,7 @@ def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out
         "tailwise_version": card["tailwise_version"], "index_sha256": card["data"]["index_sha256"],
         "final_epoch": card["epoch"], "val": card["metrics"], "test": card["test"],
         "logit_adjustment_tau": (card.get("logit_adjustment") or {}).get("tau"), "config": cfg,
+        "tuned": spec.get("tuned"),
         "classes": {key: card["data"][key] for key in ("class_names", "counts", "groups")},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -563,6 +567,38 @@ def grid_table(args) -> str:
     return "\n".join(lines + ["", "Chosen on validation (so far):", *chosen_lines])
 
 
+def write_tuned(args, methods_file: Path = METHODS_FILE) -> list[str]:
+    """Record in methods.toml, as each row's `tuned = {...}` line, the grid point chosen on validation (with the
+    numbers that chose it), for every method whose grid is complete; `run` then trains that setting. Returns
+    one line per method saying what was written or why not."""
+    from tailwise._core import atomic_write_text
+
+    methods, text, said = load_methods(), methods_file.read_text(), []
+    for name, results in grid_results(args).items():
+        total, best = len(grid_points(methods[name], args)), chosen_point(results)
+        if len(results) < total or best is None:
+            said.append(f"- {name}: not written, {len(results)}/{total} grid points run")
+            continue
+        fields = {**best["point"], "val_served": round(best["val_served"], 4), "val_plain": round(best["val_plain"], 4),
+                  "tau": best["tau"], "grid": f"{results_dir(args).name} seed {best['seed']}"}
+        line = "tuned = { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in fields.items()) + " }"
+        lines, out, section = text.splitlines(), [], None
+        for raw in lines:
+            stripped = raw.strip()
+            if stripped.startswith("[") and not stripped.startswith("[["):
+                section = stripped.split("]")[0][1:]
+            if section == name and stripped.startswith("tuned ="):
+                continue                                      # replaced below
+            out.append(raw)
+            if section == name and stripped.startswith("label ="):
+                out.append(line)
+        text = "\n".join(out) + "\n"
+        said.append(f"- {name}: {best['point_id']} (val served {100 * best['val_served']:.2f} %)")
+    atomic_write_text(methods_file, text)
+    load_methods()                                            # still valid TOML
+    return said
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -588,12 +624,16 @@ def main(argv=None) -> int:
     t.add_argument("--doc", nargs="?", const=str(DOC),
                    help="also replace the table between its markers in this file (default docs/RESULTS.md)")
     t.add_argument("--readme", help="older spelling: README.md means docs/RESULTS.md beside it (never README.md)")
+    sub.choices["grid-table"].add_argument("--write-tuned", action="store_true",
+                                           help="record each complete method's chosen point in methods.toml")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
     if args.command in ("table", "grid-table"):
         args.overrides = [o for o in args.overrides if o.startswith("data.holdout_kept")]   # names the folder
     if args.command == "grid-table":
         print(grid_table(args))
+        if args.write_tuned:
+            print("\nRecorded in experiments/methods.toml (`tuned`; `run` trains it):", *write_tuned(args), sep="\n")
         return 0
     if args.command == "table":
         rows = collect(args)

@@ -225,3 +225,19 @@ def test_grid_trains_each_point_on_validation_only_and_picks_the_best_served(tmp
     assert f"| la | {best['point_id']} **chosen** |" in text
     assert f"- la: {best['point_id']} (val served {100 * best['val_served']:.2f} %" in text
     assert "- ce: nothing run yet (0/2 points)" in text
+    # the chosen point goes into methods.toml (a copy here) for complete grids only; `run` then trains it
+    methods_copy = tmp_path / "methods.toml"
+    methods_copy.write_text(accuracy.METHODS_FILE.read_text())
+    monkeypatch.setattr(accuracy, "METHODS_FILE", methods_copy)
+    said = accuracy.write_tuned(args, methods_copy)
+    assert f"- la: {best['point_id']} (val served {100 * best['val_served']:.2f} %)" in said
+    assert "- ce: not written, 0/2 grid points run" in said
+    methods = accuracy.load_methods()
+    assert methods["la"]["tuned"]["lr"] == best["point"]["lr"] and "tuned" not in methods["ce"]
+    assert methods["la"]["tuned"]["val_served"] == round(best["val_served"], 4)
+    run_args = argparse.Namespace(recipe=str(recipe), imbalance_factor=10, budget=2, overrides=[], device="cpu")
+    cfg = accuracy.method_config("la", methods["la"], run_args, 0)
+    assert cfg["name"] == "la-s0" and cfg["stage1"]["lr"] == best["config"]["stage1"]["lr"]
+    assert cfg["stage1"]["aug"] == "light"
+    accuracy.write_tuned(args, methods_copy)                 # written again: replaced, not repeated
+    assert methods_copy.read_text().count("tuned = ") == 2
