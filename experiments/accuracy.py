@@ -19,7 +19,8 @@ logits, image passes, optimizer steps, training seconds) and names the best meth
 classes; with `--doc` it also plots the best methods' per-class accuracy and replaces the table between its
 markers (`<!-- accuracy-table:<results folder>:begin/end -->`) in docs/RESULTS.md (the README links there).
 
-`grid` trains the validation grid (GRID_AUG x GRID_LR below) applied alike to every method, validation only (no
+`grid` trains the validation grid (GRID_AUG x GRID_LR below; a method whose paper tunes its weight decay adds
+that axis, `grid_wd` in methods.toml) applied alike to every method, validation only (no
 test set is loaded), one JSON per point under experiments/results/grid/; `grid-table` prints each method's
 points and the one chosen: the best validation balanced accuracy of the served (logit-adjusted) logits.
 """
@@ -89,6 +90,8 @@ def method_config(name: str, spec: dict, args, seed: int, point: dict | None = N
     if point:
         cfg["stage1"]["lr"] *= point["lr"]
         cfg["stage2"]["lr"] *= point["lr"]
+        for stage in ("stage1", "stage2"):
+            cfg[stage]["weight_decay"] *= point.get("wd", 1.0)
     lt_cfg = load_config(args.recipe, overrides[:1 + len(args.overrides)])
     n_lt = len(data_from_config(lt_cfg).train_idx)
     data = data_from_config(cfg)
@@ -457,13 +460,17 @@ def grid_points(spec: dict, args) -> list[dict]:
 
     base = load_config(args.recipe, [f"stage2.enabled={json.dumps(spec.get('stage2', {}).get('enabled', True))}"])
     two_stage = base["stage2"]["enabled"]
-    return [{"aug1": a1, **({"aug2": a2} if two_stage else {}), "lr": lr}
-            for lr in GRID_LR for a1 in GRID_AUG for a2 in (GRID_AUG if two_stage else (None,))]
+    common = [{"aug1": a1, **({"aug2": a2} if two_stage else {}), "lr": lr}
+              for lr in GRID_LR for a1 in GRID_AUG for a2 in (GRID_AUG if two_stage else (None,))]
+    # a method whose paper tunes more (Weight Balancing: weight decay) adds its own axis, as multipliers of the
+    # row's weight decay on every stage, after the common points (whose ids stay as they are)
+    extra = [dict(point, wd=wd) for wd in spec.get("grid_wd", []) if wd != 1.0 for point in common]
+    return common + extra
 
 
 def point_id(point: dict) -> str:
     return "-".join([f"s1{point['aug1']}", *([f"s2{point['aug2']}"] if point.get("aug2") else []),
-                     f"lr{point['lr']:g}"])
+                     f"lr{point['lr']:g}", *([f"wd{point['wd']:g}"] if "wd" in point else [])])
 
 
 def grid_methods(methods: dict) -> list[str]:

@@ -203,6 +203,15 @@ def test_grid_trains_each_point_on_validation_only_and_picks_the_best_served(tmp
     la1, la2 = (json.loads((folder / f"la__s1light-lr{m}-s0.json").read_text()) for m in (1, 2))
     # the point's settings reach the config: augmentation on every stage, the lr multiplied on every stage
     assert la1["config"]["stage1"]["aug"] == "light" and la2["config"]["stage1"]["lr"] == 2 * la1["config"]["stage1"]["lr"]
+    # Weight Balancing's own axis: weight decay x0.1 and x10 on both stages, after the common points
+    wb = accuracy.load_methods()["weight-balancing"]
+    points = accuracy.grid_points(wb, argparse.Namespace(recipe=str(recipe)))
+    assert [accuracy.point_id(p) for p in points] == [
+        "s1light-s2light-lr1", "s1light-s2light-lr2", "s1light-s2light-lr1-wd0.1", "s1light-s2light-lr2-wd0.1",
+        "s1light-s2light-lr1-wd10", "s1light-s2light-lr2-wd10"]
+    run_args = argparse.Namespace(recipe=str(recipe), imbalance_factor=10, budget=2, overrides=[], device="cpu")
+    cfg = accuracy.method_config("weight-balancing", wb, run_args, 0, points[-1])
+    assert cfg["stage1"]["weight_decay"] == pytest.approx(5.0) and cfg["stage2"]["weight_decay"] == pytest.approx(5.0)
     one, two = (json.loads((folder / f"tailwise-la-kdpp__s1light-s2light-lr{m}-s0.json").read_text()) for m in (1, 2))
     assert two["config"]["stage2"]["lr"] == 2 * one["config"]["stage2"]["lr"] and two["config"]["stage2"]["aug"] == "light"
     assert two["config"]["stage1"]["lr"] == la2["config"]["stage1"]["lr"]
@@ -225,6 +234,7 @@ def test_grid_trains_each_point_on_validation_only_and_picks_the_best_served(tmp
     assert f"| la | {best['point_id']} **chosen** |" in text
     assert f"- la: {best['point_id']} (val served {100 * best['val_served']:.2f} %" in text
     assert "- ce: nothing run yet (0/2 points)" in text
+    assert "- weight-balancing: nothing run yet (0/6 points)" in text          # + its weight-decay axis
     # the chosen point goes into methods.toml (a copy here) for complete grids only; `run` then trains it
     methods_copy = tmp_path / "methods.toml"
     methods_copy.write_text(accuracy.METHODS_FILE.read_text())
@@ -235,7 +245,6 @@ def test_grid_trains_each_point_on_validation_only_and_picks_the_best_served(tmp
     methods = accuracy.load_methods()
     assert methods["la"]["tuned"]["lr"] == best["point"]["lr"] and "tuned" not in methods["ce"]
     assert methods["la"]["tuned"]["val_served"] == round(best["val_served"], 4)
-    run_args = argparse.Namespace(recipe=str(recipe), imbalance_factor=10, budget=2, overrides=[], device="cpu")
     cfg = accuracy.method_config("la", methods["la"], run_args, 0)
     assert cfg["name"] == "la-s0" and cfg["stage1"]["lr"] == best["config"]["stage1"]["lr"]
     assert cfg["stage1"]["aug"] == "light"
