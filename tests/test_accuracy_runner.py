@@ -183,6 +183,7 @@ def test_no_few_shot_winner_when_no_class_is_few_shot():
     assert lines[1] == "- No few-shot winner: no class is few-shot at this imbalance factor."
 
 
+@pytest.mark.slow
 def test_grid_trains_each_point_on_validation_only_and_picks_the_best_served(tmp_path, cifar_archive, monkeypatch):
     """The grid on tiny data (two of its lr multipliers, one augmentation): one JSON per point with validation
     numbers and optimizer steps and no test numbers; a second call trains nothing; grid-table marks the point

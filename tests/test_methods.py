@@ -274,6 +274,7 @@ def _train_two_stages(tmp_path, cifar_archive, stage1: dict, stage2: dict):
     return w1, w2
 
 
+@pytest.mark.slow
 def test_weight_balancing_stage2_keeps_every_class_weight_on_the_max_norm_ball(tmp_path, cifar_archive):
     w1, w2 = _train_two_stages(tmp_path, cifar_archive, {"loss": "ce", "weight_decay": 0.5},
                                {"freeze_encoder": True, "reinit_classifier": False, "loss": "cb", "max_norm": 0.1,
@@ -286,6 +287,7 @@ def test_weight_balancing_stage2_keeps_every_class_weight_on_the_max_norm_ball(t
     assert torch.equal(w1["encoder.conv1.weight"], w2["encoder.conv1.weight"])   # frozen encoder
 
 
+@pytest.mark.slow
 def test_mislas_stage2_shifts_bn_statistics_of_the_frozen_encoder(tmp_path, cifar_archive):
     w1, w2 = _train_two_stages(tmp_path, cifar_archive, {"loss": "ce", "mixup": 1.0},
                                {"freeze_encoder": True, "reinit_classifier": False, "class_balanced": True,
@@ -297,6 +299,7 @@ def test_mislas_stage2_shifts_bn_statistics_of_the_frozen_encoder(tmp_path, cifa
     assert not torch.equal(w1["fc.weight"], w2["fc.weight"])
 
 
+@pytest.mark.slow
 def test_crt_stage2_leaves_bn_statistics_alone(tmp_path, cifar_archive):
     w1, w2 = _train_two_stages(tmp_path, cifar_archive, {"loss": "la"},
                                {"freeze_encoder": True, "class_balanced": True})
