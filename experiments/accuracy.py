@@ -662,11 +662,20 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {', '.join(methods)}")
     if args.command == "grid":
+        failed = []
         for seed in args.seeds:        # method-major: every point of one method before the next method
             for name in names:
                 for point in grid_points(methods[name], args):
-                    run_grid_point(name, methods[name], point, args, seed)
-        return 0
+                    try:               # a long background grid goes on past one failing point, and says so
+                        run_grid_point(name, methods[name], point, args, seed)
+                    except Exception:
+                        import traceback
+
+                        failed.append(f"{name}__{point_id(point)}-s{seed}")
+                        print(f"!! grid {failed[-1]} failed:\n{traceback.format_exc()}", flush=True)
+        if failed:
+            print(f"!! grid: {len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1 if failed else 0
     for seed in args.seeds:            # seed-major: one seed of every row before the next seed
         for name in names:
             run_one(name, methods[name], args, seed)

@@ -251,3 +251,22 @@ def test_grid_trains_each_point_on_validation_only_and_picks_the_best_served(tmp
     assert cfg["stage1"]["aug"] == "light"
     accuracy.write_tuned(args, methods_copy)                 # written again: replaced, not repeated
     assert methods_copy.read_text().count("tuned = ") == 2
+
+
+def test_grid_goes_on_past_a_failing_point(tmp_path, monkeypatch, capsys):
+    accuracy = _load_runner_module()
+    monkeypatch.setattr(accuracy, "GRID_LR", (1.0, 2.0))
+    monkeypatch.setattr(accuracy, "GRID_AUG", ("light",))
+    tried = []
+
+    def fake_point(name, spec, point, args, seed):      # the first point fails, the second must still be tried
+        tried.append(accuracy.point_id(point))
+        if len(tried) == 1:
+            raise RuntimeError("disk full")
+
+    monkeypatch.setattr(accuracy, "run_grid_point", fake_point)
+    assert accuracy.main(["grid", "--methods", "la", "--results", str(tmp_path)]) == 1
+    assert tried == ["s1light-lr1", "s1light-lr2"]
+    out = capsys.readouterr()
+    assert "!! grid la__s1light-lr1-s0 failed" in out.out and "disk full" in out.out
+    assert "1 point(s) failed: la__s1light-lr1-s0" in out.err
