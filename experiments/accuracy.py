@@ -1,19 +1,28 @@
-"""The accuracy table: baselines, BNS + IP-DPP and its ablations, trained by one loop on identical data.
+"""The accuracy table: baselines, peers, BNS + IP-DPP and its ablations, trained by one loop on identical data.
 
     python experiments/accuracy.py run   --imbalance-factor 100 --budget 200 --seeds 0 1 2 [--methods ce,bns-kdpp]
-    python experiments/accuracy.py table --imbalance-factor 100 --budget 200 [--readme README.md]
+    python experiments/accuracy.py table --imbalance-factor 100 --budget 200 [--doc docs/RESULTS.md]
+    python experiments/accuracy.py grid  --imbalance-factor 100 --budget 4 --seeds 0 [--methods la,ce]
+    python experiments/accuracy.py grid-table --imbalance-factor 100 --budget 4
 
 Every method is a config in experiments/methods.toml over the base recipe (fmnist-lt-r32: ResNet-32 on
 Fashion-MNIST-LT). All get the same budget in image passes: `--budget B` is B passes over the LT training set
 (a BNS epoch counts two passes, one per view); two-stage methods spend 3/4 of it (in whole epochs) in stage 1
 and what is left in stage 2, at least one epoch.
-Numbers are final-epoch test results; the only tuned choice (post-hoc logit-adjustment tau) is made on the
-validation split. Each finished run is kept as JSON under experiments/results/; `run` only fills the gaps and
+Numbers are final-epoch test results; every tuned choice is made on the validation split: the tau of post-hoc
+logit adjustment (every row: "served" beside "plain" logits) and, through `grid`, each method's augmentation
+and learning rate. Each finished run is kept as JSON under experiments/results/; `run` only fills the gaps and
 resumes interrupted runs from their checkpoints, so the table can be completed over several sessions and
 machines. Several `run` processes may share the work: each claims a run with a lock file in the workdir and
-skips runs another live process holds. `table` prints mean +- std over the seeds found and names the best
-method overall and on the few-shot classes; with `--readme` it also plots the best methods' per-class accuracy
-and replaces the table between its markers (`<!-- accuracy-table:<results folder>:begin/end -->`).
+skips runs another live process holds. `table` prints mean +- std over the seeds found (served and plain
+logits, image passes, optimizer steps, training seconds) and names the best method overall and on the few-shot
+classes; with `--doc` it also plots the best methods' per-class accuracy and replaces the table between its
+markers (`<!-- accuracy-table:<results folder>:begin/end -->`) in docs/RESULTS.md (the README links there).
+
+`grid` trains the validation grid (GRID_AUG x GRID_LR below; a method whose paper tunes its weight decay adds
+that axis, `grid_wd` in methods.toml) applied alike to every method, validation only (no
+test set is loaded), one JSON per point under experiments/results/grid/; `grid-table` prints each method's
+points and the one chosen: the best validation balanced accuracy of the served (logit-adjusted) logits.
 """
 
 from __future__ import annotations
@@ -34,6 +43,12 @@ HERE = Path(__file__).resolve().parent
 METHODS_FILE = HERE / "methods.toml"
 RESULTS = HERE / "results"
 STAGE1_SHARE = 0.75
+GRID_LR = (1.0, 0.5, 2.0)              # learning-rate multipliers, applied to every stage
+GRID_AUG = ("simclr", "light")         # augmentation, chosen per stage
+# grid order: the default recipe and the rows it must beat first (baselines, peers, controls), then the rest
+GRID_FIRST = ("la", "tailwise-la-kdpp", "ce", "ldam-drw", "bsce", "weight-balancing", "mislas", "crt-la",
+              "la-restart", "tailwise-la-none", "tailwise-la-random")
+DOC = HERE.parent / "docs" / "RESULTS.md"
 
 
 def load_methods() -> dict:
@@ -52,8 +67,10 @@ def results_dir(args) -> Path:
     return Path(args.results) / name
 
 
-def method_config(name: str, spec: dict, args, seed: int) -> dict:
-    """The full config of one table row: base recipe + --set + the method's fields + epochs from the budget."""
+def method_config(name: str, spec: dict, args, seed: int, point: dict | None = None) -> dict:
+    """The full config of one table row: base recipe + --set + the method's fields + its grid setting + epochs
+    from the budget. The grid setting (aug1, aug2, lr multiplier; see grid_points) is `point` when the grid
+    trains it (the run is then named after it), else the row's `tuned` entry in methods.toml, if any."""
     from tailwise.training.config import load_config
     from tailwise.training.ipdpp import class_targets
     from tailwise.training.train import data_from_config
@@ -63,7 +80,18 @@ def method_config(name: str, spec: dict, args, seed: int) -> dict:
     for section in ("data", "stage1", "stage2"):
         for key, value in spec.get(section, {}).items():
             overrides.append(f"{section}.{key}={json.dumps(value)}")
+    if point:
+        overrides[overrides.index(f"name='{name}-s{seed}'")] = f"name='{name}__{point_id(point)}-s{seed}'"
+    point = point or spec.get("tuned")
+    if point:
+        overrides += [f"stage1.aug={json.dumps(point['aug1'])}"]
+        overrides += [f"stage2.aug={json.dumps(point['aug2'])}"] if point.get("aug2") else []
     cfg = load_config(args.recipe, overrides)
+    if point:
+        cfg["stage1"]["lr"] *= point["lr"]
+        cfg["stage2"]["lr"] *= point["lr"]
+        for stage in ("stage1", "stage2"):
+            cfg[stage]["weight_decay"] *= point.get("wd", 1.0)
     lt_cfg = load_config(args.recipe, overrides[:1 + len(args.overrides)])
     n_lt = len(data_from_config(lt_cfg).train_idx)
     data = data_from_config(cfg)
@@ -91,6 +119,34 @@ def image_passes(run_dir: Path, cfg: dict) -> int:
     return total
 
 
+def optimizer_steps(run_dir: Path, cfg: dict) -> int:
+    """Optimizer steps of both stages (a shared stage 1 counts in full), as the metrics log them; runs logged
+    before `steps` was recorded: images / batch size per epoch (every batch is full but a one-batch epoch)."""
+    import math
+
+    total = 0
+    for stage in (1, 2):
+        path = run_dir / f"stage{stage}_metrics.jsonl"
+        if path.exists():
+            batch = cfg[f"stage{stage}"]["batch_size"]
+            total += sum(line.get("steps", max(1, math.ceil(line["images"] / batch)))
+                         for line in map(json.loads, path.read_text().splitlines()))
+    return total
+
+
+def planned_steps(cfg: dict, counts: list[int]) -> int:
+    """Optimizer steps the training loop takes for `cfg` on an LT set with these class counts (engine.fit: whole
+    batches of the epoch's pool, at least one); for results recorded before optimizer steps were."""
+    from tailwise.training.ipdpp import class_targets
+
+    s1, s2, n = cfg["stage1"], cfg["stage2"], sum(counts)
+    steps = s1["epochs"] * max(1, n // s1["batch_size"])
+    if s2["enabled"]:
+        pool = n if s2["sampler"] == "none" else sum(class_targets(counts, s2["ratio"]))
+        steps += s2["epochs"] * max(1, pool // s2["batch_size"])
+    return steps
+
+
 def train_seconds(run_dir: Path) -> float:
     """Seconds spent in training steps, both stages (a shared stage 1 counts in full for every row using it)."""
     return round(sum(json.loads(line)["seconds"] for stage in (1, 2)
@@ -110,7 +166,7 @@ def stage1_key(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def shared_stage1(cfg: dict, args, run_dir: Path) -> None:
+def shared_stage1(cfg: dict, args, run_dir: Path, data=None) -> None:
     """Train (or wait for another process to train) the stage 1 this row shares with every row of the same
     `stage1_key`, then place its finished checkpoint in `run_dir`, so the row trains only its stage 2."""
     from tailwise.training import checkpoint
@@ -125,7 +181,7 @@ def shared_stage1(cfg: dict, args, run_dir: Path) -> None:
         card = checkpoint.load_card(shared, stage=1) if (shared / "stage1.json").exists() else None
         if not (card and card.get("finished")):
             print(f"-- shared stage 1 -> {shared}", flush=True)
-            run(cfg, shared, stages=(1,), resume=shared.exists(), progress=not args.no_progress)
+            run(cfg, shared, stages=(1,), resume=shared.exists(), progress=not args.no_progress, data=data)
             card = checkpoint.load_card(shared, stage=1)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in (card["weights"], "stage1_metrics.jsonl"):
@@ -182,11 +238,13 @@ def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out
     result = {
         "method": name, "label": spec["label"], "seed": seed, "budget": args.budget,
         "imbalance_factor": args.imbalance_factor, "image_passes": image_passes(run_dir, cfg),
+        "optimizer_steps": optimizer_steps(run_dir, cfg),
         "seconds_this_session": round(time.time() - t0, 1), "train_seconds": train_seconds(run_dir),
         "device": cfg["device"],
         "tailwise_version": card["tailwise_version"], "index_sha256": card["data"]["index_sha256"],
         "final_epoch": card["epoch"], "val": card["metrics"], "test": card["test"],
         "logit_adjustment_tau": (card.get("logit_adjustment") or {}).get("tau"), "config": cfg,
+        "tuned": spec.get("tuned"),
         "classes": {key: card["data"][key] for key in ("class_names", "counts", "groups")},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +263,9 @@ def _fmt(values: list[float]) -> str:
 
 
 def collect(args) -> list[dict]:
-    """One entry per methods.toml row: its label and the test reports of every seed found."""
+    """One entry per methods.toml row: its label and, for every seed found, the test report of the served logits
+    (post-hoc logit adjustment with the tau chosen on validation) in `tests` and of the plain logits in `plain`.
+    A run recorded without a tuned tau (before every row had one) serves its plain logits, flagged `untuned`."""
     from tailwise.training.metrics import group_means
 
     methods, folder, rows = load_methods(), results_dir(args), []
@@ -213,21 +273,31 @@ def collect(args) -> list[dict]:
     if wanted != "all":               # the rows named, in methods.toml order (a `run = ...` row needs its run named too)
         methods = {k: v for k, v in methods.items() if k in wanted.split(",")}
     for name, spec in methods.items():
-        tests, passes, seconds, classes = [], [], [], None
+        row = {"name": name, "label": spec["label"], "reference": spec.get("reference", False), "tests": [],
+               "plain": [], "taus": [], "untuned": 0, "passes": [], "steps": [], "seconds": [], "classes": None}
         for path in sorted(folder.glob(f"{spec.get('run', name)}-s*.json")):
             result = json.loads(path.read_text())
-            test = result["test"].get(spec["report"]) if "report" in spec else result["test"]
-            if test:
-                tests.append(test)
-                passes.append(result["image_passes"])
-                seconds.append(result.get("train_seconds"))
-                classes = classes or result.get("classes")
-        rows.append({"name": name, "label": spec["label"], "reference": spec.get("reference", False),
-                     "tests": tests, "passes": passes, "seconds": seconds, "classes": classes})
+            plain = {k: v for k, v in result["test"].items() if k != "logit_adjusted"} if result.get("test") else None
+            if not plain:
+                continue
+            served = result["test"].get("logit_adjusted")
+            row["untuned"] += served is None
+            row["tests"].append(served or plain)
+            row["plain"].append(plain)
+            row["taus"].append(served["tau"] if served else None)
+            row["passes"].append(result["image_passes"])
+            steps = result.get("optimizer_steps")
+            if steps is None and result.get("config") and result.get("classes"):
+                steps = planned_steps(result["config"], result["classes"]["counts"])
+            row["steps"].append(steps)
+            row["seconds"].append(result.get("train_seconds"))
+            row["classes"] = row["classes"] or result.get("classes")
+        rows.append(row)
     lt = next((r["classes"] for r in rows if r["classes"] and not r["reference"]), None)
     for row in rows:          # a balanced reference has only "many" classes: score it on the LT rows' groups
         if lt and row["reference"] and row["classes"] and row["classes"]["groups"] != lt["groups"]:
-            row["tests"] = [{**t, **group_means(t["per_class"], lt["groups"])} for t in row["tests"]]
+            for key in ("tests", "plain"):
+                row[key] = [{**t, **group_means(t["per_class"], lt["groups"])} for t in row[key]]
             row["regrouped"] = True
     return rows
 
@@ -316,16 +386,32 @@ def plot_best(rows: list[dict], path: Path) -> Path | None:
 def table(args, rows: list[dict] | None = None) -> str:
     rows = collect(args) if rows is None else rows
     lines = [f"Recipe {Path(args.recipe).stem}, IF {args.imbalance_factor:g}, budget {args.budget} passes over the "
-             "LT set; final-epoch test accuracy % (mean +- std over seeds)", "",
-             "| method | seeds | overall | many | medium | few | image passes | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "LT set; final-epoch test accuracy % (mean +- std over seeds). Served: logits adjusted post hoc by the "
+             "tau chosen on validation (what `predict` and the service return; tau 0 is a choice); plain: the raw "
+             "logits.", "",
+             "| method | seeds | overall | many | medium | few | plain overall | plain few | tau | image passes "
+             "| optimizer steps | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def mean_of(values, fmt):
+        known = [x for x in values if x is not None]
+        return fmt(statistics.mean(known)) if known and len(known) == len(values) else "-"
+
     for row in rows:
-        tests = row["tests"]
+        tests, plain = row["tests"], row.get("plain", row["tests"])
         cells = [_fmt([t[k] for t in tests if t.get(k) is not None]) for k in ("top1", "many", "medium", "few")]
-        cells.append(f"{statistics.mean(row['passes']):,.0f}" if row["passes"] else "-")
-        known = [x for x in row["seconds"] if x is not None]
-        cells.append(f"{statistics.mean(known):,.0f}" if known and len(known) == len(row["seconds"]) else "-")
-        lines.append(f"| {row['label']} | {len(tests)} | " + " | ".join(cells) + " |")
+        cells += [_fmt([t[k] for t in plain if t.get(k) is not None]) for k in ("top1", "few")]
+        taus = [t for t in row.get("taus", []) if t is not None]
+        cells.append("/".join(f"{t:g}" for t in taus) if taus else "-")
+        cells.append(mean_of(row["passes"], "{:,.0f}".format))
+        cells.append(mean_of(row.get("steps", [None]), "{:,.0f}".format))
+        cells.append(mean_of(row["seconds"], "{:,.0f}".format))
+        mark = " *" if row.get("untuned") else ""
+        lines.append(f"| {row['label']}{mark} | {len(tests)} | " + " | ".join(cells) + " |")
+    untuned = [row["label"] for row in rows if row.get("untuned")]
+    if untuned:
+        lines += ["", "*: run before every row had a tuned tau; its served columns are its plain logits "
+                  f"({', '.join(untuned)})."]
     regrouped = [row["label"] for row in rows if row.get("regrouped")]
     if regrouped:
         lines += ["", f"{', '.join(regrouped)}: many / medium / few are the means over the classes that are many / "
@@ -335,65 +421,261 @@ def table(args, rows: list[dict] | None = None) -> str:
         lines += ["", f"Not run yet: {', '.join(missing)}."]
     found = winners(rows)
     if found:
-        lines += ["", *found]
+        lines += ["", "On the served logits:", *found]
     return "\n".join(lines)
 
 
-def write_readme(readme: Path, key: str, text: str) -> None:
-    """Replace what lies between this table's markers in `readme` (each results folder has its own pair)."""
+def write_doc(doc: Path, key: str, text: str) -> None:
+    """Replace what lies between this table's markers in `doc` (each results folder has its own pair); a doc
+    without the pair gets it, under a heading, at its end (a missing doc is created)."""
     from tailwise._core import atomic_write_text
 
     begin, end = f"<!-- accuracy-table:{key}:begin -->", f"<!-- accuracy-table:{key}:end -->"
-    current = readme.read_text()
+    current = doc.read_text() if doc.exists() else "# Accuracy results\n"
     before, found, rest = current.partition(begin)
     middle, found_end, after = rest.partition(end)
     if not found or not found_end:
-        raise SystemExit(f"error: {readme} has no '{begin}' ... '{end}' pair; add both where the table goes")
-    atomic_write_text(readme, f"{before}{begin}\n{text}\n{end}{after}")
+        before, after = current.rstrip("\n") + f"\n\n## {key}\n\n", "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(doc, f"{before}{begin}\n{text}\n{end}{after}")
+
+
+def doc_path(args) -> Path | None:
+    """Where `table` writes: --doc, or for the older --readme the docs/RESULTS.md beside that file's folder
+    (tables no longer go into the README itself)."""
+    if args.doc:
+        return Path(args.doc)
+    if args.readme:
+        given = Path(args.readme)
+        return given.parent / "docs" / "RESULTS.md" if given.name == "README.md" else given
+    return None
+
+
+# ----------------------------------------------------------------------------- the validation grid
+def grid_points(spec: dict, args) -> list[dict]:
+    """The grid every method gets alike: stage-1 augmentation x stage-2 augmentation (two-stage methods) x the
+    learning-rate multiplier (every stage). Ordered so the points sharing a stage 1 are neighbours and the
+    recipe's own setting (x1, SimCLR stage 1) comes first."""
+    from tailwise.training.config import load_config
+
+    base = load_config(args.recipe, [f"stage2.enabled={json.dumps(spec.get('stage2', {}).get('enabled', True))}"])
+    two_stage = base["stage2"]["enabled"]
+    common = [{"aug1": a1, **({"aug2": a2} if two_stage else {}), "lr": lr}
+              for lr in GRID_LR for a1 in GRID_AUG for a2 in (GRID_AUG if two_stage else (None,))]
+    # a method whose paper tunes more (Weight Balancing: weight decay) adds its own axis, as multipliers of the
+    # row's weight decay on every stage, after the common points (whose ids stay as they are)
+    extra = [dict(point, wd=wd) for wd in spec.get("grid_wd", []) if wd != 1.0 for point in common]
+    return common + extra
+
+
+def point_id(point: dict) -> str:
+    return "-".join([f"s1{point['aug1']}", *([f"s2{point['aug2']}"] if point.get("aug2") else []),
+                     f"lr{point['lr']:g}", *([f"wd{point['wd']:g}"] if "wd" in point else [])])
+
+
+def grid_methods(methods: dict) -> list[str]:
+    """The methods the grid tunes (not aliases of another row's run, not the balanced reference), GRID_FIRST first."""
+    names = [n for n, spec in methods.items() if "run" not in spec and not spec.get("reference")]
+    return [n for n in GRID_FIRST if n in names] + [n for n in names if n not in GRID_FIRST]
+
+
+def run_grid_point(name: str, spec: dict, point: dict, args, seed: int) -> Path | None:
+    """Train one grid point (validation only: the test set is never loaded) and record its JSON."""
+    import dataclasses
+
+    from tailwise._core import atomic_write_text
+    from tailwise.training import checkpoint
+    from tailwise.training.train import data_from_config, run
+
+    stem = f"{name}__{point_id(point)}-s{seed}"
+    out = results_dir(args) / f"{stem}.json"
+    if out.exists():
+        return None
+    run_dir = Path(args.workdir) / f"grid-{results_dir(args).name}" / stem
+    with claim(run_dir.with_name(run_dir.name + ".lock")) as mine:
+        if not mine:
+            print(f"-- {stem}: another process is running it, skipped", flush=True)
+            return None
+        if out.exists():
+            return None
+        cfg = method_config(name, spec, args, seed, point)
+        data = dataclasses.replace(data_from_config(cfg), test_source=None)     # validation only
+        print(f"== grid {stem}: stage1 {cfg['stage1']['epochs']} ep"
+              + (f", stage2 {cfg['stage2']['epochs']} ep" if cfg["stage2"]["enabled"] else "") + f" -> {run_dir}",
+              flush=True)
+        t0 = time.time()
+        if cfg["stage2"]["enabled"] and not (run_dir / "stage1.json").exists():
+            shared_stage1(cfg, args, run_dir, data=data)
+        run(cfg, run_dir, resume=run_dir.exists(), progress=not args.no_progress, data=data)
+        card = checkpoint.load_card(run_dir)
+        la = card.get("logit_adjustment") or {}
+        scores = {float(t): v for t, v in la.get("val_mean_per_class", {}).items()}
+        result = {
+            "method": name, "label": spec["label"], "point": point, "point_id": point_id(point), "seed": seed,
+            "budget": args.budget, "imbalance_factor": args.imbalance_factor,
+            "val_plain": card["metrics"].get("val_mean_per_class"),
+            "val_served": scores[float(la["tau"])] if la else None, "tau": la.get("tau"),
+            "val_by_tau": scores, "val": card["metrics"], "image_passes": image_passes(run_dir, cfg),
+            "optimizer_steps": optimizer_steps(run_dir, cfg), "train_seconds": train_seconds(run_dir),
+            "seconds_this_session": round(time.time() - t0, 1), "device": cfg["device"],
+            "tailwise_version": card["tailwise_version"], "index_sha256": card["data"]["index_sha256"],
+            "config": cfg,
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
+        print(f"== grid {stem}: val balanced accuracy served {100 * (result['val_served'] or 0):.2f} % "
+              f"(tau {result['tau']}), plain {100 * (result['val_plain'] or 0):.2f} %", flush=True)
+        return out
+
+
+def grid_results(args) -> dict[str, list[dict]]:
+    """The grid JSONs found, by method, each list in grid order."""
+    methods, found = load_methods(), {}
+    folder = results_dir(args)
+    for name in grid_methods(methods):
+        order = {point_id(p): i for i, p in enumerate(grid_points(methods[name], args))}
+        results = [json.loads(p.read_text()) for p in folder.glob(f"{name}__*.json")]
+        results = [r for r in results if r["method"] == name and r["point_id"] in order]
+        found[name] = sorted(results, key=lambda r: (r["seed"], order[r["point_id"]]))
+    return found
+
+
+def chosen_point(results: list[dict]) -> dict | None:
+    """The point with the best validation balanced accuracy of the served logits (ties: plain, then grid order)."""
+    scored = [r for r in results if r.get("val_served") is not None]
+    if not scored:
+        return None
+    return max(scored, key=lambda r: (round(r["val_served"], 6), round(r["val_plain"] or 0, 6), -scored.index(r)))
+
+
+def grid_table(args) -> str:
+    methods = load_methods()
+    found = grid_results(args)
+    lines = [f"Validation grid: recipe {Path(args.recipe).stem}, IF {args.imbalance_factor:g}, budget {args.budget}; "
+             "validation balanced accuracy % (served: post-hoc logit adjustment, tau chosen on validation; "
+             "plain: raw logits). Points: stage-1 aug (s1), stage-2 aug (s2), learning-rate multiplier (lr).", "",
+             "| method | point | seed | val served | tau | val plain | val few | optimizer steps | train s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    chosen_lines = []
+    for name, results in found.items():
+        best = chosen_point(results)
+        for r in results:
+            few = r["val"].get("val_few")
+            lines.append(f"| {name} | {r['point_id']}{' **chosen**' if r is best else ''} | {r['seed']} | "
+                         f"{100 * r['val_served']:.2f} | {r['tau']:g} | {100 * r['val_plain']:.2f} | "
+                         + (f"{100 * few:.2f}" if few is not None else "-")
+                         + f" | {r['optimizer_steps']:,} | {r['train_seconds']:,.0f} |")
+        total = len(grid_points(methods[name], args))
+        if best:
+            chosen_lines.append(f"- {name}: {best['point_id']} (val served {100 * best['val_served']:.2f} %, "
+                                f"tau {best['tau']:g}; {len(results)}/{total} points run)")
+        else:
+            chosen_lines.append(f"- {name}: nothing run yet (0/{total} points)")
+    return "\n".join(lines + ["", "Chosen on validation (so far):", *chosen_lines])
+
+
+def write_tuned(args, methods_file: Path = METHODS_FILE) -> list[str]:
+    """Record in methods.toml, as each row's `tuned = {...}` line, the grid point chosen on validation (with the
+    numbers that chose it), for every method whose grid is complete; `run` then trains that setting. Returns
+    one line per method saying what was written or why not."""
+    from tailwise._core import atomic_write_text
+
+    methods, text, said = load_methods(), methods_file.read_text(), []
+    for name, results in grid_results(args).items():
+        total, best = len(grid_points(methods[name], args)), chosen_point(results)
+        if len(results) < total or best is None:
+            said.append(f"- {name}: not written, {len(results)}/{total} grid points run")
+            continue
+        fields = {**best["point"], "val_served": round(best["val_served"], 4), "val_plain": round(best["val_plain"], 4),
+                  "tau": best["tau"], "grid": f"{results_dir(args).name} seed {best['seed']}"}
+        line = "tuned = { " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in fields.items()) + " }"
+        lines, out, section = text.splitlines(), [], None
+        for raw in lines:
+            stripped = raw.strip()
+            if stripped.startswith("[") and not stripped.startswith("[["):
+                section = stripped.split("]")[0][1:]
+            if section == name and stripped.startswith("tuned ="):
+                continue                                      # replaced below
+            out.append(raw)
+            if section == name and stripped.startswith("label ="):
+                out.append(line)
+        text = "\n".join(out) + "\n"
+        said.append(f"- {name}: {best['point_id']} (val served {100 * best['val_served']:.2f} %)")
+    atomic_write_text(methods_file, text)
+    load_methods()                                            # still valid TOML
+    return said
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "table"):
+    for name in ("run", "table", "grid", "grid-table"):
         p = sub.add_parser(name)
         p.add_argument("--imbalance-factor", type=float, default=100)
-        p.add_argument("--budget", type=int, default=200, help="passes over the LT training set (default 200)")
+        grid = name.startswith("grid")
+        p.add_argument("--budget", type=int, default=4 if grid else 200,
+                       help=f"passes over the LT training set (default {4 if grid else 200})")
         p.add_argument("--recipe", default="fmnist-lt-r32", help="base recipe (default fmnist-lt-r32)")
-        p.add_argument("--results", default=str(RESULTS), help="results folder (default experiments/results)")
-    r = sub.choices["run"]
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    for p in sub.choices.values():
+        folder = RESULTS / "grid" if grid else RESULTS
+        p.add_argument("--results", default=str(folder), help=f"results folder (default {folder.relative_to(HERE.parent)})")
         p.add_argument("--methods", default="all", help="comma list of methods.toml names (default all)")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--workdir", default="runs/bench")
-    r.add_argument("--no-progress", action="store_true")
-    for p in sub.choices.values():
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a field of the base recipe for every method")
-    sub.choices["table"].add_argument("--readme", help="also replace the table between the markers in this file")
+    for name in ("run", "grid"):
+        r = sub.choices[name]
+        r.add_argument("--seeds", type=int, nargs="+", default=[0] if name == "grid" else [0, 1, 2])
+        r.add_argument("--device", default="auto")
+        r.add_argument("--workdir", default="runs/bench")
+        r.add_argument("--no-progress", action="store_true")
+    t = sub.choices["table"]
+    t.add_argument("--doc", nargs="?", const=str(DOC),
+                   help="also replace the table between its markers in this file (default docs/RESULTS.md)")
+    t.add_argument("--readme", help="older spelling: README.md means docs/RESULTS.md beside it (never README.md)")
+    sub.choices["grid-table"].add_argument("--write-tuned", action="store_true",
+                                           help="record each complete method's chosen point in methods.toml")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
-    if args.command == "table":
+    if args.command in ("table", "grid-table"):
         args.overrides = [o for o in args.overrides if o.startswith("data.holdout_kept")]   # names the folder
+    if args.command == "grid-table":
+        print(grid_table(args))
+        if args.write_tuned:
+            print("\nRecorded in experiments/methods.toml (`tuned`; `run` trains it):", *write_tuned(args), sep="\n")
+        return 0
     if args.command == "table":
         rows = collect(args)
         text = table(args, rows)
-        if args.readme:
-            readme = Path(args.readme)
+        doc = doc_path(args)
+        if doc:
             plot = plot_best(rows, results_dir(args) / "best_per_class.png")
             if plot:
-                rel = Path(os.path.relpath(plot.resolve(), readme.resolve().parent)).as_posix()
+                rel = Path(os.path.relpath(plot.resolve(), doc.resolve().parent)).as_posix()
                 text += f"\n\n![Per-class accuracy of the best methods]({rel})"
         print(text)
-        if args.readme:
-            write_readme(Path(args.readme), results_dir(args).name, text)
+        if doc:
+            write_doc(doc, results_dir(args).name, text)
         return 0
     methods = load_methods()
-    names = list(methods) if args.methods == "all" else args.methods.split(",")
+    names = (grid_methods(methods) if args.command == "grid" else list(methods)) if args.methods == "all" \
+        else args.methods.split(",")
     unknown = [n for n in names if n not in methods]
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {', '.join(methods)}")
+    if args.command == "grid":
+        failed = []
+        for seed in args.seeds:        # method-major: every point of one method before the next method
+            for name in names:
+                for point in grid_points(methods[name], args):
+                    try:               # a long background grid goes on past one failing point, and says so
+                        run_grid_point(name, methods[name], point, args, seed)
+                    except Exception:
+                        import traceback
+
+                        failed.append(f"{name}__{point_id(point)}-s{seed}")
+                        print(f"!! grid {failed[-1]} failed:\n{traceback.format_exc()}", flush=True)
+        if failed:
+            print(f"!! grid: {len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1 if failed else 0
     for seed in args.seeds:            # seed-major: one seed of every row before the next seed
         for name in names:
             run_one(name, methods[name], args, seed)

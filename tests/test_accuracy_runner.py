@@ -49,15 +49,28 @@ def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
     second = runner(*run, cwd=REPO)               # nothing left to do: no training
     assert second.returncode == 0 and "==" not in second.stdout
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- accuracy-table:tiny-if10-b2:begin -->\nstale\n<!-- accuracy-table:tiny-if10-b2:end -->\noutro\n")
-    table = runner("table", *common, "--readme", str(readme), cwd=REPO)
+    readme.write_text("the README is never written\n")
+    doc = tmp_path / "docs" / "RESULTS.md"
+    doc.parent.mkdir()
+    doc.write_text("intro\n<!-- accuracy-table:tiny-if10-b2:begin -->\nstale\n<!-- accuracy-table:tiny-if10-b2:end -->\noutro\n")
+    table = runner("table", *common, "--readme", str(readme), cwd=REPO)      # the older flag: docs/RESULTS.md
     assert table.returncode == 0, table.stderr
-    text = readme.read_text()
+    assert readme.read_text() == "the README is never written\n"
+    text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "stale" not in text
     assert "| CE |" in text and (folder / "best_per_class.png").stat().st_size > 0
-    # the winner sentence names the row(s) with the highest mean test accuracy, read from the JSON
-    overall = {"CE": ce["test"]["top1"], "BNS + IP-DPP (kdpp)": bns["test"]["top1"],
-               "BNS + IP-DPP + post-hoc logit adjustment": bns["test"]["logit_adjusted"]["top1"]}
+    assert "](../res/tiny-if10-b2/best_per_class.png)" in text         # the plot's path, relative to the doc
+    # every row has a tuned tau now, the single-stage CE too; its served and plain columns sit side by side
+    assert ce["test"]["logit_adjusted"]["tau"] == ce["logit_adjustment_tau"] in accuracy_taus()
+    assert ce["optimizer_steps"] == sum(json.loads(line)["steps"] for line in
+                                        (work / "ce-s0" / "stage1_metrics.jsonl").read_text().splitlines())
+    # results recorded before optimizer steps were: the count follows from the config, as the loop takes them
+    for row in (ce, bns):
+        assert _load_runner_module().planned_steps(row["config"], row["classes"]["counts"]) == row["optimizer_steps"]
+    # the winner sentence names the row(s) with the highest mean served test accuracy, read from the JSON
+    overall = {"CE": ce["test"]["logit_adjusted"]["top1"], "BNS + IP-DPP (kdpp)": bns["test"]["logit_adjusted"]["top1"],
+               "BNS + IP-DPP + post-hoc logit adjustment": bns["test"]["logit_adjusted"]["top1"],
+               "BNS + random undersampling (released code's behaviour)": random_row["test"]["logit_adjusted"]["top1"]}
     best_line = next(line for line in table.stdout.splitlines() if line.startswith("- Best overall:"))
     top = max(overall.values())
     for label, value in overall.items():
@@ -65,13 +78,16 @@ def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
     assert f"{100 * top:.1f} %" in best_line
     lines = table.stdout.splitlines()
     ce_row = next(line for line in lines if line.startswith("| CE |"))
-    assert ce_row.split("|")[2].strip() == "1" and f"{100 * ce['test']['top1']:.1f}" in ce_row
-    assert "train s |" in table.stdout and ce_row.split("|")[-2].strip() == f"{ce['train_seconds']:,.0f}"
+    cells = [c.strip() for c in ce_row.split("|")[1:-1]]
+    assert cells[1] == "1" and cells[2] == f"{100 * ce['test']['logit_adjusted']['top1']:.1f}"
+    assert cells[6] == f"{100 * ce['test']['top1']:.1f}" and cells[8] == f"{ce['logit_adjustment_tau']:g}"
+    assert "optimizer steps | train s |" in table.stdout
+    assert cells[10] == f"{ce['optimizer_steps']:,}" and cells[11] == f"{ce['train_seconds']:,.0f}"
     other = tmp_path / "OTHER.md"
     other.write_text("no markers here\n")
-    refused = runner("table", *common, "--readme", str(other), cwd=REPO)
-    assert refused.returncode != 0 and "accuracy-table:tiny-if10-b2:begin" in refused.stderr
-    assert other.read_text() == "no markers here\n"
+    added = runner("table", *common, "--doc", str(other), cwd=REPO)     # no markers yet: a section is added
+    assert added.returncode == 0, added.stderr
+    assert other.read_text().startswith("no markers here\n\n## tiny-if10-b2\n\n<!-- accuracy-table:tiny-if10-b2:begin -->")
     assert "Not run yet:" in table.stdout and "ldam-drw" in table.stdout
 
 
@@ -91,6 +107,12 @@ def test_runner_skips_a_run_another_process_holds(tmp_path, cifar_archive):
     assert "another process is running it, skipped" in held.stdout
     assert not (tmp_path / "res" / "tiny-if10-b2" / "ce-s0.json").exists()
     assert not (tmp_path / "w" / "tiny-if10-b2" / "ce-s0").exists()
+
+
+def accuracy_taus():
+    from tailwise.training.train import LA_TAU_GRID
+
+    return LA_TAU_GRID
 
 
 def _load_runner_module():
@@ -125,7 +147,10 @@ def test_table_scores_the_balanced_reference_on_lt_groups_and_never_names_it_bes
     ref = rows["balanced-ce"]["tests"][0]
     assert ref["many"] == (0.95 + 0.9) / 2 and ref["medium"] == 0.9 and ref["few"] == 0.85
     text = accuracy.table(args)
-    assert "| CE | 2 | 57.5 +- 3.5 | 82.5 +- 3.5 | 45.0 +- 7.1 | 20.0 +- 14.1 | 100 |" in text
+    # no tuned tau recorded (runs from before every row had one): served = plain, flagged with *
+    assert ("| CE * | 2 | 57.5 +- 3.5 | 82.5 +- 3.5 | 45.0 +- 7.1 | 20.0 +- 14.1 | 57.5 +- 3.5 | 20.0 +- 14.1 | - "
+            "| 100 | - | - |") in text
+    assert "*: run before every row had a tuned tau; its served columns are its plain logits" in text
     assert "many / medium / few are the means over the classes that are many / medium / few in the LT set" in text
     best = [line for line in text.splitlines() if line.startswith("- Best")]
     tied = "**Logit-adjusted loss (tau = 1) (tied with Balanced Softmax)**"
@@ -156,3 +181,92 @@ def test_no_few_shot_winner_when_no_class_is_few_shot():
     lines = accuracy.winners(rows)
     assert lines[0].startswith("- Best overall: **CE**, 80.0 %, 10.0 points above the next, LA (70.0 %)")
     assert lines[1] == "- No few-shot winner: no class is few-shot at this imbalance factor."
+
+
+@pytest.mark.slow
+def test_grid_trains_each_point_on_validation_only_and_picks_the_best_served(tmp_path, cifar_archive, monkeypatch):
+    """The grid on tiny data (two of its lr multipliers, one augmentation): one JSON per point with validation
+    numbers and optimizer steps and no test numbers; a second call trains nothing; grid-table marks the point
+    with the best served validation accuracy."""
+    accuracy = _load_runner_module()
+    monkeypatch.setattr(accuracy, "GRID_LR", (1.0, 2.0))
+    monkeypatch.setattr(accuracy, "GRID_AUG", ("light",))
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
+    recipe = write_recipe(tmp_path, archive)
+    common = ["--recipe", str(recipe), "--imbalance-factor", "10", "--budget", "2", "--results", str(tmp_path / "g")]
+    grid = ["grid", *common, "--methods", "la,tailwise-la-kdpp", "--workdir", str(tmp_path / "w"),
+            "--no-progress", "--device", "cpu"]
+    assert accuracy.main(grid) == 0
+    folder = tmp_path / "g" / "tiny-if10-b2"
+    assert sorted(p.name for p in folder.glob("*.json")) == [
+        "la__s1light-lr1-s0.json", "la__s1light-lr2-s0.json",
+        "tailwise-la-kdpp__s1light-s2light-lr1-s0.json", "tailwise-la-kdpp__s1light-s2light-lr2-s0.json"]
+    la1, la2 = (json.loads((folder / f"la__s1light-lr{m}-s0.json").read_text()) for m in (1, 2))
+    # the point's settings reach the config: augmentation on every stage, the lr multiplied on every stage
+    assert la1["config"]["stage1"]["aug"] == "light" and la2["config"]["stage1"]["lr"] == 2 * la1["config"]["stage1"]["lr"]
+    # Weight Balancing's own axis: weight decay x0.1 and x10 on both stages, after the common points
+    wb = accuracy.load_methods()["weight-balancing"]
+    points = accuracy.grid_points(wb, argparse.Namespace(recipe=str(recipe)))
+    assert [accuracy.point_id(p) for p in points] == [
+        "s1light-s2light-lr1", "s1light-s2light-lr2", "s1light-s2light-lr1-wd0.1", "s1light-s2light-lr2-wd0.1",
+        "s1light-s2light-lr1-wd10", "s1light-s2light-lr2-wd10"]
+    run_args = argparse.Namespace(recipe=str(recipe), imbalance_factor=10, budget=2, overrides=[], device="cpu")
+    cfg = accuracy.method_config("weight-balancing", wb, run_args, 0, points[-1])
+    assert cfg["stage1"]["weight_decay"] == pytest.approx(5.0) and cfg["stage2"]["weight_decay"] == pytest.approx(5.0)
+    one, two = (json.loads((folder / f"tailwise-la-kdpp__s1light-s2light-lr{m}-s0.json").read_text()) for m in (1, 2))
+    assert two["config"]["stage2"]["lr"] == 2 * one["config"]["stage2"]["lr"] and two["config"]["stage2"]["aug"] == "light"
+    assert two["config"]["stage1"]["lr"] == la2["config"]["stage1"]["lr"]
+    for r in (la1, la2, two):
+        assert "test" not in r and 0 <= r["val_plain"] <= 1
+        assert r["val_served"] == max(r["val_by_tau"].values()) and r["val_by_tau"]["0.0"] == r["val_plain"]
+    # optimizer steps counted from the metrics: a single-stage LA epoch is len(LT) // batch steps
+    card = json.loads((tmp_path / "w" / "grid-tiny-if10-b2" / "la__s1light-lr1-s0" / "stage1.json").read_text())
+    assert la1["optimizer_steps"] == la1["config"]["stage1"]["epochs"] * (card["data"]["num_train"] // 32)
+    assert two["optimizer_steps"] > 0 and two["image_passes"] > 0
+    # no run folder scored a test set
+    assert not list((tmp_path / "w").rglob("report.json"))
+    before = {p.name: p.stat().st_mtime for p in folder.glob("*.json")}
+    assert accuracy.main(grid) == 0                      # resumable: nothing left to train
+    assert {p.name: p.stat().st_mtime for p in folder.glob("*.json")} == before
+    args = argparse.Namespace(results=str(tmp_path / "g"), recipe=str(recipe), imbalance_factor=10, budget=2,
+                              overrides=[], methods="all")
+    text = accuracy.grid_table(args)
+    best = max((la1, la2), key=lambda r: (round(r["val_served"], 6), round(r["val_plain"], 6)))
+    assert f"| la | {best['point_id']} **chosen** |" in text
+    assert f"- la: {best['point_id']} (val served {100 * best['val_served']:.2f} %" in text
+    assert "- ce: nothing run yet (0/2 points)" in text
+    assert "- weight-balancing: nothing run yet (0/6 points)" in text          # + its weight-decay axis
+    # the chosen point goes into methods.toml (a copy here) for complete grids only; `run` then trains it
+    methods_copy = tmp_path / "methods.toml"
+    methods_copy.write_text(accuracy.METHODS_FILE.read_text())
+    monkeypatch.setattr(accuracy, "METHODS_FILE", methods_copy)
+    said = accuracy.write_tuned(args, methods_copy)
+    assert f"- la: {best['point_id']} (val served {100 * best['val_served']:.2f} %)" in said
+    assert "- ce: not written, 0/2 grid points run" in said
+    methods = accuracy.load_methods()
+    assert methods["la"]["tuned"]["lr"] == best["point"]["lr"] and "tuned" not in methods["ce"]
+    assert methods["la"]["tuned"]["val_served"] == round(best["val_served"], 4)
+    cfg = accuracy.method_config("la", methods["la"], run_args, 0)
+    assert cfg["name"] == "la-s0" and cfg["stage1"]["lr"] == best["config"]["stage1"]["lr"]
+    assert cfg["stage1"]["aug"] == "light"
+    accuracy.write_tuned(args, methods_copy)                 # written again: replaced, not repeated
+    assert methods_copy.read_text().count("tuned = ") == 2
+
+
+def test_grid_goes_on_past_a_failing_point(tmp_path, monkeypatch, capsys):
+    accuracy = _load_runner_module()
+    monkeypatch.setattr(accuracy, "GRID_LR", (1.0, 2.0))
+    monkeypatch.setattr(accuracy, "GRID_AUG", ("light",))
+    tried = []
+
+    def fake_point(name, spec, point, args, seed):      # the first point fails, the second must still be tried
+        tried.append(accuracy.point_id(point))
+        if len(tried) == 1:
+            raise RuntimeError("disk full")
+
+    monkeypatch.setattr(accuracy, "run_grid_point", fake_point)
+    assert accuracy.main(["grid", "--methods", "la", "--results", str(tmp_path)]) == 1
+    assert tried == ["s1light-lr1", "s1light-lr2"]
+    out = capsys.readouterr()
+    assert "!! grid la__s1light-lr1-s0 failed" in out.out and "disk full" in out.out
+    assert "1 point(s) failed: la__s1light-lr1-s0" in out.err

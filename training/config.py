@@ -33,20 +33,29 @@ DEFAULTS: dict = {
     "model": {"arch": "resnet32", "proj_hidden": 2048, "proj_dim": 128},
     # Stage 1: representation. method "bns" (contrastive, this paper) or "supervised" (a classifier trained
     # with `loss`: the baselines and the CE-encoder ablation). With method "bns", sup_loss (ce | la | bsce |
-    # ldam-drw, or "none") adds a linear classifier on the encoder trained jointly, weighted by sup_weight.
+    # ldam-drw, cb, las, or "none") adds a linear classifier on the encoder trained jointly, weighted by
+    # sup_weight. Losses: cb = class-balanced CE (effective-number weights), las = label-aware smoothing.
     "stage1": {
         "method": "bns", "loss_form": "released", "tau": 0.5, "m": 2, "loss": "ce", "ldam_drw_start": 0.8,
         "epochs": 200, "batch_size": 512, "lr": 1e-3, "lr_scale_batch": 256, "weight_decay": 0.05,
         "betas": [0.9, 0.95], "warmup_epochs": 10, "aug": "simclr", "aug_strength": 1.0, "amp": True,
         "class_balanced": False, "sup_loss": "none", "sup_weight": 1.0,
+        "mixup": 0.0,          # supervised: mixup with lam ~ Beta(mixup, mixup) (MiSLAS stage 1); 0: off
         "probe_every": 0,      # BNS: linear probe of the encoder on validation every this many epochs (0: never)
     },
-    # Stage 2: the boundary-corrected classifier re-trained on the IP-DPP subset.
+    # Stage 2: the boundary-corrected classifier re-trained on the IP-DPP subset. `logit_adjust`: choose the tau of
+    # post-hoc logit adjustment on validation for the run's final classifier (either stage; 0 is a choice).
     "stage2": {
         "enabled": True, "sampler": "kdpp", "ratio": 10.0, "redraw_every": 10, "freeze_encoder": False,
         "reinit_classifier": True, "loss": "ce", "epochs": 100, "batch_size": 64, "lr": 2.5e-4,
         "lr_scale_batch": 0, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_epochs": 5, "aug": "light",
         "aug_strength": 1.0, "amp": True, "class_balanced": False, "logit_adjust": True,
+        # Weight Balancing: after every step, project each class's classifier weights onto the ball whose radius
+        # is min + max_norm * (max - min) of the norms stage 2 starts from (0: off).
+        "max_norm": 0.0,
+        # MiSLAS: a frozen encoder keeps re-estimating its BatchNorm statistics on the stage-2 batches
+        # (shift_bn); loss "las" smooths the labels by class, smooth_head for the head class .. smooth_tail.
+        "shift_bn": False, "smooth_head": 0.3, "smooth_tail": 0.0,
     },
 }
 
@@ -60,7 +69,7 @@ class Range:
     high_open: bool = False
 
 
-LOSSES = ("ce", "la", "bsce", "ldam-drw")
+LOSSES = ("ce", "la", "bsce", "ldam-drw", "cb", "las")
 AUGS = ("simclr", "light", "none")
 AT_LEAST_0, AT_LEAST_1, ABOVE_0, FRACTION = Range(0), Range(1), Range(0, low_open=True), Range(0, 1)
 
@@ -87,6 +96,10 @@ RULES: dict[str, tuple | Range] = {
     "stage2.redraw_every": AT_LEAST_1,
     "stage2.loss": LOSSES,
     "stage2.aug": AUGS,
+    "stage1.mixup": AT_LEAST_0,
+    "stage2.max_norm": FRACTION,
+    "stage2.smooth_head": FRACTION,
+    "stage2.smooth_tail": FRACTION,
 }
 RULES.update({field: rule if isinstance(rule, tuple) else Range(rule) for field, rule in dataspec_rules().items()})
 for _stage in ("stage1", "stage2"):   # the optimisation fields both stages share

@@ -266,7 +266,7 @@ def fit(stage: Stage, run_dir: Path, seed: int, d: Dist, start_epoch: int = 0, p
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         loaded.close()
         seconds = time.perf_counter() - t0
-        last = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(batches))).item(), "images": seen,
+        last = {"epoch": epoch + 1, "loss": (loss_sum / max(1, len(batches))).item(), "images": seen, "steps": len(batches),
                 "seconds": round(seconds, 3), "images_per_second": round(seen / seconds, 1),
                 "lr_end": stage.optimizer.param_groups[0]["lr"], **extra}
         if stage.images.images is None:   # file data: the share of the epoch spent waiting for decoded images

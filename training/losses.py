@@ -1,10 +1,12 @@
-"""Losses: Balanced Negative Sampling (stage 1, both forms of METHOD.md) and the long-tail baselines
-(logit adjustment, Balanced Softmax, LDAM with DRW class weights)."""
+"""Losses: Balanced Negative Sampling (stage 1, both forms of METHOD.md), the long-tail baselines (logit
+adjustment, Balanced Softmax, LDAM with DRW class weights) and the parts of the two-stage peers (Weight
+Balancing: class-balanced loss and MaxNorm; MiSLAS: mixup and label-aware smoothing)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -140,3 +142,58 @@ def drw_weights(counts: Sequence[int] | Tensor, beta: float = 0.9999) -> Tensor:
     counts = torch.as_tensor(counts, dtype=torch.float64)
     weights = (1.0 - beta) / (1.0 - torch.pow(beta, counts))
     return (weights / weights.sum() * len(counts)).float()
+
+
+def class_balanced_ce(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """Class-balanced cross-entropy (Cui et al. 2019; Weight Balancing's stage 2): mean over the batch of
+    w_y * CE, with w the effective-number weights of `drw_weights` (they sum to C)."""
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    return (weights.to(ce.dtype)[targets] * ce).mean()
+
+
+def label_aware_smoothing(counts: Sequence[int] | Tensor, head: float = 0.3, tail: float = 0.0) -> Tensor:
+    """Per-class smoothing factors of MiSLAS (Zhong et al. 2021), concave form of its released code:
+    eps_c = tail + (head - tail) * sin(pi/2 * (n_c - n_min) / (n_max - n_min)); the head class gets `head`, the
+    rarest `tail`. All classes equally frequent: every class gets `head`."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    spread = counts.max() - counts.min()
+    if spread == 0:
+        return torch.full(counts.shape, float(head))
+    return (tail + (head - tail) * torch.sin(torch.pi / 2 * (counts - counts.min()) / spread)).float()
+
+
+def label_aware_smoothing_ce(logits: Tensor, targets: Tensor, eps: Tensor) -> Tensor:
+    """Cross-entropy against smoothed labels, the smoothing eps_y chosen by the true class:
+    mean_i [ (1 - eps_y) * (-log p_y) + eps_y * mean_c (-log p_c) ]."""
+    logp = F.log_softmax(logits, dim=1)
+    e = eps.to(logp.dtype)[targets]
+    nll = -logp.gather(1, targets[:, None]).squeeze(1)
+    return ((1 - e) * nll + e * (-logp.mean(1))).mean()
+
+
+def max_norm_threshold(weight: Tensor, fraction: float) -> float:
+    """Weight Balancing's MaxNorm radius: min + fraction * (max - min) of the per-class weight norms (rows of
+    `weight`), fixed once from the classifier stage 2 starts from."""
+    norms = weight.detach().flatten(1).norm(dim=1)
+    return float(norms.min() + fraction * (norms.max() - norms.min()))
+
+
+@torch.no_grad()
+def max_norm_(weight: Tensor, radius: float) -> Tensor:
+    """Project each class's weight vector (a row) onto the ball of `radius` in place (projected gradient
+    descent after every step): rows longer than radius are rescaled to it, the others are left alone."""
+    norms = weight.flatten(1).norm(dim=1)
+    scale = torch.where(norms > radius, radius / norms.clamp(min=1e-12), torch.ones_like(norms))
+    weight.mul_(scale.view(-1, *([1] * (weight.ndim - 1))))
+    return weight
+
+
+def mixup(x: Tensor, alpha: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, float]:
+    """Mixup (Zhang et al. 2018; MiSLAS's stage 1): lam ~ Beta(alpha, alpha) and a random pairing of the batch;
+    returns (lam * x + (1 - lam) * x[perm], perm, lam). The loss is lam * L(y) + (1 - lam) * L(y[perm])."""
+    device = generator.device if generator is not None else x.device
+    perm = torch.randperm(x.shape[0], generator=generator, device=device).to(x.device)
+    u = torch.rand(2, generator=generator, device=device, dtype=torch.float64).cpu().numpy()
+    # Beta drawn by numpy, seeded from the generator: the same lam when a resumed run redraws the epoch
+    lam = float(np.random.default_rng(int(u[0] * 2**53) ^ int(u[1] * 2**31)).beta(alpha, alpha))
+    return lam * x + (1 - lam) * x[perm], perm, lam

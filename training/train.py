@@ -116,11 +116,19 @@ def _val_metrics(model, data, images) -> dict:
 
 
 # ----------------------------------------------------------------------------- losses of supervised stages
-def supervised_criterion(name: str, counts: list[int], epochs: int, drw_start: float, device: torch.device):
-    """(logits, labels, epoch) -> loss, for ce | la (logit-adjusted, tau 1) | bsce (balanced softmax) | ldam-drw."""
+def supervised_criterion(name: str, counts: list[int], epochs: int, drw_start: float, device: torch.device,
+                         smoothing: tuple[float, float] = (0.3, 0.0)):
+    """(logits, labels, epoch) -> loss, for ce | la (logit-adjusted, tau 1) | bsce (balanced softmax) | ldam-drw |
+    cb (class-balanced CE, effective-number weights) | las (label-aware smoothing, `smoothing` = head, tail)."""
     from tailwise.training import losses
 
     prior = torch.tensor(fmt.log_prior(counts), dtype=torch.float32, device=device)   # of the LA and BS losses
+    if name == "cb":
+        weights = losses.drw_weights(counts).to(device)
+        return lambda logits, y, epoch: losses.class_balanced_ce(logits, y, weights)
+    if name == "las":
+        eps = losses.label_aware_smoothing(counts, *smoothing).to(device)
+        return lambda logits, y, epoch: losses.label_aware_smoothing_ce(logits, y, eps)
     if name == "ce":
         return lambda logits, y, epoch: F.cross_entropy(logits, y)
     if name == "la":
@@ -136,7 +144,38 @@ def supervised_criterion(name: str, counts: list[int], epochs: int, drw_start: f
             ldam.set_weight(weights if epoch >= drw_epoch else None)
             return ldam(logits, y)
         return ldam_drw
-    raise UserError(f"unknown loss {name!r} (expected ce, la, bsce or ldam-drw)")
+    raise UserError(f"unknown loss {name!r} (expected ce, la, bsce, ldam-drw, cb or las)")
+
+
+def stage2_prior_counts(s: dict, counts: list[int]) -> list[int]:
+    """The class counts stage 2's balanced losses correct for: its pool's (the LT set, or the subset's targets),
+    all equal when it samples class-balanced."""
+    from tailwise.training.ipdpp import class_targets
+
+    pool = list(counts) if s["sampler"] == "none" else class_targets(counts, s["ratio"])
+    return [1] * len(pool) if s["class_balanced"] else pool
+
+
+def stage_criterion(cfg: dict, stage: int, counts: list[int], device: torch.device):
+    """The supervised loss a config trains `stage` with (stage 1: the classifier's, or the joint classifier's
+    with BNS), given the LT class counts. Label-aware smoothing is by the LT counts (MiSLAS), the other
+    balanced losses by what the stage trains on (stage2_prior_counts)."""
+    if stage == 1:
+        s = cfg["stage1"]
+        name = s["loss"] if s["method"] == "supervised" else s["sup_loss"]
+        return supervised_criterion(name, counts, s["epochs"], s["ldam_drw_start"], device)
+    s = cfg["stage2"]
+    prior = list(counts) if s["loss"] == "las" else stage2_prior_counts(s, counts)
+    return supervised_criterion(s["loss"], prior, s["epochs"], cfg["stage1"]["ldam_drw_start"], device,
+                                (s["smooth_head"], s["smooth_tail"]))
+
+
+def stage2_modes(model: torch.nn.Module, s: dict) -> None:
+    """Train mode, except a frozen encoder's BatchNorm layers: they keep stage 1's statistics (eval mode), or with
+    `shift_bn` (MiSLAS) re-estimate them as running averages over the stage-2 batches (weights stay frozen)."""
+    model.train()
+    if s["freeze_encoder"] and not s["shift_bn"]:
+        model.encoder.eval()
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -175,7 +214,7 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     if kind == "contrastive":
         from tailwise.training import losses
 
-        sup = supervised_criterion(s["sup_loss"], data.counts, s["epochs"], s["ldam_drw_start"], device) if joint else None
+        sup = stage_criterion(cfg, 1, data.counts, device) if joint else None
 
         def step_fn(x, y, epoch):
             g = generator(epoch)
@@ -204,12 +243,19 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
                 metrics.update({f"val_probe_{k}": probe[k] for k in ("top1", "many", "medium", "few")})
             return metrics
     else:
-        criterion = supervised_criterion(s["loss"], data.counts, s["epochs"], s["ldam_drw_start"], device)
+        from tailwise.training import losses
+
+        criterion = stage_criterion(cfg, 1, data.counts, device)
 
         def step_fn(x, y, epoch):
+            x = aug(x, generator(epoch))
+            if s["mixup"]:
+                x, perm, lam = losses.mixup(x, s["mixup"], generator(epoch))
             with autocast(device, s["amp"]):
-                logits = net(aug(x, generator(epoch)))
-            return criterion(logits.float(), y, epoch)
+                logits = net(x).float()
+            if s["mixup"]:
+                return lam * criterion(logits, y, epoch) + (1 - lam) * criterion(logits, y[perm], epoch)
+            return criterion(logits, y, epoch)
 
         def on_epoch_end(epoch):
             return _val_metrics(model, data, images)
@@ -227,7 +273,7 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
 def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d: engine.Dist,
                  resume: bool = False, progress: bool = True) -> dict:
     """Stage 2: stage-1 encoder + new linear classifier, trained on the (redrawn) IP-DPP subset."""
-    from tailwise.training.ipdpp import class_targets
+    from tailwise.training import losses
 
     s = cfg["stage2"]
     card1 = checkpoint.load_card(run_dir, stage=1)
@@ -248,6 +294,8 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     else:
         model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in stage1_weights.items()
                                        if k.startswith("encoder.")})
+    # MaxNorm (Weight Balancing): the radius comes from the classifier stage 2 starts from, also on resume
+    radius = losses.max_norm_threshold(model.fc.weight, s["max_norm"]) if s["max_norm"] else None
     engine.to_device(model, device)
     if s["freeze_encoder"]:
         for p in model.encoder.parameters():
@@ -256,6 +304,8 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
     else:
         params = None
     optimizer = engine.make_optimizer(model, s, params)
+    if radius is not None:      # projected gradient descent: every step ends on the ball
+        optimizer.register_step_post_hook(lambda *_: losses.max_norm_(model.fc.weight.data, radius))
 
     streams = engine.Streams(cfg["seed"])
     images = engine.DeviceImages(data.train_source, device)
@@ -270,18 +320,14 @@ def train_stage2(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
         start = card0["epoch"]
     net = _wrap_ddp(model, d, device)
     aug = BatchAugment(data.channels, tuple(data.image_size), strength=s["aug_strength"], kind=s["aug"])
-    pool_counts = list(data.counts) if s["sampler"] == "none" else class_targets(data.counts, s["ratio"])
-    pool_size = int(sum(pool_counts))
-    if s["class_balanced"]:
-        pool_counts = [1] * len(pool_counts)
-    # a balanced loss (la, bsce, ldam-drw) corrects for the class frequencies of what stage 2 trains on
-    criterion = supervised_criterion(s["loss"], pool_counts, s["epochs"], cfg["stage1"]["ldam_drw_start"], device)
+    pool_size = int(sum(stage2_prior_counts(dict(s, class_balanced=False), data.counts)))
+    # a balanced loss (la, bsce, ldam-drw, cb) corrects for the class frequencies of what stage 2 trains on
+    criterion = stage_criterion(cfg, 2, data.counts, device)
     steps = max(1, pool_size // s["batch_size"])
     generator = EpochGenerator(device, streams, 2, d.rank)
 
     def step_fn(x, y, epoch):
-        if s["freeze_encoder"]:
-            model.encoder.eval()   # frozen encoder: BatchNorm statistics stay as stage 1 left them
+        stage2_modes(model, s)
         with autocast(device, s["amp"]):
             logits = net(aug(x, generator(epoch)))
         return criterion(logits.float(), y, epoch)
@@ -531,13 +577,17 @@ def finish_stage(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
 
 
 def _score_final(cfg: dict, data: LTData, card: dict, device: torch.device, d: engine.Dist) -> tuple[dict, dict]:
-    """(test report, card fields) of the run's final classifier: logit adjustment chosen on validation (stage 2),
+    """(test report, card fields) of the run's final classifier: logit adjustment chosen on validation (prior: what
+    the classifier last trained on, the LT counts for a stage-1 classifier; `stage2.logit_adjust` switches it off),
     hardware and time, and the test report when there is a test set."""
     model = checkpoint.classifier_from_card(card).to(device)
     fields = {}
-    if card["stage"] == 2 and cfg["stage2"]["logit_adjust"] and len(data.val_idx):
-        fields["logit_adjustment"] = choose_logit_adjustment(model, data, device, card["train_distribution"],
-                                                             fmt.PRIOR_STAGE2_SUBSET)
+    if cfg["stage2"]["logit_adjust"] and len(data.val_idx):     # every final classifier, single-stage included
+        if card["stage"] == 2:
+            counts, prior = card["train_distribution"], fmt.PRIOR_STAGE2_SUBSET
+        else:
+            counts, prior = data.counts, fmt.PRIOR_TRAIN
+        fields["logit_adjustment"] = choose_logit_adjustment(model, data, device, counts, prior)
     fields["training"] = training_record(Path(card["_dir"]), device, d)
     if data.test_source is None:
         print("tailwise: no test set (give one with --test DIR, or data.test_split): nothing scored", flush=True)
