@@ -97,46 +97,11 @@ def run_predict_command(args) -> int:
 
 
 def run_serve_command(args) -> int:
-    """Check the model and the port, then become `bentoml serve tailwise.serving.service:TailwiseClassifier` (exec, so
-    that a signal to this process reaches the server itself and stopping it stops the server)."""
-    import os
-    import socket
-    import sys
+    from tailwise.serving.server import serve
 
-    from tailwise.serving.artifact import (PACKAGE_PARENT, default_model_path, model_summary, read_metadata,
-                                           resolve_model_path)
-    from tailwise.serving.integrity import verify_enabled
-    from tailwise import UserError
-
-    from tailwise.serving.settings import Settings
-
-    Settings.from_env()    # a bad TAILWISE_* value is a one-line error here, not a traceback in the server
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port must be 1..65535, got {args.port}")
-    for option in ("keep_alive", "shutdown_timeout"):
-        if getattr(args, option) < 1:
-            raise UserError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
-    path = (resolve_model_path(args.model) if args.model is not None else default_model_path()).resolve()
-    verify = verify_enabled(False if args.no_verify else None)
-    meta = read_metadata(path, verify)  # fail here, with the path, rather than in the server's worker
-    try:
-        family = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
-            probe.bind((args.host, args.port))
-    except OSError as exc:
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
-                        + (" (another server is using it: pick another --port)"
-                           if getattr(exc, "errno", None) == 98 else "")) from None
-    print(f"tailwise serve: starting {path} ({model_summary(meta)}{'' if verify else ', NOT verified'}) on "
-          f"http://{args.host}:{args.port}; ready when /readyz answers 200; SIGTERM or Ctrl+C stops it",
-          file=sys.stderr, flush=True)
-    command = [sys.executable, "-m", "bentoml", "serve", "tailwise.serving.service:TailwiseClassifier",
-               "--host", args.host, "--port", str(args.port), "--working-dir", str(PACKAGE_PARENT),
-               "--timeout-keep-alive", str(args.keep_alive), "--timeout-graceful-shutdown", str(args.shutdown_timeout)]
-    env = {**os.environ, "TAILWISE_MODEL": str(path), "TAILWISE_VERIFY": "1" if verify else "0"}
-    sys.stdout.flush()
-    os.execve(sys.executable, command, env)  # does not return
+    serve(args.model, host=args.host, port=args.port, keep_alive=args.keep_alive,
+          shutdown_timeout=args.shutdown_timeout, verify=False if args.no_verify else None)
+    return 0  # not reached: serve() becomes the server
 
 
 def run_manifest_command(args) -> int:

@@ -564,6 +564,29 @@ def test_tailwise_serve_starts_the_service_and_sigterm_under_load_drops_nothing(
         httpx.get(f"{base}/readyz", timeout=5)
 
 
+def test_serve_checks_everything_before_the_server_starts(tiny_model_dir, monkeypatch):
+    """serving.server.server_command (what `tailwise serve` runs before exec'ing BentoML), called as a function:
+    options named as Python spells them, the default model is the shipped one, the model is passed on."""
+    from tailwise import OptionError
+    from tailwise.serving.server import server_command
+
+    monkeypatch.delenv("TAILWISE_MODEL", raising=False)
+    with pytest.raises(OptionError, match=r"^port= must be 1..65535, got 0$"):
+        server_command(tiny_model_dir, port=0)
+    with pytest.raises(OptionError, match=r"^keep_alive= must be >= 1"):
+        server_command(tiny_model_dir, port=free_port(), keep_alive=0)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OptionError, match="pick another port="):
+            server_command(tiny_model_dir, port=taken.getsockname()[1])
+    argv, env, line = server_command(port=free_port())
+    assert env["TAILWISE_MODEL"] == str((REPO / "models" / "fmnist-lt-tailwise" / "model.onnx").resolve())
+    assert argv[2:5] == ["bentoml", "serve", "tailwise.serving.service:TailwiseClassifier"] and "10 classes" in line
+    argv, env, line = server_command(tiny_model_dir, port=free_port(), verify=False)
+    assert env["TAILWISE_MODEL"] == str((tiny_model_dir / "model.onnx").resolve()) and env["TAILWISE_VERIFY"] == "0"
+
+
 @pytest.mark.slow
 def test_tailwise_serve_errors_are_one_line(server_env, tiny_model_dir, tmp_path):
     with socket.socket() as taken:
