@@ -11,6 +11,17 @@ import numpy as np
 import pytest
 
 
+def load_accuracy_runner():
+    """experiments/accuracy.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accuracy_runner", Path(__file__).resolve().parents[1]
+                                                  / "experiments" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nothing listens on now (bound to port 0, then released), for a server or a
     torchrun rendezvous started by a test, so tests never collide on a fixed port."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_recipe
+from conftest import load_accuracy_runner, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,13 +115,7 @@ def accuracy_taus():
     return LA_TAU_GRID
 
 
-def _load_runner_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("accuracy_runner", REPO / "experiments" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_load_runner_module = load_accuracy_runner
 
 
 def test_table_scores_the_balanced_reference_on_lt_groups_and_never_names_it_best(tmp_path):

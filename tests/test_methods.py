@@ -2,7 +2,6 @@
 what their papers define, each against a case worked out by hand (numpy, float64), never against our own code."""
 
 import argparse
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_recipe
+from conftest import load_accuracy_runner, write_recipe
 from tailwise.training import losses
 from tailwise.training.train import stage2_modes, stage_criterion
 
@@ -55,11 +54,7 @@ EXPECTED = {
 ALIASES = {"bns-kdpp-la": "bns-kdpp"}     # rows that show another row's runs
 
 
-def _runner():
-    spec = importlib.util.spec_from_file_location("accuracy_runner", REPO / "experiments" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_runner = load_accuracy_runner
 
 
 # ----------------------------------------------------------------------------- the formulas, by hand
