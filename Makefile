@@ -8,11 +8,12 @@ PY := $(VENV)/bin/python
 # Extras per goal: serving needs onnxruntime only (cpu; gpu for onnxruntime-gpu), the tests also training (train:
 # torch ...) and the test tools. One stamp per set of extras, so `make test` after `make serve` adds the rest.
 SERVE_EXTRAS ?= cpu
+TRAIN_EXTRAS ?= cpu,train
 TEST_EXTRAS ?= cpu,train,test,ray
 PORT ?= 3000
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: setup setup-serve test test-fast serve help clean gpu
+.PHONY: setup setup-serve setup-train test test-fast serve help clean gpu
 
 $(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +22,8 @@ $(VENV)/.installed-%: pyproject.toml
 
 setup: $(VENV)/.installed-$(TEST_EXTRAS)
 setup-serve: $(VENV)/.installed-$(SERVE_EXTRAS)
+# Serving and training (torch), without the test tools and Ray: README "Start here", step 2.
+setup-train: $(VENV)/.installed-$(TRAIN_EXTRAS)
 
 # Two pytest workers (one per core; up to 4), one whole test file each at a time, one thread each: on 2 cores
 # this took 137 s against 180 s for one process with torch's two threads (the tiny models here gain little from

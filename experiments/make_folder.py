@@ -1,6 +1,6 @@
 """Write a small long-tailed image folder from the real Fashion-MNIST, as a user's own data would look.
 
-    python experiments/make_folder.py --out data/fmnist-folder            # train/ (IF 10, 239 images) and test/
+    python experiments/make_folder.py --out data/fmnist-folder            # train/ (IF 10, 240 images) and test/
 
 `train/<class>/<n>.png` keeps int(n_max * IF^(-c/9)) images of class c (the LT profile of the benchmarks, on a
 few hundred images); `test/<class>/<n>.png` holds `--test-per-class` images of each class from the real test
