@@ -668,7 +668,11 @@ def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, t
     (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
     env = {**os.environ, **server_env, "BENTOML_HOME": str(tmp_path / "home"),
            "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocker"), os.environ.get("PYTHONPATH", "")])}
-    env.pop("TAILWISE_MODEL")
+    env.pop("TAILWISE_MODEL")   # a Bento of a user's model, no shipped model: never picked by its modification time
+    result = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=source, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode != 0 and "set TAILWISE_MODEL" in result.stdout + result.stderr
+    env["TAILWISE_MODEL"] = "models/tiny"   # named: relative to the source tree, then to the Bento's src/
     result = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=source, capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
