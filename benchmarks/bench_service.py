@@ -21,14 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serving_load import (REPO, SHIPPED, Server, free_port, hey, machine_note, multipart,  # noqa: E402
-                          percentiles_ms, sample_png)
+                          percentiles_ms, sample_png, wait_ready)
 
 
 class MinimalApp:
@@ -43,16 +42,12 @@ class MinimalApp:
              str(self.port), "--log-level", "warning"], cwd=REPO, env=env)
 
     def __enter__(self):
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"minimal app exited with {self.process.returncode}")
-            try:
-                httpx.get(f"{self.url}/", timeout=2)
-                return self
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError("minimal app not up after 60 s")
+        try:
+            wait_ready(self.process, f"{self.url}/", "minimal app", 60)   # any answer: it is listening
+        except RuntimeError:
+            self.__exit__()
+            raise
+        return self
 
     def __exit__(self, *exc):
         self.process.terminate()

@@ -45,6 +45,21 @@ def sample_png() -> bytes:
     return (SHIPPED / "samples" / "bag-18.png").read_bytes()
 
 
+def wait_ready(process: subprocess.Popen, url: str, what: str, seconds: float, ready=lambda response: True) -> None:
+    """Poll `url` every 0.2 s until `ready(response)`; RuntimeError if `process` exits or `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        try:
+            if ready(httpx.get(url, timeout=2)):
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready at {url} after {seconds:g} s")
+
+
 class Server:
     """`tailwise serve` for `model` with `env`, in its own process; a context manager that stops it with SIGTERM."""
 
@@ -60,18 +75,13 @@ class Server:
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def __enter__(self):
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tailwise serve exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{self.url} not ready after 120 s")
+        try:
+            wait_ready(self.process, f"{self.url}/readyz", "tailwise serve", 120,
+                       ready=lambda response: response.status_code == 200)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def __exit__(self, *exc):
         self.stop()
