@@ -19,7 +19,7 @@ from tailwise import OptionError, UserError
 from tailwise import format as fmt
 
 DEFAULT_OPSET = 18  # the lowest the dynamo exporter writes; the one default (export_classifier's too)
-VARIANTS = ("fp16", "int8")  # export.onnx_export.VARIANTS, repeated so importing this needs no torch
+VARIANTS = fmt.VARIANTS
 CALIBRATION_IMAGES = 256  # validation images (disjoint from the parity images) that calibrate int8
 
 

@@ -34,10 +34,10 @@ from safetensors.torch import save_file
 from tailwise._core import sha256_file
 from tailwise.export.model_folder import DEFAULT_OPSET
 from tailwise.format import (CARD_FILE, INPUT_NAME, MANIFEST_FILE, MODEL_FILE, OUTPUT_NAME, WEIGHTS_FILE,
-                             validate_metadata, variant_model, variant_report, write_manifest, write_metadata)
+                             VARIANTS, validate_metadata, variant_model, variant_report, write_manifest,
+                             write_metadata)
 
 PARITY_ATOL = 1e-4  # max |logit difference| allowed between onnxruntime and torch
-VARIANTS = ("fp16", "int8")
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter implements opset >= 18; it cannot down-convert every graph
 _CPU = ["CPUExecutionProvider"]  # the gate and the variant scores run on CPU: deterministic, like torch on CPU
 

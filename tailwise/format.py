@@ -97,6 +97,7 @@ CARD_FILE = "card.json"
 MANIFEST_FILE = "manifest.json"
 README_FILE = "README.md"
 SAMPLES_DIR = "samples"
+VARIANTS = ("fp16", "int8")   # the variants export can write beside model.onnx (model.<variant>.onnx)
 
 
 def variant_model(variant: str) -> str:
