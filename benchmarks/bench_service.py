@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                                                                                    "(default: the shipped model)")
     parser.add_argument("--concurrency", default="1,32,64", help="levels for both servers (default 1,32,64)")
     parser.add_argument("--overload", type=int, default=256, help="extra level for tailwise only (0: none)")
-    parser.add_argument("--requests", type=int, default=2000, help="requests per level (a fifth at concurrency 1)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per level (default 2000)")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the two servers (default 3)")
     parser.add_argument("--body", choices=("multipart", "raw"), default="multipart",
                         help="how the PNG is sent: a multipart file field (default) or the raw body (image/png)")
@@ -113,12 +113,11 @@ def main(argv=None) -> int:
             server = MinimalApp(model) if name == "minimal" else Server(model, env)
             with server:
                 for concurrency in results[name]:
-                    count = max(200, args.requests // 5) if concurrency == 1 else args.requests
                     results[name][concurrency].append(measure(f"{server.url}/classify", body, content_type,
-                                                              concurrency, count))
+                                                              concurrency, args.requests))
     print(f"model {model.relative_to(REPO) if model.is_relative_to(REPO) else model}; {note}; "
-          f"load average at the end {os.getloadavg()[0]:.1f}; hey, {args.requests} requests per level (a fifth at "
-          f"concurrency 1), {args.body} body, median of {args.rounds} alternating rounds"
+          f"load average at the end {os.getloadavg()[0]:.1f}; hey, {args.requests} requests per level "
+          f"after 200 of warm-up, {args.body} body, median of {args.rounds} alternating rounds"
           + (f"; tailwise with {' '.join(args.env)}" if args.env else ""))
     print(f"raw onnxruntime, this process, default threads: {raw[1]:,.0f} images/s at batch 1, "
           f"{raw[64]:,.0f} at batch 64\n")

@@ -2,6 +2,12 @@
 
 `Guard`, per request, in this order:
   - GET /model_info is answered as POST /model_info (it reads nothing and changes nothing);
+  - a POST to a path of the service's `direct_routes()` (the classify paths) is answered by the service's own
+    handler here, past BentoML's per-request dispatch (request context, routing, argument handling: that cost
+    the lone client half its requests/s, docs/BENCHMARKS.md); the handler parses with the API's own request
+    type and runs the API's own method, so the answer and every error are the typed API's; errors are mapped
+    as BentoML maps them (pydantic's ValidationError and BentoML's 4xx exceptions: that 4xx; others a 500
+    with a generic message and the traceback in the log). TAILWISE_DIRECT=0 sends them through BentoML instead;
   - while the worker drains for shutdown (serving/shutdown.py), every response carries `Connection: close`;
   - at most `max_in_flight` requests to the classify paths in the worker at once; past it, 503 with
     `Retry-After: 1` at once (the body is read first, so that the client reads the answer), summed up in one
@@ -19,6 +25,8 @@ import json
 import logging
 
 from bentoml.exceptions import BentoMLException
+from pydantic import ValidationError
+from starlette.requests import Request
 
 from tailwise.serving.settings import Settings
 from tailwise.serving.shutdown import drain
@@ -27,6 +35,7 @@ CLASSIFY_PATHS = ("/classify", "/classify_batch")
 READ_ONLY_POSTS = ("/model_info",)   # answered to GET too
 OVERLOAD_LOG_EVERY_S = 10.0
 JSON_HEADERS = [(b"content-type", b"application/json")]
+SERVER_ERROR = "An unexpected error has occurred, please check the server log."   # BentoML's words for a 5xx
 log = logging.getLogger("tailwise.service")
 
 
@@ -51,6 +60,22 @@ def error_message(body: bytes) -> str:
     return str(data.get("error") or detail or data)[:1000]
 
 
+def validation_message(exc: ValidationError) -> str:
+    """pydantic's errors in one line, as error_message() words the same errors from BentoML's answer."""
+    return "; ".join(f"{'.'.join(map(str, e.get('loc', ()))) or 'request'}: {e.get('msg')}"
+                     for e in exc.errors(include_context=False, include_input=False))
+
+
+def direct_handler(request_type, method):
+    """A handler for Guard's direct routes: the request parsed by the API's `request_type` (a schemas.ImageRequest),
+    its arguments given to `method` (an async method of the service returning a pydantic answer), JSON bytes."""
+    async def handler(request: Request) -> bytes:
+        arguments = await request_type.from_http_request(request, None)
+        answer = await method(**{name: getattr(arguments, name) for name in arguments.model_fields})
+        return answer.model_dump_json().encode()
+    return handler
+
+
 class Guard:
     """See the module docstring. Settings are read when the app is built (a server worker's start)."""
 
@@ -58,10 +83,14 @@ class Guard:
         settings = settings or Settings.from_env()
         self.app, self.paths = app, frozenset(paths)
         self.max_bytes, self.limit = settings.max_upload_bytes, settings.max_in_flight
+        self.direct_enabled = settings.direct
+        self.direct: dict = {}  # path -> the service's handler, set once the app's start-up has built the service
         self.active = self.refused = 0
         self.logged_at = -OVERLOAD_LOG_EVERY_S
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self.app(scope, receive, self.watch_startup(send))
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         drain.seen_request()
@@ -108,11 +137,52 @@ class Guard:
 
         if not guarded:
             return await self.app(scope, counted_receive, checked_send)
+        handler = self.direct.get(scope["path"]) if scope["method"] == "POST" else None
         self.active += 1
         try:
-            await self.app(scope, counted_receive, checked_send)
+            if handler is not None:
+                await self.answer_directly(handler, scope, counted_receive, send)
+            else:
+                await self.app(scope, counted_receive, checked_send)
         finally:
             self.active -= 1
+
+    def watch_startup(self, send):
+        """`send` of the lifespan: when the start-up is complete, BentoML has just built this app's service
+        instance (the current one), whose `direct_routes()` this Guard then answers."""
+        async def watched(message):
+            if message["type"] == "lifespan.startup.complete" and self.direct_enabled:
+                import bentoml
+
+                routes = getattr(bentoml.get_current_service(), "direct_routes", None)
+                self.direct = routes() if routes else {}
+            await send(message)
+        return watched
+
+    async def answer_directly(self, handler, scope, receive, send) -> None:
+        """Answer one request with the service's `handler` (Request -> JSON bytes), errors as BentoML's."""
+        request = Request(scope, receive)
+        try:
+            body = await handler(request)
+        except BodyTooLarge:
+            return await self.client_error(scope, send, 413, self.too_large(), [(b"connection", b"close")])
+        except ValidationError as exc:
+            return await self.client_error(scope, send, 400, validation_message(exc))
+        except BentoMLException as exc:
+            if exc.error_code.value < 500:
+                return await self.client_error(scope, send, exc.error_code.value, str(exc))
+            log.exception("error answering %s %s", scope["method"], scope["path"])
+            return await self.answer(send, exc.error_code.value, SERVER_ERROR)
+        except Exception:
+            log.exception("error answering %s %s", scope["method"], scope["path"])
+            return await self.answer(send, 500, SERVER_ERROR)
+        finally:
+            await request.close()
+        headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        if drain.draining:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def too_large(self) -> str:
         return f"request body over {self.max_bytes} bytes (TAILWISE_MAX_UPLOAD_BYTES) or without a valid Content-Length"

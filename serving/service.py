@@ -16,8 +16,9 @@ APIs, all POST (request parsing and answers: serving/schemas.py):
                      that is not a readable image gets an "error" and the others are still classified
     /model_info      classes, training counts, groups, test metrics, versions, provider, limits
 BentoML adds /readyz, /livez and /metrics (Prometheus; `tailwise_batch_size` counts images per model call); the
-docs page at / (also /docs) and its OpenAPI spec at /docs.json are tailwise's own (serving/docs.py).
-
+docs page at / (also /docs) and its OpenAPI spec at /docs.json are tailwise's own (serving/docs.py). The classify
+paths are answered in tailwise's Guard middleware (`direct_routes`: each API's own parsing and method, past
+BentoML's per-request dispatch; TAILWISE_DIRECT=0: through BentoML's).
 Settings (TAILWISE_*, serving/settings.py) are read when the service is constructed, in each worker. Each
 request is decoded and checked on its own (a small image on the event loop, a large one in a thread pool), and
 only then do its pixels join the batcher's queue (serving/batching.py), so a bad image gets its own 400 and never
@@ -52,7 +53,7 @@ from tailwise.serving.artifact import (ImageError, OnnxClassifier, default_model
                                        resolve_model_path)
 from tailwise.serving.batching import Batcher
 from tailwise.serving.docs import docs_app
-from tailwise.serving.middleware import Guard, quiet_client_errors
+from tailwise.serving.middleware import Guard, direct_handler, quiet_client_errors
 from tailwise.serving.schemas import (BatchClassification, Classification, ClassifyBatchRequest, ClassifyRequest,
                                       FileClassification, NoArguments)
 from tailwise.serving.settings import LOOP_MODEL_MS, Settings
@@ -107,7 +108,7 @@ class TailwiseClassifier:
         threads = settings.ort_threads or max(1, (os.cpu_count() or 1) // workers())
         self.model = OnnxClassifier(MODEL_PATH, intra_op_threads=threads, verify=settings.verify,
                                     spinning=settings.ort_spinning)  # CUDA first when this onnxruntime has it
-        # a lone image runs on one thread: at batch 1 a second thread saves less than waking it costs
+        # a lone image on one thread: waking a second costs more than it saves (spinning: faster idle, slower shared)
         self.solo = self.model if threads == 1 else OnnxClassifier(MODEL_PATH, intra_op_threads=1,
                                                                    verify=settings.verify)
         self.provider = self.model.providers[0]
@@ -169,14 +170,26 @@ class TailwiseClassifier:
         """Classify one image (multipart file field `image`, or the raw body with its image Content-Type and
         ?top_k=): its top-k classes (top_k from 1 to the number of classes, default 3), their probabilities (0..1)
         and many/medium/few groups."""
-        k = self.check_top_k(top_k)
-        logits = await self.logits((await self.decode(image, "image"))[None])
-        return Classification(predictions=self.top_k(logits, k)[0], provider=self.provider)
+        return await self.classify_one(image, top_k)
 
     @bentoml.api(input_spec=ClassifyBatchRequest, output_spec=BatchClassification)
     async def classify_batch(self, images: list[bytes], top_k: int = 3) -> BatchClassification:
         """Classify several images (multipart file fields `images`, at most TAILWISE_MAX_BATCH_FILES) in one
         request; a file that is not a readable image gets an error record and the others are still classified."""
+        return await self.classify_many(images, top_k)
+
+    def direct_routes(self) -> dict:
+        """The paths the Guard middleware answers itself (serving/middleware.py), each parsed by its API's request
+        type and answered by the same method as the API: BentoML's per-request dispatch skipped."""
+        return {"/classify": direct_handler(ClassifyRequest, self.classify_one),
+                "/classify_batch": direct_handler(ClassifyBatchRequest, self.classify_many)}
+
+    async def classify_one(self, image: bytes, top_k: int) -> Classification:
+        k = self.check_top_k(top_k)
+        logits = await self.logits((await self.decode(image, "image"))[None])
+        return Classification(predictions=self.top_k(logits, k)[0], provider=self.provider)
+
+    async def classify_many(self, images: list[bytes], top_k: int) -> BatchClassification:
         k = self.check_top_k(top_k)
         if len(images) > self.settings.max_batch_files:
             raise InvalidArgument(f"images: at most {self.settings.max_batch_files} items "

@@ -15,6 +15,8 @@
     TAILWISE_MODEL_ON_LOOP     "auto" (default): a model call of one image runs on the event loop when it takes
                                under LOOP_MODEL_MS (a thread hop and the GIL hand-over back cost more than that),
                                larger batches in a thread; "1": every call on the loop; "0": every call in a thread
+    TAILWISE_DIRECT            "0": the classify paths go through BentoML's own request dispatch, not tailwise's
+                               direct one (same parsing, method and answers; slower, serving/middleware.py)
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Settings:
     ort_spinning: bool = False
     inline_pixels: int = 512 * 512
     model_on_loop: str = "auto"
+    direct: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -87,7 +90,8 @@ class Settings:
                    ort_threads=env_int("TAILWISE_ORT_THREADS", None, environ),
                    ort_spinning=env_flag("TAILWISE_ORT_SPINNING", False, environ),
                    inline_pixels=env_int("TAILWISE_INLINE_PIXELS", cls.inline_pixels, environ),
-                   model_on_loop=env_choice("TAILWISE_MODEL_ON_LOOP", ("auto", "0", "1"), environ))
+                   model_on_loop=env_choice("TAILWISE_MODEL_ON_LOOP", ("auto", "0", "1"), environ),
+                   direct=env_flag("TAILWISE_DIRECT", True, environ))
 
     def limits(self) -> dict:
         """The request limits, as /model_info shows them."""

@@ -308,6 +308,47 @@ BAD_REQUESTS = {  # name: (route, () -> httpx.post keyword arguments, status, te
 
 
 
+GOOD_REQUESTS = {  # name: (route, () -> httpx.post keyword arguments)
+    "multipart": ("/classify", lambda: one(gray_png(60), data={"top_k": "2"})),
+    "raw body": ("/classify?top_k=4", lambda: {"content": gray_png(190), "headers": RAW}),
+    "batch with a bad file": ("/classify_batch", lambda: {"files": [("images", ("a.png", gray_png(10))),
+                                                                    ("images", ("b.png", b"not an image")),
+                                                                    ("images", ("c.png", gray_png(240)))]}),
+}
+
+
+def test_direct_dispatch_answers_as_the_typed_api(service, client):
+    """Guard answers the classify paths itself (past BentoML's dispatch); with TAILWISE_DIRECT=0 BentoML's API
+    does: every good and bad request gets the same status and body both ways."""
+    bentoml_path = in_process(service, TAILWISE_MAX_UPLOAD_BYTES=MAX_UPLOAD, TAILWISE_DIRECT=0)
+    try:
+        for case, (route, arguments) in {**GOOD_REQUESTS, **{k: v[:2] for k, v in BAD_REQUESTS.items()}}.items():
+            direct, typed = client.post(route, **arguments()), bentoml_path.post(route, **arguments())
+            assert (direct.status_code, direct.json()) == (typed.status_code, typed.json()), case
+            if direct.status_code == 200:  # BentoML's dispatch names itself in a Server header; Guard does not
+                assert "server" not in direct.headers and typed.headers["server"].startswith("BentoML"), case
+                assert direct.headers["content-length"] == str(len(direct.content))
+    finally:
+        bentoml_path.__exit__(None, None, None)
+
+
+def test_direct_dispatch_server_error_is_a_500_with_the_traceback_logged(service, caplog):
+    """A failure inside the handler (here: the model call raising) is a 500 with BentoML's generic message, the
+    traceback in the log, and the service still answers the next request once the cause is gone."""
+    http = in_process(service, TAILWISE_MAX_UPLOAD_BYTES=MAX_UPLOAD, TAILWISE_BATCHING=0)
+    try:
+        real = service.OnnxClassifier.predict_arrays
+        with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.ERROR):
+            patch.setattr(service.OnnxClassifier, "predict_arrays", lambda self, batch: 1 / 0)
+            response = classify(http, {"image": ("a.png", gray_png(100))})
+        assert response.status_code == 500 and "unexpected error" in response.json()["error"], response.text
+        assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+        assert service.OnnxClassifier.predict_arrays is real
+        assert_serving(http)
+    finally:
+        http.__exit__(None, None, None)
+
+
 def client_error_records(records):
     """The log records a request left, but the DEBUG/INFO chatter of libraries."""
     return [r for r in records if r.levelno >= logging.WARNING]
