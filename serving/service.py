@@ -23,11 +23,10 @@ Settings (TAILWISE_*, serving/settings.py) are read when the service is construc
 request is decoded and checked on its own (a small image on the event loop, a large one in a thread pool), and
 only then do its pixels join the batcher's queue (serving/batching.py), so a bad image gets its own 400 and never
 fails the requests batched with it. Every 4xx is {"error": "reason"} with one WARNING line; past
-TAILWISE_MAX_IN_FLIGHT requests a worker answers 503 with Retry-After; SIGTERM drains (serving/middleware.py,
-serving/shutdown.py).
+TAILWISE_MAX_IN_FLIGHT requests, 503 with Retry-After; SIGTERM drains (serving/middleware.py, shutdown.py).
 
 Workers: one by default; a batch runs on one onnxruntime thread per core (TAILWISE_ORT_THREADS), a lone image on
-a one-thread session (on the event loop when the model is fast); more workers with
+one thread (all, with TAILWISE_ORT_SPINNING=1), on the event loop when the model is fast; more workers with
 BENTOML_CONFIG_OPTIONS="services.TailwiseClassifier.workers=N", each then with cores / N threads.
 BentoML's access log is off and its tracing skips the classify paths (each costs more per request than the
 model): turn them back on with BENTOML_CONFIG_OPTIONS (logging.access.enabled=true, tracing.excluded_urls=...).
@@ -108,9 +107,9 @@ class TailwiseClassifier:
         threads = settings.ort_threads or max(1, (os.cpu_count() or 1) // workers())
         self.model = OnnxClassifier(MODEL_PATH, intra_op_threads=threads, verify=settings.verify,
                                     spinning=settings.ort_spinning)  # CUDA first when this onnxruntime has it
-        # a lone image on one thread: waking a second costs more than it saves (spinning: faster idle, slower shared)
-        self.solo = self.model if threads == 1 else OnnxClassifier(MODEL_PATH, intra_op_threads=1,
-                                                                   verify=settings.verify)
+        # a lone image on one thread (waking a second costs more than it saves), unless the cores are the service's own
+        self.solo = self.model if threads == 1 or settings.ort_spinning else OnnxClassifier(
+            MODEL_PATH, intra_op_threads=1, verify=settings.verify)
         self.provider = self.model.providers[0]
         self.call_s = warm_up(self.solo)  # also warms onnxruntime up: the first request pays nothing extra
         fast = self.call_s < LOOP_MODEL_MS / 1000  # "auto": a lone image on the event loop if the model is fast
@@ -217,8 +216,9 @@ class TailwiseClassifier:
                     "logit_adjustment", "dataset", "weights_sha256", "created_at")},
                 "exported_with": meta["tailwise_version"], "tailwise_version": __version__,
                 "provider": self.provider, "providers": self.model.providers, "batching": self.batcher is not None,
-                "images_on_event_loop": min(self.loop_images, self.settings.max_batch_size), "one_image_call_ms": round(1000 * self.call_s, 3),
-                "verified": self.settings.verify,
+                "images_on_event_loop": min(self.loop_images, self.settings.max_batch_size), "verified": self.settings.verify,
+                "one_image_call_ms": round(1000 * self.call_s, 3), "onnxruntime_threads": {  # per call: batch, lone image
+                    name: m.session.get_session_options().intra_op_num_threads for name, m in (("batch", self.model), ("one_image", self.solo))},
                 "limits": {**self.settings.limits(), "max_top_k": meta["num_classes"]}}
 
 

@@ -8,8 +8,9 @@
     TAILWISE_MAX_IN_FLIGHT     most classify requests in a worker at once, the rest get 503 (default: MAX_BATCH_SIZE)
     TAILWISE_VERIFY            "0": load the model without checking its manifest (default "1")
     TAILWISE_ORT_THREADS       onnxruntime intra-op threads per worker (default: the cores / the workers)
-    TAILWISE_ORT_SPINNING      "1": onnxruntime's idle threads busy-wait for the next call (default "0": they
-                               sleep, leaving the cores to request handling)
+    TAILWISE_ORT_SPINNING      "1": the cores are the service's own: onnxruntime's idle threads busy-wait for the
+                               next call, and a lone image runs on them all (faster on idle cores; far slower when
+                               another process wants the cores). Default "0": they sleep, a lone image runs on one
     TAILWISE_INLINE_PIXELS     PNG/GIF images up to this many pixels are decoded on the event loop (cheaper than
                                a thread hop); others in a thread pool (default 262144, 512 x 512)
     TAILWISE_MODEL_ON_LOOP     "auto" (default): a model call of one image runs on the event loop when it takes

@@ -211,7 +211,8 @@ def test_classify_batch_reports_bad_files_and_classifies_the_others(client, imag
 
 
 def test_model_info_shows_the_settings_read_at_start(service):
-    http = in_process(service, TAILWISE_BATCHING=0, TAILWISE_MAX_PIXELS=1000, TAILWISE_MAX_IN_FLIGHT=7)
+    http = in_process(service, TAILWISE_BATCHING=0, TAILWISE_MAX_PIXELS=1000, TAILWISE_MAX_IN_FLIGHT=7,
+                      TAILWISE_ORT_THREADS=2)
     try:
         info = http.post("/model_info", json={}).json()
         assert http.get("/model_info").json() == info          # GET too (issue 25 item 10)
@@ -221,9 +222,20 @@ def test_model_info_shows_the_settings_read_at_start(service):
         assert info["metrics"] == {"top1": 0.9} and info["provider"] == "CPUExecutionProvider"
         assert info["input"]["height"] == 28 and info["batching"] is False and info["verified"] is True
         assert info["limits"]["max_pixels"] == 1000 and info["limits"]["max_in_flight"] == 7
+        assert info["onnxruntime_threads"] == {"batch": 2, "one_image": 1}
         response = classify(http, {"image": ("a.png", gray_png(10, size=(40, 40)))})  # 1600 pixels > 1000
         assert response.status_code == 400 and "max_pixels=1000" in response.json()["error"]
         assert classify(http, {"image": ("a.png", gray_png(10))}).status_code == 200  # 784 pixels
+    finally:
+        http.__exit__(None, None, None)
+
+
+def test_spinning_runs_a_lone_image_on_every_thread(service):
+    """TAILWISE_ORT_SPINNING=1 (the cores are the service's own): a lone image on the batch session's threads."""
+    http = in_process(service, TAILWISE_ORT_THREADS=2, TAILWISE_ORT_SPINNING=1)
+    try:
+        assert http.get("/model_info").json()["onnxruntime_threads"] == {"batch": 2, "one_image": 2}
+        assert_serving(http)
     finally:
         http.__exit__(None, None, None)
 
