@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The whole comparison of issue 24, resumable, in the background of a 2-core machine: one command per session.
+#
+#   experiments/fair_fight.sh start      # (re)start from wherever it stopped: two processes at nice 19
+#   experiments/fair_fight.sh pause      # SIGSTOP them (a benchmark needs the cores), `resume` to go on
+#   experiments/fair_fight.sh status     # the step running, the grid table so far, the last log lines
+#   experiments/fair_fight.sh stop
+#
+# Steps, each resumable (finished runs are skipped, an interrupted one resumes from its last epoch checkpoint,
+# two processes take turns through the lock files of experiments/accuracy.py):
+#   1. grid: budget 4, IF 100, seed 0, validation only, every method (process A in grid order, B reversed);
+#   2. grid-table --write-tuned: each method's chosen point into experiments/methods.toml (stops here if a point
+#      failed: the log names it);
+#   3. run: budget 20, IF 100, seeds 0-2, every row with its tuned setting -> experiments/results/tuned/;
+#   4. run: budget 20, IF 10, seed 0, the rows named in $IF10_ROWS (the top four on validation after step 3;
+#      the script prints the ranking and stops if the variable is unset).
+# Commit experiments/results/ and methods.toml as they fill (they are the record); runs/ stays out of git.
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="${FAIR_WORKDIR:-$REPO/runs/bench}"
+LOGS="${FAIR_LOGS:-$REPO/runs/fair-logs}"
+PY="${PYTHON:-$REPO/.venv/bin/python}"
+PIDS="$LOGS/pids"
+mkdir -p "$LOGS"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+
+acc() { "$PY" "$REPO/experiments/accuracy.py" "$@"; }
+methods() {  # all | reversed: the grid's method order
+    "$PY" -c "import sys; sys.path.insert(0, '$REPO/experiments'); import accuracy as a
+names = a.grid_methods(a.load_methods()); print(','.join(reversed(names) if '$1' == 'reversed' else names))"
+}
+rows() {  # every row `run` trains, reversed with `reversed`
+    "$PY" -c "import sys; sys.path.insert(0, '$REPO/experiments'); import accuracy as a
+names = [n for n, s in a.load_methods().items() if 'run' not in s]; print(','.join(reversed(names) if '$1' == 'reversed' else names))"
+}
+both() {  # run "accuracy.py ARGS --methods X" as two processes (forward and reversed order), wait for both
+    local kind="$1"; shift
+    "$PY" "$REPO/experiments/accuracy.py" "$@" --methods "$($kind all)" --device cpu --no-progress \
+        --workdir "$WORK" >> "$LOGS/A.log" 2>&1 &
+    local a=$!
+    "$PY" "$REPO/experiments/accuracy.py" "$@" --methods "$($kind reversed)" --device cpu --no-progress \
+        --workdir "$WORK" >> "$LOGS/B.log" 2>&1 &
+    local b=$!
+    echo "$a $b" > "$PIDS.children"
+    wait $a; local ra=$?; wait $b; local rb=$?
+    return $(( ra || rb ))
+}
+chain() {
+    echo "$(date -u +%FT%TZ) step 1: grid" >> "$LOGS/steps.log"
+    both methods grid --imbalance-factor 100 --budget 4 --seeds 0 || { echo "grid: a point failed (see A.log, B.log)" >> "$LOGS/steps.log"; exit 1; }
+    echo "$(date -u +%FT%TZ) step 2: write-tuned" >> "$LOGS/steps.log"
+    acc grid-table --imbalance-factor 100 --budget 4 --write-tuned >> "$LOGS/steps.log" 2>&1 || exit 1
+    echo "$(date -u +%FT%TZ) step 3: budget 20, IF 100, seeds 0-2" >> "$LOGS/steps.log"
+    both rows run --imbalance-factor 100 --budget 20 --seeds 0 1 2 --results "$REPO/experiments/results/tuned" || exit 1
+    acc table --imbalance-factor 100 --budget 20 --results "$REPO/experiments/results/tuned" >> "$LOGS/steps.log" 2>&1
+    if [ -z "${IF10_ROWS:-}" ]; then
+        echo "$(date -u +%FT%TZ) step 4 waits: set IF10_ROWS=a,b,c,d (the top four on validation above) and start again" >> "$LOGS/steps.log"
+        exit 0
+    fi
+    echo "$(date -u +%FT%TZ) step 4: budget 20, IF 10, seed 0: $IF10_ROWS" >> "$LOGS/steps.log"
+    if10() { echo "$IF10_ROWS" | tr ',' '\n' | { [ "$1" = reversed ] && tac || cat; } | paste -sd,; }
+    both if10 run --imbalance-factor 10 --budget 20 --seeds 0 --results "$REPO/experiments/results/tuned" || exit 1
+    echo "$(date -u +%FT%TZ) done" >> "$LOGS/steps.log"
+}
+
+all_pids() { cat "$PIDS" "$PIDS.children" 2>/dev/null | tr ' ' '\n' | grep -v '^$'; }
+case "${1:-status}" in
+    start)
+        if [ -f "$PIDS" ] && kill -0 "$(cat "$PIDS")" 2>/dev/null; then echo "already running (pid $(cat "$PIDS"))"; exit 0; fi
+        nohup nice -n 19 "$0" chain > /dev/null 2>&1 &
+        echo $! > "$PIDS"
+        echo "started (pid $!); logs in $LOGS" ;;
+    chain) chain ;;
+    pause) all_pids | xargs -r kill -STOP; echo paused ;;
+    resume) all_pids | xargs -r kill -CONT; echo resumed ;;
+    stop) all_pids | xargs -r kill -CONT; all_pids | xargs -r kill 2>/dev/null; rm -f "$PIDS" "$PIDS.children"
+          echo stopped ;;
+    status)
+        tail -n 3 "$LOGS/steps.log" 2>/dev/null
+        acc grid-table --imbalance-factor 100 --budget 4 2>/dev/null | tail -n 30
+        for f in "$LOGS/A.log" "$LOGS/B.log"; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f" | cut -c1-200; }; done ;;
+    *) echo "usage: $0 start|pause|resume|status|stop" >&2; exit 2 ;;
+esac
