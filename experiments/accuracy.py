@@ -235,8 +235,12 @@ def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out
         shared_stage1(cfg, args, run_dir)
     run(cfg, run_dir, resume=run_dir.exists(), progress=not args.no_progress)
     card = checkpoint.load_card(run_dir)
+    la = card.get("logit_adjustment") or {}
+    val_by_tau = {float(t): v for t, v in la.get("val_mean_per_class", {}).items()}
     result = {
         "method": name, "label": spec["label"], "seed": seed, "budget": args.budget,
+        # validation balanced accuracy of the served logits (at the tau chosen on it): what ranks rows for choices
+        "val_served": val_by_tau.get(float(la["tau"])) if la else None, "val_by_tau": val_by_tau,
         "imbalance_factor": args.imbalance_factor, "image_passes": image_passes(run_dir, cfg),
         "optimizer_steps": optimizer_steps(run_dir, cfg),
         "seconds_this_session": round(time.time() - t0, 1), "train_seconds": train_seconds(run_dir),
@@ -274,7 +278,8 @@ def collect(args) -> list[dict]:
         methods = {k: v for k, v in methods.items() if k in wanted.split(",")}
     for name, spec in methods.items():
         row = {"name": name, "label": spec["label"], "reference": spec.get("reference", False), "tests": [],
-               "plain": [], "taus": [], "untuned": 0, "passes": [], "steps": [], "seconds": [], "classes": None}
+               "plain": [], "taus": [], "untuned": 0, "passes": [], "steps": [], "seconds": [], "vals": [],
+               "classes": None}
         for path in sorted(folder.glob(f"{spec.get('run', name)}-s*.json")):
             result = json.loads(path.read_text())
             plain = {k: v for k, v in result["test"].items() if k != "logit_adjusted"} if result.get("test") else None
@@ -291,6 +296,7 @@ def collect(args) -> list[dict]:
                 steps = planned_steps(result["config"], result["classes"]["counts"])
             row["steps"].append(steps)
             row["seconds"].append(result.get("train_seconds"))
+            row["vals"].append(result.get("val_served"))
             row["classes"] = row["classes"] or result.get("classes")
         rows.append(row)
     lt = next((r["classes"] for r in rows if r["classes"] and not r["reference"]), None)
@@ -390,8 +396,8 @@ def table(args, rows: list[dict] | None = None) -> str:
              "tau chosen on validation (what `predict` and the service return; tau 0 is a choice); plain: the raw "
              "logits.", "",
              "| method | seeds | overall | many | medium | few | plain overall | plain few | tau | image passes "
-             "| optimizer steps | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| optimizer steps | train s | val served |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def mean_of(values, fmt):
         known = [x for x in values if x is not None]
@@ -406,6 +412,7 @@ def table(args, rows: list[dict] | None = None) -> str:
         cells.append(mean_of(row["passes"], "{:,.0f}".format))
         cells.append(mean_of(row.get("steps", [None]), "{:,.0f}".format))
         cells.append(mean_of(row["seconds"], "{:,.0f}".format))
+        cells.append(mean_of(row["vals"], lambda v: f"{100 * v:.1f}") if row["vals"] else "-")
         mark = " *" if row.get("untuned") else ""
         lines.append(f"| {row['label']}{mark} | {len(tests)} | " + " | ".join(cells) + " |")
     untuned = [row["label"] for row in rows if row.get("untuned")]
@@ -422,7 +429,20 @@ def table(args, rows: list[dict] | None = None) -> str:
     found = winners(rows)
     if found:
         lines += ["", "On the served logits:", *found]
+    ranked = rank_on_validation(rows)
+    if ranked:
+        best = next(r for r in rows if r["name"] == ranked[0])
+        lines += ["", f"Best on validation (served balanced accuracy, mean over seeds; what chooses the default "
+                      f"recipe): **{best['label']}**, {100 * statistics.mean(best['vals']):.1f} %. Ranking: "
+                      + ", ".join(ranked) + "."]
     return "\n".join(lines)
+
+
+def rank_on_validation(rows: list[dict]) -> list[str]:
+    """Row names by mean validation balanced accuracy of the served logits, best first: rows (not the reference)
+    whose every seed recorded it."""
+    scored = [r for r in rows if r["vals"] and not r["reference"] and all(v is not None for v in r["vals"])]
+    return [r["name"] for r in sorted(scored, key=lambda r: statistics.mean(r["vals"]), reverse=True)]
 
 
 def write_doc(doc: Path, key: str, text: str) -> None:
@@ -631,6 +651,8 @@ def main(argv=None) -> int:
     t.add_argument("--doc", nargs="?", const=str(DOC),
                    help="also replace the table between its markers in this file (default docs/RESULTS.md)")
     t.add_argument("--readme", help="older spelling: README.md means docs/RESULTS.md beside it (never README.md)")
+    t.add_argument("--rank-val", type=int, metavar="N",
+                   help="print only the N best rows on validation (served), comma-separated, and write nothing")
     sub.choices["grid-table"].add_argument("--write-tuned", action="store_true",
                                            help="record each complete method's chosen point in methods.toml")
     args = parser.parse_args(argv)
@@ -644,6 +666,9 @@ def main(argv=None) -> int:
         return 0
     if args.command == "table":
         rows = collect(args)
+        if args.rank_val:
+            print(",".join(rank_on_validation(rows)[:args.rank_val]))
+            return 0
         text = table(args, rows)
         doc = doc_path(args)
         if doc:

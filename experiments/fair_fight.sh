@@ -12,8 +12,8 @@
 #   2. grid-table --write-tuned: each method's chosen point into experiments/methods.toml (stops here if a point
 #      failed: the log names it);
 #   3. run: budget 20, IF 100, seeds 0-2, every row with its tuned setting -> experiments/results/tuned/;
-#   4. run: budget 20, IF 10, seed 0, the rows named in $IF10_ROWS (the top four on validation after step 3;
-#      the script prints the ranking and stops if the variable is unset).
+#   4. run: budget 20, IF 10, seed 0, the four best rows on validation after step 3 (`table --rank-val 4`), or
+#      the rows named in $IF10_ROWS.
 # Commit experiments/results/ and methods.toml as they fill (they are the record); runs/ stays out of git.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -53,10 +53,7 @@ chain() {
     echo "$(date -u +%FT%TZ) step 3: budget 20, IF 100, seeds 0-2" >> "$LOGS/steps.log"
     both rows run --imbalance-factor 100 --budget 20 --seeds 0 1 2 --results "$REPO/experiments/results/tuned" || exit 1
     acc table --imbalance-factor 100 --budget 20 --results "$REPO/experiments/results/tuned" >> "$LOGS/steps.log" 2>&1
-    if [ -z "${IF10_ROWS:-}" ]; then
-        echo "$(date -u +%FT%TZ) step 4 waits: set IF10_ROWS=a,b,c,d (the top four on validation above) and start again" >> "$LOGS/steps.log"
-        exit 0
-    fi
+    IF10_ROWS="${IF10_ROWS:-$(acc table --imbalance-factor 100 --budget 20 --results "$REPO/experiments/results/tuned" --rank-val 4)}"
     echo "$(date -u +%FT%TZ) step 4: budget 20, IF 10, seed 0: $IF10_ROWS" >> "$LOGS/steps.log"
     if10() { echo "$IF10_ROWS" | tr ',' '\n' | { [ "$1" = reversed ] && tac || cat; } | paste -sd,; }
     both if10 run --imbalance-factor 10 --budget 20 --seeds 0 --results "$REPO/experiments/results/tuned" || exit 1

@@ -83,6 +83,17 @@ def test_runner_fills_gaps_and_prints_table(tmp_path, cifar_archive):
     assert cells[6] == f"{100 * ce['test']['top1']:.1f}" and cells[8] == f"{ce['logit_adjustment_tau']:g}"
     assert "optimizer steps | train s |" in table.stdout
     assert cells[10] == f"{ce['optimizer_steps']:,}" and cells[11] == f"{ce['train_seconds']:,.0f}"
+    # validation served balanced accuracy: recorded per run (at the chosen tau) and what ranks the rows
+    from tailwise.training import checkpoint
+
+    la = checkpoint.load_card(work / "ce-s0")["logit_adjustment"]
+    assert ce["val_served"] == {float(t): v for t, v in la["val_mean_per_class"].items()}[float(la["tau"])]
+    assert cells[12] == f"{100 * ce['val_served']:.1f}"
+    vals = {name: json.loads((folder / f"{name}-s0.json").read_text())["val_served"]
+            for name in ("ce", "bns-kdpp", "bns-random")}
+    ranked = runner("table", *common, "--rank-val", "2", cwd=REPO)
+    assert ranked.returncode == 0 and ranked.stdout.strip() == ",".join(sorted(vals, key=vals.get, reverse=True)[:2])
+    assert "Best on validation" in table.stdout
     other = tmp_path / "OTHER.md"
     other.write_text("no markers here\n")
     added = runner("table", *common, "--doc", str(other), cwd=REPO)     # no markers yet: a section is added
