@@ -81,6 +81,21 @@ def cifar_archive(tmp_path):
 
 # ------------------------------------------------------------------------------------------ exported model
 
+def brightness_images(n, seed, jitter=0):
+    """n uint8 [1, 28, 28] images of the 5 classes of export_tiny_model (class c: noise 0..49 + 40 c), labels
+    0..4 in turn; `jitter` J > 0 adds one brightness offset per image, uniform in -J..J, so that neighbouring
+    classes overlap and a classifier is unsure of some images. Returns (images, labels int64)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 5
+    noise = torch.randint(0, 50, (n, 1, 28, 28), generator=generator)
+    images = noise + labels.view(-1, 1, 1, 1) * 40
+    if jitter:
+        images = images + torch.randint(-jitter, jitter + 1, (n, 1, 1, 1), generator=generator)
+    return images.clamp(0, 255).to(torch.uint8).numpy(), labels.numpy()
+
+
 def export_tiny_model(out_dir, seed=0):
     """Train a tiny uint8 [N, 1, 28, 28] classifier on 5 classes told apart by brightness (ant darkest ... eel
     brightest; training counts 600..10, so many/medium/few groups) and export it with
@@ -92,9 +107,8 @@ def export_tiny_model(out_dir, seed=0):
     from tailwise.serving.artifact import build_metadata
 
     def data(n, data_seed):
-        labels = torch.arange(n) % 5
-        noise = torch.randint(0, 50, (n, 1, 28, 28), generator=torch.Generator().manual_seed(data_seed))
-        return (noise + labels.view(-1, 1, 1, 1) * 40).to(torch.uint8), labels
+        images, labels = brightness_images(n, data_seed)
+        return torch.from_numpy(images), torch.from_numpy(labels)
 
     class Tiny(nn.Module):
         def __init__(self):
