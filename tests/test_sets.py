@@ -173,12 +173,27 @@ def _an_image(tmp_path, folder):
     return path
 
 
+def without_sets(model_dir, folder):
+    """A copy of the model folder `model_dir` in `folder`, its prediction sets taken out (as export(coverage=None)
+    writes it, or an older tailwise did)."""
+    import onnx
+
+    shutil.copytree(model_dir, folder)
+    proto = onnx.load(str(folder / fmt.MODEL_FILE))
+    meta = fmt.metadata_from_props({p.key: p.value for p in proto.metadata_props}, folder)
+    fmt.write_metadata(proto, dict(meta, prediction_sets=None))
+    onnx.save(proto, str(folder / fmt.MODEL_FILE))
+    fmt.write_manifest(folder)
+    return folder
+
+
 def test_a_model_without_sets_answers_with_null(tiny_model_dir, tmp_path):
     """A model exported without sets (export(coverage=None), or before format 3) answers with set and unsure
     null, and says why when a coverage is asked of it."""
     import tailwise
     from tailwise.cli import main
 
+    tiny_model_dir = without_sets(tiny_model_dir, tmp_path / "plain")
     model = tailwise.load(tiny_model_dir)
     assert model.metadata["prediction_sets"] is None and model.coverages == []
     pixels, _ = brightness_images(2, seed=3)
