@@ -15,6 +15,9 @@
     TAILWISE_MODEL_ON_LOOP     "auto" (default): a model call of one image runs on the event loop when it takes
                                under LOOP_MODEL_MS (a thread hop and the GIL hand-over back cost more than that),
                                larger batches in a thread; "1": every call on the loop; "0": every call in a thread
+    TAILWISE_COVERAGE          the coverage of the prediction set every answer carries: one the model was
+                               calibrated for (e.g. 0.95), or "off" (set and unsure null); default: the model's
+                               default coverage
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from tailwise import UserError
+from tailwise import UserError, conformal
 
 
 def env_int(name: str, default: int | None, environ: Mapping[str, str] = os.environ) -> int | None:
@@ -72,6 +75,15 @@ class Settings:
     ort_spinning: bool = False
     inline_pixels: int = 512 * 512
     model_on_loop: str = "auto"
+    coverage: str | None = None   # None: the model's default; "off"; or a number, checked against the model
+
+    def sets_level(self, record: dict | None) -> dict | None:
+        """The calibrated level of the model's prediction sets (`record`, its metadata's) that TAILWISE_COVERAGE
+        chooses (tailwise.conformal.level); UserError naming the setting when the model has no such level."""
+        try:
+            return conformal.level(record, self.coverage)
+        except ValueError as exc:
+            raise UserError(f"TAILWISE_COVERAGE: {exc}") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -87,7 +99,8 @@ class Settings:
                    ort_threads=env_int("TAILWISE_ORT_THREADS", None, environ),
                    ort_spinning=env_flag("TAILWISE_ORT_SPINNING", False, environ),
                    inline_pixels=env_int("TAILWISE_INLINE_PIXELS", cls.inline_pixels, environ),
-                   model_on_loop=env_choice("TAILWISE_MODEL_ON_LOOP", ("auto", "0", "1"), environ))
+                   model_on_loop=env_choice("TAILWISE_MODEL_ON_LOOP", ("auto", "0", "1"), environ),
+                   coverage=environ.get("TAILWISE_COVERAGE", "").strip() or None)
 
     def limits(self) -> dict:
         """The request limits, as /model_info shows them."""
