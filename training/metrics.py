@@ -233,12 +233,14 @@ def format_sets(sets: dict, class_names: list[str], groups: list[str]) -> list[s
     lines = ["prediction sets (conformal, calibrated on validation): coverage = how often the set holds the true "
              "class, by the group of the true class; size = labels per set; unsure = sets of other than one label",
              f"{'target':<8}  {'thresholds':<10}  {'coverage':>8}  " + "  ".join(f"{g:>8}" for g in GROUPS)
-             + f"  {'size':>5}  " + "  ".join(f"{g + ' size':>11}" for g in GROUPS) + f"  {'unsure':>8}"]
+             + f"  {'size':>5}  " + "  ".join(f"{g + ' size':>11}" for g in GROUPS) + f"  {'unsure':>8}"
+             + f"  {'empty':>8}"]
+    thresholds = {"class": "per class", "group": "per group", "marginal": "one for all"}
     for r in sets.values():
-        lines.append(f"{100 * r['coverage_target']:>6g} %  {r['conditional']:<10}  {pct(r['coverage'])}  "
+        lines.append(f"{100 * r['coverage_target']:>6g} %  {thresholds[r['conditional']]:<10}  {pct(r['coverage'])}  "
                      + "  ".join(pct(r["per_group"][g]) for g in GROUPS) + f"  {size(r['mean_size'])}  "
                      + "  ".join(f"{size(r['mean_size_per_group'][g]):>11}" for g in GROUPS)
-                     + f"  {pct(r['unsure'])}")
+                     + f"  {pct(r['unsure'])}  {pct(r['empty'])}")
     default = next(iter(sets.values()))
     width = max([len("class")] + [len(n) for n in class_names])
     lines += ["", f"coverage per class at {100 * default['coverage_target']:g} %:",
