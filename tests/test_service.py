@@ -693,7 +693,7 @@ def test_serve_and_the_service_refuse_a_tampered_model(server_env, tiny_model_di
 def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, tmp_path):
     source = tmp_path / "src"
     for name in ["bentofile.yaml", "pyproject.toml", "tailwise/__init__.py", "tailwise/_core.py", "tailwise/format.py",
-                 *(f"serving/{p.name}" for p in (REPO / "serving").glob("*.py"))]:
+                 "tailwise/conformal.py", *(f"serving/{p.name}" for p in (REPO / "serving").glob("*.py"))]:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / name, source / name)
     (source / "models" / "tiny").mkdir(parents=True)
@@ -716,7 +716,8 @@ def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, t
     (bento,) = [p for p in (tmp_path / "home" / "bentos" / "tailwise").iterdir() if p.name != "latest"]
     files = {str(p.relative_to(bento / "src")) for p in (bento / "src").rglob("*") if p.is_file()}
     assert {"serving/service.py", "serving/artifact.py", "serving/integrity.py", "tailwise/__init__.py",
-            "tailwise/_core.py", "tailwise/format.py", "models/tiny/model.onnx", "models/tiny/manifest.json"} <= files
+            "tailwise/_core.py", "tailwise/format.py", "tailwise/conformal.py", "models/tiny/model.onnx",
+            "models/tiny/manifest.json"} <= files
     # the Bento's own source tree serves: tailwise.serving is its serving/ folder, and no torch comes along
     code = ("import sys; from tailwise.serving import service; assert 'torch' not in sys.modules; "
             "print(service.__file__); print(service.MODEL_PATH.resolve())")
