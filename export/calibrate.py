@@ -71,15 +71,15 @@ def add_prediction_sets(folder: Path, data, coverages: Sequence[float], say=None
     labels = np.asarray(data.train_source.labels)[val_idx]
     card_path = folder / fmt.CARD_FILE
     card = json.loads(card_path.read_text())
-    groups = card["metadata"]["groups"]
     report = None
     for name in model_files(folder):
         if say:
             say(f"calibrating {name} on {len(val_idx)} validation images ...")
-        probs = served_probabilities(folder / name, data.train_source, val_idx)
-        record, skipped = conformal.calibrate(probs, labels, groups, coverages)
         proto = onnx.load(str(folder / name))
         meta = fmt.metadata_from_props({p.key: p.value for p in proto.metadata_props}, folder / name)
+        groups = meta["groups"]
+        probs = served_probabilities(folder / name, data.train_source, val_idx)
+        record, skipped = conformal.calibrate(probs, labels, groups, coverages)
         meta = dict(meta, prediction_sets=record)
         fmt.write_metadata(proto, meta)
         onnx.save(proto, str(folder / name))
@@ -90,7 +90,7 @@ def add_prediction_sets(folder: Path, data, coverages: Sequence[float], say=None
                       "levels": [{"coverage": lv["coverage"], "conditional": lv["conditional"]}
                                  for lv in (record or {}).get("levels", [])],
                       "test": test_report(folder / name, data, record, groups, say)}
-    card["export"]["prediction_sets"] = report
+    card.setdefault("export", {})["prediction_sets"] = report
     card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     fmt.write_manifest(folder, fmt.model_files(folder))
     return report
@@ -134,6 +134,8 @@ def calibrate_model(model_dir: str | os.PathLike, coverage: float | Sequence[flo
 
     coverages = check_coverages(coverage)
     folder = Path(model_dir)
+    if folder.is_symlink():
+        raise UserError(f"{folder}: a symbolic link; calibrate the folder it points to ({folder.resolve()})")
     if not (folder / fmt.MODEL_FILE).is_file():
         raise UserError(f"{folder}: no {fmt.MODEL_FILE}: not an exported tailwise model folder")
     check_folder_unchanged(folder)

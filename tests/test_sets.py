@@ -115,6 +115,9 @@ def test_calibrate_refuses_other_data_or_a_changed_model_in_one_line(calibrated,
     capsys.readouterr()
     assert main(["calibrate", str(copy)]) == 2
     assert "model.onnx: does not match manifest.json (changed since export)" in capsys.readouterr().err
+    (tmp_path / "link").symlink_to(folder)   # swapping a link in would leave its target as it was: refused
+    assert main(["calibrate", str(tmp_path / "link")]) == 2
+    assert "a symbolic link; calibrate the folder it points to" in capsys.readouterr().err
 
 
 def _run_cli(argv):
