@@ -33,7 +33,75 @@ def register(subparsers) -> None:
     export.add_argument("--samples", type=int, default=0, metavar="K",
                         help="also write K test images per class as PNG into OUT/samples/, with the model's "
                              "predictions for them in the model card (default 0)")
+    export.add_argument("--coverage", action="append", metavar="C[,C...]",
+                        help="calibrate conformal prediction sets at these coverages on the run's validation split "
+                             "(comma list or repeated; the first is the default every answer carries; default "
+                             "0.9); off: a model without sets")
     export.set_defaults(handler=run_export)
+
+    calibrate = subparsers.add_parser(
+        "calibrate", help="add or replace the conformal prediction sets of an exported model folder",
+        description="Calibrate the prediction sets of an exported model folder (as `tailwise export --coverage` "
+                    "does) on the validation split of the data it was trained on, rebuilt from its card.json and "
+                    "checked by its index sha256, with each ONNX file's own served probabilities; rewrite its "
+                    "metadata, card, manifest and model card. The folder is copied beside itself, calibrated there "
+                    "and moved into place whole (every file in it kept); on failure it is left as it was.")
+    calibrate.add_argument("model_dir", metavar="MODEL_DIR", help="exported model folder, e.g. models/NAME")
+    calibrate.add_argument("--coverage", action="append", metavar="C[,C...]",
+                           help="coverages to calibrate (comma list or repeated; the first is the default; "
+                                "default 0.9)")
+    calibrate.set_defaults(handler=run_calibrate)
+
+
+def parse_coverages(values: list[str] | None) -> tuple[float, ...] | None:
+    """--coverage 0.9,0.8 --coverage 0.95 -> (0.9, 0.8, 0.95); not given -> (0.9,); "off" -> None."""
+    from tailwise import OptionError
+    from tailwise.conformal import DEFAULT_COVERAGE, OFF
+
+    parts = [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+    if not parts:
+        return (DEFAULT_COVERAGE,)
+    if OFF in parts:
+        if parts != [OFF]:
+            raise OptionError("{coverage}: off turns the sets off, give it alone", "coverage")
+        return None
+    try:
+        return tuple(float(part) for part in parts)
+    except ValueError:
+        raise OptionError(f"{{coverage}}: expected numbers such as 0.9 (or off), got {', '.join(parts)}",
+                          "coverage") from None
+
+
+def run_calibrate(args) -> int:
+    from tailwise.export.calibrate import calibrate_model, say_stderr
+    from tailwise import OptionError
+
+    coverages = parse_coverages(args.coverage)
+    if coverages is None:
+        raise OptionError("{coverage}: off is for export; calibrate needs coverages", "coverage")
+    report = calibrate_model(args.model_dir, coverages, say=say_stderr)
+    print_sets(report, "tailwise calibrate")
+    return 0 if report["levels"] else 1
+
+
+def print_sets(report: dict | None, who: str) -> None:
+    """One line per calibrated coverage (and its test coverage), one per coverage left out."""
+    if report is None:
+        print(f"{who}: no prediction sets (--coverage off)")
+        return
+    for lv in report["levels"]:
+        test = (report.get("test") or {}).get(f"{lv['coverage']:g}")
+        on_test = (f"; on {test['num_images']} test images: coverage {100 * test['coverage']:.2f} % "
+                   f"(many {_pct(test['per_group']['many'])}, medium {_pct(test['per_group']['medium'])}, few "
+                   f"{_pct(test['per_group']['few'])}), mean set size {test['mean_size']:.2f}") if test else ""
+        print(f"{who}: prediction sets at {100 * lv['coverage']:g} % coverage, {lv['conditional']}-conditional, "
+              f"calibrated on {report['num_images']} validation images{on_test}")
+    for reason in report["skipped"]:
+        print(f"{who}: prediction sets left out: {reason}", file=sys.stderr)
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"
 
 
 def parse_variants(text: str) -> tuple[str, ...]:
@@ -51,7 +119,8 @@ def run_export(args) -> int:
     out = Path(args.out)
     try:
         report = export_run(args.checkpoint, out, force=args.force, variants=parse_variants(args.variants),
-                            parity_images=args.parity_images, opset=args.opset, samples=args.samples)
+                            parity_images=args.parity_images, opset=args.opset, samples=args.samples,
+                            coverage=parse_coverages(args.coverage))
     except ExportParityError as exc:
         print(f"tailwise export: parity check failed, {out} left as it was: {exc}", file=sys.stderr)
         return 1
@@ -69,4 +138,5 @@ def run_export(args) -> int:
             print(f"  {name}: {result['file']}, validation accuracy {100 * result['accuracy']:.2f} % "
                   f"({100 * result['accuracy_change']:+.2f} points), top-1 agreement with fp32 "
                   f"{100 * result['top1_agreement']:.2f} %")
+    print_sets(report["prediction_sets"], "tailwise export")
     return 1 if any("skipped" in result for result in report["variants"].values()) else 0

@@ -62,18 +62,36 @@ def served_what(card: dict) -> str:
     return f"logit-adjusted (logits - {la['tau']:g} x log prior, the prior being {prior})"
 
 
+def coverage_option(report: dict | None) -> str:
+    """The export option that calibrates what `report` (export.calibrate's) calibrated ("" for the default)."""
+    from tailwise.conformal import DEFAULT_COVERAGE
+
+    if report is None:
+        return " --coverage off"
+    return "" if report["coverages"] == [DEFAULT_COVERAGE] else \
+        " --coverage " + ",".join(f"{c:g}" for c in report["coverages"])
+
+
+def _metadata(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / fmt.CARD_FILE).read_text())["metadata"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
+def _sample_stem(class_name: str) -> str:
+    return class_name.lower().replace("/", "-").replace(" ", "-")
+
+
 def write_samples(out_dir: Path, data, per_class: int) -> list[dict]:
     """Save the first `per_class` test images of each class as PNG in out_dir/samples/ and classify them with the
-    exported model, exactly as `tailwise predict` would; returns [{file, true, predicted, probability}]."""
+    exported model, exactly as `tailwise predict` would; returns sample_rows."""
     import numpy as np
     from PIL import Image
-
-    from tailwise._core import load_image
-    from tailwise.serving.artifact import OnnxClassifier
 
     if data.test_source is None:
         return []
@@ -83,16 +101,98 @@ def write_samples(out_dir: Path, data, per_class: int) -> list[dict]:
     folder.mkdir()
     labels = data.test_source.labels
     picks = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(data.class_names))])
-    classifier = OnnxClassifier(out_dir / fmt.MODEL_FILE)
-    rows = []
     for i, image in zip(picks, data.test_source.load(picks).numpy()):
-        name = data.class_names[labels[i]].lower().replace("/", "-").replace(" ", "-")
-        path = folder / f"{name}-{i}.png"
+        path = folder / f"{_sample_stem(data.class_names[labels[i]])}-{i}.png"
         Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(path)
-        top = classifier.top_k(classifier.predict_arrays(load_image(path, classifier.meta)[None]), 1)[0][0]
-        rows.append({"file": f"{fmt.SAMPLES_DIR}/{path.name}", "true": data.class_names[labels[i]],
-                     "predicted": top["label"], "probability": top["probability"], "group": top["group"]})
+    return sample_rows(out_dir)
+
+
+def sample_rows(out_dir: Path) -> list[dict]:
+    """The folder's samples/ images (named CLASS-INDEX.png by write_samples), in class order, each classified by
+    the folder's model exactly as `tailwise predict` classifies it: [{file, true, predicted, probability, group,
+    set (None without prediction sets)}]."""
+    from tailwise._core import load_image
+    from tailwise.serving.artifact import OnnxClassifier
+
+    folder = out_dir / fmt.SAMPLES_DIR
+    if not folder.is_dir():
+        return []
+    classifier = OnnxClassifier(out_dir / fmt.MODEL_FILE, verify=False)
+    stems = {_sample_stem(name): c for c, name in enumerate(classifier.class_names)}
+    found = []
+    for path in folder.glob("*.png"):
+        stem, _, index = path.stem.rpartition("-")
+        if stem in stems and index.isdigit():
+            found.append((stems[stem], int(index), path))
+    rows = []
+    for c, _, path in sorted(found):
+        answer = classifier.answers(classifier.predict_arrays(load_image(path, classifier.meta)[None]), 1)[0]
+        top = answer["predictions"][0]
+        rows.append({"file": f"{fmt.SAMPLES_DIR}/{path.name}", "true": classifier.class_names[c],
+                     "predicted": top["label"], "probability": top["probability"], "group": top["group"],
+                     "set": answer["set"]})
     return rows
+
+
+def rewrite_model_card(out_dir: Path, name: str | None = None) -> Path:
+    """Write out_dir/README.md again from the folder's own card.json (its training card and export report) and
+    files, its samples classified again: after the folder's model files changed (tailwise calibrate)."""
+    out_dir = Path(out_dir)
+    card = json.loads((out_dir / fmt.CARD_FILE).read_text())
+    return write_model_card(out_dir, card["training"], card["export"], sample_rows(out_dir) or None, name=name)
+
+
+def sets_lines(report: dict | None, data: dict, metadata: dict | None, name: str) -> list[str]:
+    """The model card's section on the prediction sets: how they were calibrated and how they do on the test set
+    (export.calibrate's report), per level, then per class for the default one."""
+    if not report:
+        return ["## Prediction sets", "", "None: this model was exported without them (answers carry `set` and "
+                f"`unsure` as null); `tailwise calibrate models/{name}` adds them.", ""]
+    lines = ["## Prediction sets", ""]
+    if not report["levels"]:
+        return lines + [f"None: {'; '.join(report['skipped'])}.", ""]
+    sets = (metadata or {}).get("prediction_sets") or {}
+    default = sets.get("default", report["levels"][0]["coverage"])
+    conditional = {"class": "class-conditional (one threshold per class, from that class's validation images)",
+                   "group": "group-conditional (one threshold per many/medium/few group: some class has too few "
+                            "validation images for a threshold of its own)",
+                   "marginal": "marginal (one threshold for all classes: some group has too few validation images)"}
+    lines += [
+        f"Every answer carries a conformal prediction set (`set`: the labels it cannot rule out) and `unsure` (the "
+        f"set is not exactly one label), at {100 * default:g} % coverage unless another calibrated coverage is "
+        f"chosen. Calibrated on the {report['num_images']} images of the validation split (never the test set) "
+        f"with the served probabilities: class c is in the set when its probability is at least 1 - t_c "
+        f"({report['score'].upper()} score, finite-sample conformal quantile), "
+        + ("; ".join(f"{100 * lv['coverage']:g} %: {conditional[lv['conditional']]}" for lv in report["levels"])
+           if len({lv["conditional"] for lv in report["levels"]}) > 1
+           else conditional[report["levels"][0]["conditional"]]) + ".", ""]
+    test = report.get("test")
+    if not test:
+        return lines + ["No test set to report their coverage on.", ""]
+    first = next(iter(test.values()))
+    lines += [f"On the balanced test set ({first['num_images']} images), by the group of the true class "
+              f"(`tailwise evaluate models/{name}` prints the same):", "",
+              "| target coverage | coverage % | many | medium | few | mean set size | many | medium | few | "
+              "unsure % |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, r in test.items():
+        size = r["mean_size_per_group"]
+        lines.append(f"| {100 * r['coverage_target']:g} % | {_pct(r['coverage'])} | "
+                     + " | ".join(_pct(r["per_group"][g]) for g in ("many", "medium", "few"))
+                     + f" | {r['mean_size']:.2f} | "
+                     + " | ".join("n/a" if size[g] is None else f"{size[g]:.2f}" for g in ("many", "medium", "few"))
+                     + f" | {_pct(r['unsure'])} |")
+    chosen = test.get(f"{default:g}", first)
+    thresholds = next(lv["thresholds"] for lv in sets["levels"] if lv["coverage"] == chosen["coverage_target"]) \
+        if sets else None
+    lines += ["", f"Per class at {100 * chosen['coverage_target']:g} %:", "",
+              "| class | group | validation images | in the set when its probability is at least | test coverage % |",
+              "|---|---|---:|---:|---:|"]
+    for c, cname in enumerate(data["class_names"]):
+        floor = "n/a" if thresholds is None else f"{max(0.0, 1 - thresholds[c]):.3f}"
+        lines.append(f"| {cname} | {data['groups'][c]} | {sets.get('class_counts', ['?'] * (c + 1))[c]} | "
+                     f"{floor} | {_pct(chosen['per_class'][c])} |")
+    return lines + [""]
 
 
 def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list[dict] | None = None,
@@ -102,10 +202,10 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
     from tailwise.training.data import describe_imbalance, describe_validation
 
     out_dir = Path(out_dir)
-    run_dir = Path(card["_dir"])
-    plot = run_dir / fmt.EVAL_DIR / fmt.PER_CLASS_PLOT
-    if plot.exists():
-        shutil.copy(plot, out_dir / fmt.PER_CLASS_PLOT)
+    if card.get("_dir"):   # a run folder (not when the card is rewritten from a model folder's card.json)
+        plot = Path(card["_dir"]) / fmt.EVAL_DIR / fmt.PER_CLASS_PLOT
+        if plot.exists():
+            shutil.copy(plot, out_dir / fmt.PER_CLASS_PLOT)
     cfg, data, test = card["config"], card["data"], card.get("test") or {}
     build = data["build_args"]
     adjusted = test.get("logit_adjusted")
@@ -124,7 +224,7 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
         "",
         "```bash",
         *commands,
-        f"tailwise export runs/{name} --out models/{name}/",
+        f"tailwise export runs/{name} --out models/{name}/" + coverage_option(onnx_report.get("prediction_sets")),
         "```",
         "",
         f"Training: {training.get('hardware', 'not recorded')}, torch {training.get('torch', '?')}; "
@@ -163,13 +263,15 @@ def write_model_card(out_dir: Path, card: dict, onnx_report: dict, samples: list
         lines.append(f"| {cname} | {data['groups'][c]} | {data['counts'][c]} | {_pct(acc)} |{extra}")
     if (out_dir / fmt.PER_CLASS_PLOT).exists():
         lines += ["", f"![per-class test accuracy against training count]({fmt.PER_CLASS_PLOT})"]
+    lines += [""] + sets_lines(onnx_report.get("prediction_sets"), data, _metadata(out_dir), name)[:-1]
     if samples:
         lines += ["", "## Sample images", "",
                   f"Test-set images shipped in `{fmt.SAMPLES_DIR}/`, with what this model answers for them "
                   f"(`tailwise predict --model models/{name} models/{name}/samples`, or over HTTP: "
                   f"`curl -F image=@models/{name}/{samples[0]['file']} http://127.0.0.1:3000/classify`).", "",
-                  "| file | true class | predicted | probability | group |", "|---|---|---|---:|---|"]
-        lines += [f"| `{r['file']}` | {r['true']} | {r['predicted']} | {r['probability']:.3f} | {r['group']} |"
+                  "| file | true class | predicted | probability | group | set |", "|---|---|---|---:|---|---|"]
+        lines += [f"| `{r['file']}` | {r['true']} | {r['predicted']} | {r['probability']:.3f} | {r['group']} | "
+                  + ("n/a" if r.get("set") is None else "{" + ", ".join(r["set"]) + "}") + " |"
                   for r in samples]
     parity = onnx_report.get("parity", {})
     lines += [

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tailwise import OptionError, UserError
 from tailwise import format as fmt
+from tailwise.conformal import DEFAULT_COVERAGE
 
 DEFAULT_OPSET = 18  # the lowest the dynamo exporter writes; the one default (export_classifier's too)
 VARIANTS = fmt.VARIANTS
@@ -68,20 +69,26 @@ def staged_folder(out: Path, force: bool = False, run: str | os.PathLike | None 
         yield tmp
         os.chmod(tmp, 0o755)   # mkdtemp makes it owner-only
         check_out(out, force, run)  # nothing appeared there while we exported
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old)  # old is empty, so the folder moves onto it
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Move the folder `new` to `out`: an existing `out` is renamed aside first (and put back if the move fails),
+    then deleted."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old)  # old is empty, so the folder moves onto it
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def served_adjustment(card: dict) -> dict | None:
@@ -116,7 +123,8 @@ def metadata_from_card(card: dict) -> dict:
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, variants: Sequence[str] = (),
-               parity_images: int = 256, opset: int = DEFAULT_OPSET, samples: int = 0) -> dict:
+               parity_images: int = 256, opset: int = DEFAULT_OPSET, samples: int = 0,
+               coverage: float | Sequence[float] | None = DEFAULT_COVERAGE) -> dict:
     """Export a run's final classifier (`run`: a run folder, or a classifier checkpoint card or weights file) to
     the model folder `out` and return the export report (also in the folder's card).
 
@@ -126,9 +134,13 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = 
     ExportParityError, and `out` is left as it was); an `out` that holds a tailwise model is replaced only with
     `force`, one that holds anything else never (check_out).
     `variants`: extra precisions of the model to write ("fp16", "int8"; one that cannot be made here is
-    reported as skipped in report["variants"])."""
+    reported as skipped in report["variants"]).
+    `coverage`: the coverage (or coverages, the first the default an answer carries) of the conformal
+    prediction sets to calibrate on the run's validation split (export.calibrate); None: a model without sets. A coverage the split is too
+    small for is left out, and said so in report["prediction_sets"]["skipped"]."""
     import numpy as np
 
+    from tailwise.export.calibrate import add_prediction_sets, check_coverages
     from tailwise.export.model_card import write_model_card, write_samples
     from tailwise.export.onnx_export import export_classifier
     from tailwise.training.checkpoint import load_classifier
@@ -141,6 +153,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = 
                           "variants")
     if parity_images < 1:
         raise OptionError(f"{{parity_images}} must be >= 1, got {parity_images}", "parity_images")
+    coverages = () if coverage is None else check_coverages(coverage)
     out = Path(out)
     check_out(out, force, run)  # before the slow part
     model, card = load_classifier(run)
@@ -158,6 +171,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = 
         report = export_classifier(model, meta, staging, calibration, parity, opset=opset, variants=variants,
                                    parity_labels=data.train_source.labels[parity_idx], weights_file=weights_file,
                                    card=card)
+        report["prediction_sets"] = add_prediction_sets(staging, data, coverages) if coverages else None
         sampled = write_samples(staging, data, samples) if samples > 0 else None
         write_model_card(staging, card, report, sampled, name=out.name)
     report["files"] = [str(out / Path(f).name) for f in report["files"]]

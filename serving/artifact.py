@@ -22,6 +22,7 @@ from tailwise import UserError
 # Image decoding lives in the shared core (training decodes files exactly as serving does); re-exported here.
 from tailwise._core import (DEFAULT_MAX_PIXELS, GROUP_NAMES, IMAGE_FORMATS, RESIZE_POLICIES,  # noqa: F401
                             ImageError, load_image)
+from tailwise import conformal
 from tailwise.format import (FORMAT_VERSION, INPUT_NAME, METADATA_KEY, MIN_FORMAT_VERSION,  # noqa: F401
                              MODEL_FILE, OUTPUT_NAME, build_metadata, metadata_from_props, parse_metadata,
                              served_logits, validate_metadata, write_metadata)
@@ -146,13 +147,41 @@ class OnnxClassifier:
             raise ValueError(f"top_k must be an integer from 1 to {n} (this model's classes), got {k!r}")
         return k
 
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """float64 [N, num_classes]: the softmax of the adjusted logits, what every answer reports."""
+        return conformal.softmax(self.adjusted_logits(logits))
+
     def top_k(self, logits: np.ndarray, k: int = 3) -> list[list[dict]]:
         """Per image, the k most probable classes (softmax of the adjusted logits), best first, as
         {"label", "index", "probability", "group"}. `k` must pass check_top_k."""
-        k = self.check_top_k(k)
-        adjusted = self.adjusted_logits(logits).astype(np.float64)
-        probs = np.exp(adjusted - adjusted.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        return self._top_k(self.probabilities(logits), self.check_top_k(k))
+
+    def _top_k(self, probs: np.ndarray, k: int, digits: int | None = None) -> list[list[dict]]:
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        return [[{"label": self.class_names[c], "index": int(c), "probability": float(row[c]),
+        return [[{"label": self.class_names[c], "index": int(c),
+                  "probability": float(row[c]) if digits is None else round(float(row[c]), digits),
                   "group": self.meta["groups"][c]} for c in top] for row, top in zip(probs, order)]
+
+    def sets_level(self, coverage: float | str | None = None) -> dict | None:
+        """The calibrated level of this model's prediction sets that `coverage` chooses (tailwise.conformal.level:
+        None the model's default, or None when it has no sets; "off" none; a number one it calibrated, else
+        ValueError naming them)."""
+        return conformal.level(self.meta["prediction_sets"], coverage)
+
+    def answers(self, logits: np.ndarray, k: int = 3, coverage: float | str | dict | None = None,
+                digits: int | None = None) -> list[dict]:
+        """The answer for each image, as `tailwise predict`, the Python API and the service give it:
+        {"predictions": top-k records (see top_k), "set": [labels] of the conformal prediction set, most probable
+        first, "unsure": whether the set is other than exactly one label}; "set" and "unsure" are None when the
+        model has no prediction sets or they are turned off. `coverage`: as sets_level (or a level it returned).
+        `digits`: round the probabilities to that many decimals."""
+        k = self.check_top_k(k)
+        chosen = coverage if isinstance(coverage, dict) else self.sets_level(coverage)
+        probs = self.probabilities(logits)
+        tops = self._top_k(probs, k, digits)
+        if chosen is None:
+            return [{"predictions": top, "set": None, "unsure": None} for top in tops]
+        masks = conformal.prediction_sets(probs, chosen)
+        order = np.argsort(-probs, axis=1, kind="stable")
+        sets = [[self.class_names[c] for c in row_order if mask[c]] for row_order, mask in zip(order, masks)]
+        return [{"predictions": top, "set": labels, "unsure": len(labels) != 1} for top, labels in zip(tops, sets)]

@@ -11,7 +11,8 @@ def register(subparsers) -> None:
     predict = subparsers.add_parser(
         "predict", help="classify image files with an exported model (batch, onnxruntime)",
         description="Classify image files with an exported ONNX model and write one JSONL or CSV record per "
-                    "file (path, top-k labels, probabilities, many/medium/few groups). Unreadable files are "
+                    "file (path, top-k labels, probabilities, many/medium/few groups, and the conformal prediction "
+                    "set with `unsure` when the model is calibrated). Unreadable files are "
                     "reported on stderr and as error records; the exit code is then 1.")
     predict.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image files, folders (recursive), glob patterns, or @list.txt (one path a line)")
@@ -37,6 +38,9 @@ def register(subparsers) -> None:
     predict.add_argument("--max-pixels", type=int,
                          help="refuse images with more pixels (width * height) than this "
                               "(default: Pillow's limit, 89478485)")
+    predict.add_argument("--coverage", metavar="C",
+                         help="the prediction sets' coverage, one the model was calibrated for (e.g. 0.9), or off "
+                              "(no set, unsure fields null); default: the model's default coverage")
     predict.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     predict.set_defaults(handler=run_predict_command)
 
@@ -93,7 +97,7 @@ def run_predict_command(args) -> int:
     return run_predict(args.inputs, model=args.model, top_k=args.top_k, batch_size=args.batch_size, fmt=args.format,
                        output=args.output, shard=args.shard, max_pixels=max_pixels,
                        verify=False if args.no_verify else None, engine=args.engine, ray_address=args.ray_address,
-                       actors=args.actors)
+                       actors=args.actors, coverage=args.coverage)
 
 
 def run_serve_command(args) -> int:

@@ -20,9 +20,12 @@ onnxruntime.
 
 * `POST /classify`: one image (multipart file field `image`, or the image itself as the body with its
   `Content-Type: image/png`, `image/jpeg`, ... and `?top_k=` in the query) and `top_k` (1 to {classes}) -> the
-  top-k labels, probabilities (0..1) and each label's training-frequency group (many / medium / few).
+  top-k labels, probabilities (0..1) and each label's training-frequency group (many / medium / few), and the
+  conformal prediction set: `set`, the labels the model cannot rule out (it holds the true class at the served
+  coverage, per class), and `unsure`, true when the set is not exactly one label (both null without sets).
 * `POST /classify_batch`: several images (file fields `images`) -> one record per file, in order.
-* `POST /model_info`: classes, training counts, groups, test metrics, versions and limits.
+* `POST /model_info`: classes, training counts, groups, test metrics, prediction sets and the served coverage,
+  versions and limits.
 * `GET /readyz`, `/livez`: health; `GET /metrics`: Prometheus.
 
 Every 4xx answer is `{{"error": "reason"}}`; an overloaded server answers 503 with `Retry-After`."""

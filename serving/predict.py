@@ -7,8 +7,12 @@ sorted, so `--shard i/n` (keep every file whose position in that sorted list, mo
 into n disjoint parts that together cover every file, on any machine that sees the same paths.
 
 Each file gives one record, in sorted order:
-    {"path": str, "predictions": [{"label", "index", "probability", "group"}, ...], "error": null}
-or, for a file that cannot be read as an image, {"path": str, "predictions": [], "error": "reason"}.
+    {"path": str, "predictions": [{"label", "index", "probability", "group"}, ...], "set": [str, ...],
+     "unsure": bool, "error": null}
+("set": the labels of the image's conformal prediction set at the chosen coverage, most probable first; "unsure":
+the set is not exactly one label; both null when the model has no prediction sets or `coverage` is "off"),
+or, for a file that cannot be read as an image, {"path": str, "predictions": [], "set": null, "unsure": null,
+"error": "reason"}.
 
 Two engines give the same records in the same order, each input exactly once: "local" (predict_files: a
 thread pool decodes, this process classifies) and "ray" (serving/ray_engine.py: Ray Data tasks decode, an
@@ -78,6 +82,13 @@ def _walk(folder: str) -> list[str]:
     return paths
 
 
+def describe_sets(chosen: dict | None, meta: dict) -> str:
+    """'at 90 % coverage (class-conditional)', or why an answer carries none, for the command's stderr."""
+    if chosen is not None:
+        return f"at {100 * chosen['coverage']:g} % coverage ({chosen['conditional']}-conditional)"
+    return "off" if meta["prediction_sets"] is not None else "none (the model was exported without them)"
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """'i/n' -> (i, n) with 0 <= i < n; None -> (0, 1)."""
     if text is None:
@@ -106,17 +117,21 @@ def decode(source: str | bytes, meta: dict, max_pixels: int | None = DEFAULT_MAX
         return None, str(exc)
 
 
-def classify(classifier: OnnxClassifier, paths: list, decoded: list, top_k: int) -> list[dict]:
+def classify(classifier: OnnxClassifier, paths: list, decoded: list, top_k: int,
+             coverage: float | str | None = None) -> list[dict]:
     """The records of one batch (see the module docstring): `decoded` holds decode()'s (array, error) per path;
-    the decoded images go through the model in one call. Both engines classify with this."""
+    the decoded images go through the model in one call (OnnxClassifier.answers: top-k, set, unsure at
+    `coverage`). Both engines classify with this."""
     good = [array for array, _ in decoded if array is not None]
-    tops = iter(classifier.top_k(classifier.predict_arrays(np.stack(good)), top_k)) if good else iter(())
-    return [{"path": path, "predictions": next(tops) if array is not None else [], "error": error}
+    answers = iter(classifier.answers(classifier.predict_arrays(np.stack(good)), top_k, coverage) if good else ())
+    failed = {"predictions": [], "set": None, "unsure": None}
+    return [{"path": path, **(next(answers) if array is not None else failed), "error": error}
             for path, (array, error) in zip(paths, decoded)]
 
 
 def predict_files(classifier: OnnxClassifier, paths: list[str], top_k: int = 3, batch_size: int = 64,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = None) -> Iterator[dict]:
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, workers: int | None = None,
+                  coverage: float | str | None = None) -> Iterator[dict]:
     """One record per path, in order (see the module docstring): the local engine. Images are decoded by a
     thread pool, one batch ahead of inference."""
     def load(path):
@@ -128,7 +143,7 @@ def predict_files(classifier: OnnxClassifier, paths: list[str], top_k: int = 3, 
         for b, batch in enumerate(batches):
             loaded = [future.result() for future in pending]
             pending = [pool.submit(load, p) for p in batches[b + 1]] if b + 1 < len(batches) else []
-            yield from classify(classifier, batch, loaded, top_k)
+            yield from classify(classifier, batch, loaded, top_k, coverage)
 
 
 def write_jsonl(records: Iterable[dict], stream: TextIO) -> Iterator[dict]:
@@ -138,21 +153,28 @@ def write_jsonl(records: Iterable[dict], stream: TextIO) -> Iterator[dict]:
 
 
 def write_csv(records: Iterable[dict], stream: TextIO, k: int) -> Iterator[dict]:
-    """Columns: path, label_1, probability_1, group_1, ..., label_k, probability_k, group_k, error; "\n" line ends."""
+    """Columns: path, label_1, probability_1, group_1, ..., label_k, probability_k, group_k, set, unsure, error;
+    "\n" line ends. `set`: the set's labels joined by "|" (empty for an empty set), `unsure`: true or false; both
+    empty cells where the record has none (no sets, or an error)."""
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(["path", *(f"{col}_{i}" for i in range(1, k + 1) for col in ("label", "probability", "group")),
-                     "error"])
+                     "set", "unsure", "error"])
     for record in records:
         cells = [value for p in record["predictions"] for value in (p["label"], p["probability"], p["group"])]
-        writer.writerow([record["path"], *cells, *[""] * (3 * k - len(cells)), record["error"] or ""])
+        has_set = record.get("set") is not None
+        writer.writerow([record["path"], *cells, *[""] * (3 * k - len(cells)),
+                         "|".join(record["set"]) if has_set else "",
+                         ("true" if record["unsure"] else "false") if has_set else "", record["error"] or ""])
         yield record
 
 
 def run_predict(inputs: list[str], model: str | None = None, top_k: int = 3, batch_size: int = 64,
                 fmt: str = "jsonl", output: str | None = None, shard: str | None = None,
                 max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool | None = None, engine: str = "local",
-                ray_address: str | None = None, actors: int | None = None) -> int:
+                ray_address: str | None = None, actors: int | None = None,
+                coverage: float | str | None = None) -> int:
     """`tailwise predict`: write one record per input file; returns 1 if any file failed, else 0.
+    `coverage`: the prediction sets' coverage, one the model calibrated (None: its default; "off": no sets).
     `verify`: check the model against its manifest first (None: unless TAILWISE_VERIFY=0). `engine`: "local"
     (this process) or "ray" (serving.ray_engine: a Ray cluster at `ray_address`, default a local one, with
     `actors` model actors); both give the same records in the same order."""
@@ -184,10 +206,15 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 3, bat
         k = classifier.check_top_k(top_k)
     except ValueError as exc:
         raise UserError(f"--top-k: {exc}") from None
+    try:
+        chosen = classifier.sets_level(coverage)
+    except ValueError as exc:
+        raise UserError(f"--coverage: {exc}") from None
     c, h, w = classifier.input_shape
     print(f"tailwise predict: model {classifier.path} ({model_summary(classifier.meta)}, input {c}x{h}x{w}, "
           f"{classifier.meta['input']['resize_policy']}); providers: {', '.join(classifier.providers)}",
           file=sys.stderr)
+    print(f"tailwise predict: prediction sets {describe_sets(chosen, classifier.meta)}", file=sys.stderr)
     print(f"tailwise predict: {len(paths)} of {len(all_paths)} files (shard {index}/{count})", file=sys.stderr)
 
     if engine == "ray":
@@ -202,9 +229,10 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 3, bat
         if engine == "ray":
             records = ray_engine.predict_records(classifier, paths, top_k=k, batch_size=batch_size,
                                                  max_pixels=max_pixels, verify=verify, address=ray_address,
-                                                 actors=actors)
+                                                 actors=actors, coverage=chosen["coverage"] if chosen else "off")
         else:
-            records = predict_files(classifier, paths, top_k=k, batch_size=batch_size, max_pixels=max_pixels)
+            records = predict_files(classifier, paths, top_k=k, batch_size=batch_size, max_pixels=max_pixels,
+                                    coverage=chosen or "off")
         records = (write_jsonl(records, stream) if fmt == "jsonl" else write_csv(records, stream, k)
                    if fmt == "csv" else ray_engine.write_parquet(records, stream, k))
         with tqdm(total=len(paths), unit="img", file=sys.stderr, desc="predict") as bar:

@@ -5,8 +5,8 @@ engine (serving/predict.py), computed by Ray Data on one machine or a cluster.
       -> map_batches(_decode_batch)  tasks       predict.decode(): the model's input, or the error record's reason
       -> map_batches(_Classify)      actor pool  one onnxruntime session per actor, loaded and verified once;
                                                  predict.classify(): the records of the batch
-      -> rows {"path", "predictions", "error", "label", "index", "probability", "group"} (top-1 columns: None
-         for an error)
+      -> rows {"path", "predictions", "set", "unsure", "error", "label", "index", "probability", "group"}
+         (top-1 columns: None for an error; set and unsure as predict.py's records)
 
 Decoding scales with the cluster's CPUs (stateless tasks); classifying with the number of actors (`actors`,
 default half the cluster's CPUs, at least 1; one CPU and one onnxruntime thread each). Ray Data retries the
@@ -91,7 +91,8 @@ def _output_schema():
 
     prediction = pa.struct([("label", pa.string()), ("index", pa.int64()), ("probability", pa.float64()),
                             ("group", pa.string())])
-    return pa.schema([("path", pa.string()), ("predictions", pa.list_(prediction)), ("error", pa.string()),
+    return pa.schema([("path", pa.string()), ("predictions", pa.list_(prediction)),
+                      ("set", pa.list_(pa.string())), ("unsure", pa.bool_()), ("error", pa.string()),
                       ("label", pa.string()), ("index", pa.int64()), ("probability", pa.float64()),
                       ("group", pa.string())])
 
@@ -120,9 +121,10 @@ def _decode_batch(batch: dict, meta: dict, max_pixels: int | None) -> dict:
 class _Classify:
     """Ray Data actor: one onnxruntime session, loaded (and checked against the manifest) once per actor."""
 
-    def __init__(self, model: str, top_k: int, verify: bool, threads: int):
+    def __init__(self, model: str, top_k: int, verify: bool, threads: int, coverage: float | str | None = None):
         self.classifier = OnnxClassifier(model, verify=verify, intra_op_threads=threads, spinning=False)
         self.k = self.classifier.check_top_k(top_k)
+        self.level = self.classifier.sets_level(coverage)
         self.schema = _output_schema()
 
     def __call__(self, batch: dict):
@@ -131,7 +133,7 @@ class _Classify:
         paths = list(batch["path"])
         decoded = [(None, str(error)) if error else (array, None)
                    for array, error in zip(batch["pixels"], batch["error"])]
-        records = classify(self.classifier, paths, decoded, self.k)
+        records = classify(self.classifier, paths, decoded, self.k, self.level or "off")
         for record in records:
             top = record["predictions"][0] if record["predictions"] else {}
             record.update({key: top.get(key) for key in ("label", "index", "probability", "group")})
@@ -140,13 +142,14 @@ class _Classify:
 
 def predict_dataset(dataset, model: str | os.PathLike, *, top_k: int = 3, batch_size: int = 64,
                     actors: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                    verify: bool | None = None):
+                    verify: bool | None = None, coverage: float | str | None = None):
     """`dataset` (a ray.data.Dataset with a "path" column of image files, or a "bytes" column of image file
     contents, as ray.data.read_binary_files(..., include_paths=True) gives) classified by the exported model at
     `model` (a model folder or .onnx file readable at that path on every node): a Dataset of rows
-    {"path", "predictions" (the top_k records of `tailwise predict`), "error" (None, or why the image could not
-    be read: such a row has no predictions), "label", "index", "probability", "group" (the top-1, None on an
-    error)}. Lazy, like any Dataset; order follows Ray Data's DataContext (execution_options.preserve_order)."""
+    {"path", "predictions" (the top_k records of `tailwise predict`), "set", "unsure" (the prediction set at
+    `coverage`: None the model's default, "off" none, or another coverage it calibrated), "error" (None, or why
+    the image could not be read: such a row has no predictions), "label", "index", "probability", "group" (the
+    top-1, None on an error)}. Lazy, like any Dataset; order follows Ray Data's DataContext (execution_options.preserve_order)."""
     ray = require_ray()
     names = set(dataset.columns() or ())
     if not names & {"path", "bytes"}:
@@ -157,6 +160,10 @@ def predict_dataset(dataset, model: str | os.PathLike, *, top_k: int = 3, batch_
         k = classifier.check_top_k(top_k)
     except ValueError as exc:
         raise UserError(f"top_k: {exc}") from None
+    try:
+        level = classifier.sets_level(coverage)
+    except ValueError as exc:
+        raise UserError(f"coverage: {exc}") from None
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     actors = default_actors() if actors is None else actors
@@ -177,14 +184,15 @@ def predict_dataset(dataset, model: str | os.PathLike, *, top_k: int = 3, batch_
     # decoding would then run inside the actors and scale with the model instead of with the CPUs.
     return decoded.map_batches(
         _Classify, fn_constructor_kwargs={"model": str(classifier.path), "top_k": k, "verify": verify,
-                                          "threads": 1},
+                                          "threads": 1, "coverage": level["coverage"] if level else "off"},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
         memory=ACTOR_MEMORY + os.path.getsize(classifier.path))
 
 
 def predict_records(classifier: OnnxClassifier, paths: list[str], *, top_k: int = 3, batch_size: int = 64,
                     max_pixels: int | None = DEFAULT_MAX_PIXELS, verify: bool | None = None,
-                    address: str | None = None, actors: int | None = None) -> Iterator[dict]:
+                    address: str | None = None, actors: int | None = None,
+                    coverage: float | str | None = None) -> Iterator[dict]:
     """The local engine's records for `paths` (predict.predict_files), computed on the Ray cluster at `address`:
     in input order, each path exactly once (checked: a record out of step or a missing one is an error, never
     a silently wrong file)."""
@@ -198,10 +206,10 @@ def predict_records(classifier: OnnxClassifier, paths: list[str], *, top_k: int 
     blocks = max(1, min(len(paths) // batch_size, 20 * int(ray.cluster_resources().get("CPU", 1))))
     dataset = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
     result = predict_dataset(dataset, classifier.path, top_k=top_k, batch_size=batch_size, actors=actors,
-                             max_pixels=max_pixels, verify=verify)
+                             max_pixels=max_pixels, verify=verify, coverage=coverage)
     expected = iter(paths)
     for table in result.iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in table.select(["path", "predictions", "error"]).to_pylist():
+        for row in table.select(["path", "predictions", "set", "unsure", "error"]).to_pylist():
             want = next(expected, None)
             if row["path"] != want:
                 raise RuntimeError(f"Ray engine: got a record for {row['path']!r} where {want!r} was due "
@@ -214,7 +222,8 @@ def predict_records(classifier: OnnxClassifier, paths: list[str], *, top_k: int 
 
 def write_parquet(records: Iterable[dict], stream: BinaryIO, k: int, rows_per_group: int = 10_000
                   ) -> Iterator[dict]:
-    """Records as Parquet (the Ray engine's output schema: path, predictions, error and the top-1 columns),
+    """Records as Parquet (the Ray engine's output schema: path, predictions, set, unsure, error and the top-1
+    columns),
     written in row groups of `rows_per_group` as they come."""
     import pyarrow as pa
     import pyarrow.parquet as pq

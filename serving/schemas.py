@@ -138,8 +138,17 @@ class Prediction(BaseModel):
     group: str = Field(description="the class's training-frequency group: many, medium or few")
 
 
+SET_HELP = ("the labels of the conformal prediction set, most probable first: at the served coverage (model_info), "
+            "it holds the true class that often, per class; null when the model has no prediction sets or they "
+            "are off (TAILWISE_COVERAGE=off)")
+UNSURE_HELP = ("true when the set is not exactly one label (several labels: it is one of them; none: no class is "
+               "probable enough); null without sets")
+
+
 class Classification(Answer):
     predictions: list[Prediction] = Field(description="the top-k classes, most probable first")
+    set: list[str] | None = Field(description=SET_HELP)
+    unsure: bool | None = Field(description=UNSURE_HELP)
     provider: str = Field(description="the onnxruntime execution provider that ran the model")
 
 
@@ -147,6 +156,8 @@ class FileClassification(BaseModel):
     index: int = Field(description="the file's position in the request")
     filename: str | None = Field(description="the file name the client sent with the file, else null")
     predictions: list[Prediction] = Field(description="the top-k classes, most probable first; empty on error")
+    set: list[str] | None = Field(description=SET_HELP + "; null on error")
+    unsure: bool | None = Field(description=UNSURE_HELP)
     error: str | None = Field(description="why this file could not be classified, else null")
 
 

@@ -34,7 +34,7 @@ def server_command(model: str | os.PathLike | None = None, *, host: str = "127.0
     """Everything checked that can fail before the server starts; returns (argv, environment, a start-up line).
     `model`: a model folder or .onnx file, default tailwise.format.default_model ($TAILWISE_MODEL, else the shipped
     model). `verify`: check the model against its manifest (None: unless TAILWISE_VERIFY=0)."""
-    Settings.from_env()    # a bad TAILWISE_* value is a one-line error here, not a traceback in the server
+    settings = Settings.from_env()    # a bad TAILWISE_* value is a one-line error here, not a traceback in the server
     if not 0 < port < 65536:
         raise OptionError(f"{{port}} must be 1..65535, got {port}", "port")
     for name, value in (("keep_alive", keep_alive), ("shutdown_timeout", shutdown_timeout)):
@@ -43,6 +43,7 @@ def server_command(model: str | os.PathLike | None = None, *, host: str = "127.0
     path = (resolve_model_path(model) if model is not None else default_model_path()).resolve()
     verify = verify_enabled(verify)
     meta = read_metadata(path, verify)  # fail here, with the path, rather than in the server's worker
+    settings.sets_level(meta["prediction_sets"])   # a coverage the model was not calibrated for, too
     check_port(host, port)
     line = (f"tailwise serve: starting {path} ({model_summary(meta)}{'' if verify else ', NOT verified'}) on "
             f"http://{host}:{port}; ready when /readyz answers 200; SIGTERM or Ctrl+C stops it")

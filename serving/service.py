@@ -11,10 +11,12 @@ preprocessing, groups, logit adjustment, metrics) comes from the model's own met
 APIs, all POST (request parsing and answers: serving/schemas.py):
     /classify        image (a multipart file field, or the raw body with Content-Type image/png, image/jpeg ...),
                      top_k (1..number of classes, default 3) -> the top-k labels with probabilities and
-                     many/medium/few groups, and the onnxruntime provider that ran
+                     many/medium/few groups, the conformal prediction set and `unsure` (null without sets;
+                     TAILWISE_COVERAGE chooses among the model's calibrated coverages), and the provider that ran
     /classify_batch  images (1..TAILWISE_MAX_BATCH_FILES files), top_k -> one record per file, in order; a file
                      that is not a readable image gets an "error" and the others are still classified
-    /model_info      classes, training counts, groups, test metrics, versions, provider, limits
+    /model_info      classes, training counts, groups, test metrics, prediction sets and the served coverage,
+                     versions, provider, limits
 BentoML adds /readyz, /livez and /metrics (Prometheus; `tailwise_batch_size` counts images per model call); the
 docs page at / (also /docs) and its OpenAPI spec at /docs.json are tailwise's own (serving/docs.py). The classify
 paths are answered in tailwise's Guard middleware (`direct_routes`: each API's own parsing and method, past
@@ -111,6 +113,7 @@ class TailwiseClassifier:
         self.solo = self.model if threads == 1 or settings.ort_spinning else OnnxClassifier(
             MODEL_PATH, intra_op_threads=1, verify=settings.verify)
         self.provider = self.model.providers[0]
+        self.sets = settings.sets_level(self.model.meta["prediction_sets"])  # TAILWISE_COVERAGE; None: no sets
         self.call_s = warm_up(self.solo)  # also warms onnxruntime up: the first request pays nothing extra
         fast = self.call_s < LOOP_MODEL_MS / 1000  # "auto": a lone image on the event loop if the model is fast
         self.loop_images = {"0": 0, "1": 2**31, "auto": int(fast)}[settings.model_on_loop]
@@ -150,13 +153,9 @@ class TailwiseClassifier:
         except ImageError as exc:
             raise InvalidArgument(f"{field}: {str(exc).removeprefix('<bytes>: ')}") from None
 
-    def top_k(self, logits: np.ndarray, k: int) -> list[list[dict]]:
-        """The top-k predictions per row, probabilities rounded to 6 decimals."""
-        tops = self.model.top_k(logits, k)
-        for top in tops:
-            for prediction in top:
-                prediction["probability"] = round(prediction["probability"], 6)
-        return tops
+    def answers(self, logits: np.ndarray, k: int) -> list[dict]:
+        """Per row: the top-k predictions (probabilities rounded to 6 decimals), the prediction set and unsure."""
+        return self.model.answers(logits, k, self.sets or "off", digits=6)
 
     def check_top_k(self, k: int) -> int:
         try:
@@ -186,7 +185,7 @@ class TailwiseClassifier:
     async def classify_one(self, image: bytes, top_k: int) -> Classification:
         k = self.check_top_k(top_k)
         logits = await self.logits((await self.decode(image, "image"))[None])
-        return Classification(predictions=self.top_k(logits, k)[0], provider=self.provider)
+        return Classification(**self.answers(logits, k)[0], provider=self.provider)
 
     async def classify_many(self, images: list[bytes], top_k: int) -> BatchClassification:
         k = self.check_top_k(top_k)
@@ -200,10 +199,11 @@ class TailwiseClassifier:
                 errors.append(None)
             except InvalidArgument as exc:
                 errors.append(str(exc))
-        tops = iter(self.top_k(await self.logits(np.stack(arrays)), k) if arrays else ())
+        answers = iter(self.answers(await self.logits(np.stack(arrays)), k) if arrays else ())
+        failed = {"predictions": [], "set": None, "unsure": None}
         return BatchClassification(provider=self.provider, results=[
             FileClassification(index=i, filename=getattr(images[i], "filename", None),
-                               predictions=next(tops) if error is None else [], error=error)
+                               **(next(answers) if error is None else failed), error=error)
             for i, error in enumerate(errors)])
 
     @bentoml.api(input_spec=NoArguments)
@@ -213,11 +213,11 @@ class TailwiseClassifier:
         meta = self.model.meta
         return {"model": self.model.path.parent.name, **{key: meta[key] for key in (
                     "class_names", "num_classes", "train_counts", "groups", "group_thresholds", "metrics", "input",
-                    "logit_adjustment", "dataset", "weights_sha256", "created_at")},
+                    "logit_adjustment", "prediction_sets", "dataset", "weights_sha256", "created_at")},
                 "exported_with": meta["tailwise_version"], "tailwise_version": __version__,
-                "provider": self.provider, "providers": self.model.providers, "batching": self.batcher is not None,
-                "images_on_event_loop": min(self.loop_images, self.settings.max_batch_size), "verified": self.settings.verify,
-                "one_image_call_ms": round(1000 * self.call_s, 3), "onnxruntime_threads": {  # per call: batch, lone image
+                "coverage": self.sets and self.sets["coverage"], "provider": self.provider, "providers": self.model.providers,
+                "batching": self.batcher is not None, "images_on_event_loop": min(self.loop_images, self.settings.max_batch_size),
+                "verified": self.settings.verify, "one_image_call_ms": round(1000 * self.call_s, 3), "onnxruntime_threads": {
                     name: m.session.get_session_options().intra_op_num_threads for name, m in (("batch", self.model), ("one_image", self.solo))},
                 "limits": {**self.settings.limits(), "max_top_k": meta["num_classes"]}}
 

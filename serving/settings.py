@@ -18,6 +18,9 @@
                                larger batches in a thread; "1": every call on the loop; "0": every call in a thread
     TAILWISE_DIRECT            "0": the classify paths go through BentoML's own request dispatch, not tailwise's
                                direct one (same parsing, method and answers; slower, serving/middleware.py)
+    TAILWISE_COVERAGE          the coverage of the prediction set every answer carries: one the model was
+                               calibrated for (e.g. 0.95), or "off" (set and unsure null); default: the model's
+                               default coverage
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from tailwise import UserError
+from tailwise import UserError, conformal
 
 
 def env_int(name: str, default: int | None, environ: Mapping[str, str] = os.environ) -> int | None:
@@ -76,6 +79,15 @@ class Settings:
     inline_pixels: int = 512 * 512
     model_on_loop: str = "auto"
     direct: bool = True
+    coverage: str | None = None   # None: the model's default; "off"; or a number, checked against the model
+
+    def sets_level(self, record: dict | None) -> dict | None:
+        """The calibrated level of the model's prediction sets (`record`, its metadata's) that TAILWISE_COVERAGE
+        chooses (tailwise.conformal.level); UserError naming the setting when the model has no such level."""
+        try:
+            return conformal.level(record, self.coverage)
+        except ValueError as exc:
+            raise UserError(f"TAILWISE_COVERAGE: {exc}") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> "Settings":
@@ -92,7 +104,8 @@ class Settings:
                    ort_spinning=env_flag("TAILWISE_ORT_SPINNING", False, environ),
                    inline_pixels=env_int("TAILWISE_INLINE_PIXELS", cls.inline_pixels, environ),
                    model_on_loop=env_choice("TAILWISE_MODEL_ON_LOOP", ("auto", "0", "1"), environ),
-                   direct=env_flag("TAILWISE_DIRECT", True, environ))
+                   direct=env_flag("TAILWISE_DIRECT", True, environ),
+                   coverage=environ.get("TAILWISE_COVERAGE", "").strip() or None)
 
     def limits(self) -> dict:
         """The request limits, as /model_info shows them."""

@@ -30,6 +30,12 @@ H x W x 3 RGB or H x W x 4 RGBA, or already the model's input C x H x W)."""
 Prediction = dict[str, Any]
 """{"label": str, "index": int, "probability": float, "group": "many" | "medium" | "few"}"""
 
+Answer = dict[str, Any]
+"""{"predictions": [Prediction, ...] (the top-k, best first), "set": [str, ...] or None (the labels of the
+conformal prediction set, most probable first), "unsure": bool or None (the set is not exactly one label)}: the
+answer of `tailwise predict` and the service for one image. "set" and "unsure" are None for a model exported
+without prediction sets, or with coverage="off"."""
+
 
 class Classifier:
     """An exported tailwise model (a model folder or its `model.onnx`) run by onnxruntime, no torch.
@@ -79,12 +85,24 @@ class Classifier:
         logits = np.concatenate(chunks) if chunks else np.zeros((0, len(self._model.class_names)), np.float32)
         return self._model.adjusted_logits(logits) if adjusted else logits
 
-    def predict(self, images: Image | Sequence[Image],
-                top_k: int = 3) -> list[Prediction] | list[list[Prediction]]:
-        """The `top_k` most probable classes, best first, as {"label", "index", "probability", "group"} (the
-        records of `tailwise predict` and the service): for one image, its list; for a sequence of images (or a
-        uint8 [N, C, H, W] batch), one such list per image."""
-        results = self._model.top_k(self.predict_logits(images, adjusted=False), top_k)
+    @property
+    def coverages(self) -> list[float]:
+        """The coverages this model's prediction sets were calibrated for (the first is the default); empty for a
+        model exported without them."""
+        from tailwise.conformal import coverages
+
+        return coverages(self._model.meta["prediction_sets"])
+
+    def predict(self, images: Image | Sequence[Image], top_k: int = 3,
+                coverage: float | str | None = None) -> Answer | list[Answer]:
+        """The answer for each image, as `tailwise predict` and the service give it: {"predictions": the `top_k`
+        most probable classes, best first, as {"label", "index", "probability", "group"}; "set": the labels of
+        its conformal prediction set; "unsure": the set is not exactly one label} (see `Answer`). For one image,
+        its answer; for a sequence of images (or a uint8 [N, C, H, W] batch), one answer per image.
+        `coverage`: the sets' coverage, one of `coverages` (None: the model's default; "off": no sets, "set" and
+        "unsure" None); ValueError for one the model was not calibrated for."""
+        chosen = self._model.sets_level(coverage)   # a bad coverage fails before any image is decoded
+        results = self._model.answers(self.predict_logits(images, adjusted=False), top_k, chosen or "off")
         single = _is_single(images) and not (isinstance(images, np.ndarray) and images.ndim == 4)
         return results[0] if single else results
 
@@ -153,14 +171,16 @@ def train(config: str | os.PathLike | None = None, *, data: str | os.PathLike | 
 
 
 def export(run: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, variants: Sequence[str] = (),
-           parity_images: int = 256, opset: int | None = None, samples: int = 0) -> Path:
+           parity_images: int = 256, opset: int | None = None, samples: int = 0,
+           coverage: float | Sequence[float] | None = 0.9) -> Path:
     """`tailwise export`: export a run's final classifier (a run folder or a checkpoint) to the model folder `out`
     and return `out` (export.model_folder.export_run). The folder is kept only if onnxruntime reproduces torch
-    on validation images; else ExportParityError, and `out` is left as it was."""
+    on validation images; else ExportParityError, and `out` is left as it was. `coverage`: the conformal prediction
+    sets to calibrate on the run's validation split (one coverage or several, the first the default; None: none)."""
     from tailwise.export.model_folder import DEFAULT_OPSET, export_run
 
     export_run(run, out, force=force, variants=tuple(variants), parity_images=parity_images,
-               opset=DEFAULT_OPSET if opset is None else opset, samples=samples)
+               opset=DEFAULT_OPSET if opset is None else opset, samples=samples, coverage=coverage)
     return Path(out)
 
 
@@ -187,14 +207,14 @@ def _flatten(overrides: dict, prefix: str = ""):
 
 def predict_dataset(dataset, model: str | os.PathLike, *, top_k: int = 3, batch_size: int = 64,
                     actors: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                    verify: bool | None = None):
+                    verify: bool | None = None, coverage: float | str | None = None):
     """`tailwise predict --engine ray` for your own Ray pipeline (needs `pip install 'tailwise[ray]'`): a
     ray.data.Dataset with a "path" column of image files or a "bytes" column of their contents (as
     `ray.data.read_binary_files(..., include_paths=True)` gives) -> the Dataset of rows {"path", "predictions"
-    (the top_k records of `predict`), "error" (None, or why the image could not be read), and the top-1
+    (the top_k records of `predict`), "set", "unsure" (at `coverage`, as `predict`), "error" (None, or why the image could not be read), and the top-1
     "label", "index", "probability", "group"}. Images are decoded in Ray tasks and classified by `actors` model
     actors (default half the cluster's CPUs); `model` must be readable at that path on every node."""
     from tailwise.serving.ray_engine import predict_dataset as run
 
     return run(dataset, model, top_k=top_k, batch_size=batch_size, actors=actors, max_pixels=max_pixels,
-               verify=verify)
+               verify=verify, coverage=coverage)

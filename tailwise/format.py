@@ -39,10 +39,16 @@ object (format FORMAT_VERSION):
     metrics            dict, the test report of the exported model (may be empty)
     weights_sha256     sha256 of the weights.safetensors shipped next to model.onnx (or null)
     dataset            {"name": str, "index_sha256": str or null}, the training set and its LT index hash
+    prediction_sets    null or the conformal calibration of this model file (tailwise/conformal.py): {"score":
+                        "lac", "split": "validation", "num_images": int, "class_counts": [int] * num_classes,
+                        "default": float, "levels": [{"coverage": float in (0, 1), "conditional": "class" |
+                        "group" | "marginal", "thresholds": [float] * num_classes}]}; class c is in an answer's
+                        set when 1 - its served probability <= thresholds[c]
     created_at         ISO 8601 UTC time of the export
 
-Format 1 (before `prior`) is read as format 2: a format-1 model adjusts only stage-2 classifiers, by their
-subset's counts, so its prior is "stage2-subset".
+Older formats are read as the current one: format 1 (before `prior`) as format 2, since a format-1 model adjusts
+only stage-2 classifiers, by their subset's counts, so its prior is "stage2-subset"; format 2 (before
+`prediction_sets`) as format 3 without sets.
 """
 
 from __future__ import annotations
@@ -249,8 +255,9 @@ def served_logits(logits, meta: dict) -> np.ndarray:
 
 # The metadata format this tailwise writes. Reading: a newer format is refused (upgrade tailwise); an older one
 # is read if it is at least MIN_FORMAT_VERSION (upgraded to the current fields by parse_metadata), else refused
-# (re-export the run). Format 2 named the served prior (logit_adjustment.prior); format 1 is the first.
-FORMAT_VERSION = 2
+# (re-export the run). Format 3 added prediction_sets, format 2 named the served prior (logit_adjustment.prior);
+# format 1 is the first.
+FORMAT_VERSION = 3
 MIN_FORMAT_VERSION = 1
 METADATA_KEY = "tailwise"
 INPUT_NAME = "pixels"
@@ -258,9 +265,10 @@ OUTPUT_NAME = "logits"
 
 
 def build_metadata(*, class_names, channels, height, width, resize_policy, train_counts, groups, group_thresholds,
-                   dataset, weights_sha256=None, metrics=None, logit_adjustment=None, created_at=None) -> dict:
+                   dataset, weights_sha256=None, metrics=None, logit_adjustment=None, prediction_sets=None,
+                   created_at=None) -> dict:
     """Assemble and validate the metadata object (see the module docstring for the fields). `logit_adjustment`:
-    None or {"tau", "log_prior", "prior"}."""
+    None or {"tau", "log_prior", "prior"}; `prediction_sets`: None or tailwise.conformal.calibrate's record."""
     class_names = [str(name) for name in class_names]
     meta = {
         "format_version": FORMAT_VERSION,
@@ -280,6 +288,7 @@ def build_metadata(*, class_names, channels, height, width, resize_policy, train
         "metrics": dict(metrics or {}),
         "weights_sha256": weights_sha256,
         "dataset": {"name": str(dataset["name"]), "index_sha256": dataset.get("index_sha256")},
+        "prediction_sets": prediction_sets,
         "created_at": created_at or datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return validate_metadata(meta)
@@ -329,17 +338,49 @@ def validate_metadata(meta: dict) -> dict:
     ds = meta.get("dataset")
     need(isinstance(ds, dict) and isinstance(ds.get("name"), str) and "index_sha256" in ds, "dataset",
          "{'name': str, 'index_sha256': str or null}")
+    need("prediction_sets" in meta and _valid_sets(meta["prediction_sets"], n), "prediction_sets",
+         f"null or {{'score': 'lac', 'split', 'num_images', 'class_counts', 'default', 'levels': [{{'coverage', "
+         f"'conditional', 'thresholds': {n} floats}}]}}")
     need(isinstance(meta.get("tailwise_version"), str), "tailwise_version", "a string")
     need(isinstance(meta.get("created_at"), str), "created_at", "an ISO 8601 string")
     return meta
 
 
+def _valid_sets(record, n: int) -> bool:
+    """The shape of a prediction_sets record (tailwise/conformal.py) for n classes, or None."""
+    if record is None:
+        return True
+    if not isinstance(record, dict):
+        return False
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    levels = record.get("levels")
+    return (set(record) == {"score", "split", "num_images", "class_counts", "default", "levels"}
+            and record["score"] == "lac" and isinstance(record["split"], str)
+            and isinstance(record["num_images"], int)
+            and isinstance(record["class_counts"], list) and len(record["class_counts"]) == n
+            and all(isinstance(c, int) and c >= 0 for c in record["class_counts"])
+            and isinstance(levels, list) and len(levels) >= 1
+            and all(isinstance(lv, dict) and set(lv) == {"coverage", "conditional", "thresholds"}
+                    and number(lv["coverage"]) and 0 < lv["coverage"] < 1
+                    and lv["conditional"] in ("class", "group", "marginal")
+                    and isinstance(lv["thresholds"], list) and len(lv["thresholds"]) == n
+                    and all(number(t) for t in lv["thresholds"]) for lv in levels)
+            and len({lv["coverage"] for lv in levels}) == len(levels)
+            and record["default"] in [lv["coverage"] for lv in levels])
+
+
 def _upgrade(meta: dict) -> dict:
-    """An older format's metadata in the current format's fields (format 1 -> 2: the served prior named)."""
+    """An older format's metadata in the current format's fields (format 1 -> 2: the served prior named; 2 -> 3:
+    no prediction sets)."""
     if meta.get("format_version") == 1:
         la = meta.get("logit_adjustment")
         meta = dict(meta, format_version=2,
                     logit_adjustment=dict(la, prior=PRIOR_STAGE2_SUBSET) if isinstance(la, dict) else la)
+    if meta.get("format_version") == 2:
+        meta = dict(meta, format_version=3, prediction_sets=None)
     return meta
 
 

@@ -81,10 +81,40 @@ def cifar_archive(tmp_path):
 
 # ------------------------------------------------------------------------------------------ exported model
 
-def export_tiny_model(out_dir, seed=0):
+def brightness_images(n, seed, jitter=0):
+    """n uint8 [1, 28, 28] images of the 5 classes of export_tiny_model (class c: noise 0..49 + 40 c), labels
+    0..4 in turn; `jitter` J > 0 adds one brightness offset per image, uniform in -J..J, so that neighbouring
+    classes overlap and a classifier is unsure of some images. Returns (images, labels int64)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 5
+    noise = torch.randint(0, 50, (n, 1, 28, 28), generator=generator)
+    images = noise + labels.view(-1, 1, 1, 1) * 40
+    if jitter:
+        images = images + torch.randint(-jitter, jitter + 1, (n, 1, 1, 1), generator=generator)
+    return images.clamp(0, 255).to(torch.uint8).numpy(), labels.numpy()
+
+
+class ArrayImages:
+    """Held-out images as an LTData source (`.load(indices)`, `.labels`), for export.calibrate."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def load(self, indices):
+        return self.images[indices]
+
+    def __len__(self):
+        return len(self.labels)
+
+
+def export_tiny_model(out_dir, seed=0, sets=True):
     """Train a tiny uint8 [N, 1, 28, 28] classifier on 5 classes told apart by brightness (ant darkest ... eel
     brightest; training counts 600..10, so many/medium/few groups) and export it with
-    export.onnx_export.export_classifier into ``out_dir`` (model.onnx, weights.safetensors, card.json)."""
+    export.onnx_export.export_classifier into ``out_dir`` (model.onnx, weights.safetensors, card.json); `sets`:
+    with prediction sets at 90 % and 80 % (export.calibrate.add_prediction_sets), calibrated on 1000 held-out
+    images with a brightness jitter (brightness_images), on which the model is often unsure."""
     import torch
     from torch import nn
 
@@ -92,9 +122,8 @@ def export_tiny_model(out_dir, seed=0):
     from tailwise.serving.artifact import build_metadata
 
     def data(n, data_seed):
-        labels = torch.arange(n) % 5
-        noise = torch.randint(0, 50, (n, 1, 28, 28), generator=torch.Generator().manual_seed(data_seed))
-        return (noise + labels.view(-1, 1, 1, 1) * 40).to(torch.uint8), labels
+        images, labels = brightness_images(n, data_seed)
+        return torch.from_numpy(images), torch.from_numpy(labels)
 
     class Tiny(nn.Module):
         def __init__(self):
@@ -121,6 +150,14 @@ def export_tiny_model(out_dir, seed=0):
                           group_thresholds={"many_above": 500, "few_below": 200},
                           dataset={"name": "toy", "index_sha256": None}, metrics={"top1": 0.9})
     export_classifier(model.eval(), meta, out_dir, images[:16], data(32, seed + 2)[0])
+    if sets:
+        from types import SimpleNamespace
+
+        from tailwise.export.calibrate import add_prediction_sets
+
+        held_out = ArrayImages(*brightness_images(1000, seed + 3, jitter=30))
+        add_prediction_sets(out_dir, SimpleNamespace(val_idx=np.arange(1000), train_source=held_out,
+                                                     test_source=None), (0.9, 0.8))
     return out_dir
 
 

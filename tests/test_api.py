@@ -38,9 +38,10 @@ def test_all_lists_the_api_and_import_tailwise_is_light():
 
 def test_predict_gives_the_records_of_tailwise_predict_for_paths_pil_images_bytes_and_arrays():
     model = tailwise.load(SHIPPED)
-    expected = [r["predictions"] for r in predict_files(OnnxClassifier(SHIPPED), [str(p) for p in SAMPLES])]
+    expected = [{k: r[k] for k in ("predictions", "set", "unsure")}
+                for r in predict_files(OnnxClassifier(SHIPPED), [str(p) for p in SAMPLES])]
     assert model.predict(SAMPLES) == expected
-    assert model.predict(str(SAMPLES[0])) == expected[0]               # one image: its records, no outer list
+    assert model.predict(str(SAMPLES[0])) == expected[0]               # one image: its answer, no outer list
     assert model.predict([p.read_bytes() for p in SAMPLES[:2]]) == expected[:2]
     with Image.open(SAMPLES[1]) as image:
         assert model.predict(image, top_k=3) == expected[1]
@@ -49,8 +50,9 @@ def test_predict_gives_the_records_of_tailwise_predict_for_paths_pil_images_byte
     assert model.predict(pixels[None]) == expected[1]                  # C x H x W, the model's input
     assert model.predict(np.stack([pixels[None]] * 3)) == expected[1:2] * 3   # N x C x H x W
     top1 = model.predict(SAMPLES, top_k=1)
-    assert [len(p) for p in top1] == [1] * len(SAMPLES) and set(top1[0][0]) == {"label", "index", "probability",
-                                                                                "group"}
+    assert [len(a["predictions"]) for a in top1] == [1] * len(SAMPLES)
+    assert set(top1[0]) == {"predictions", "set", "unsure"}            # the shape of the service's answer
+    assert set(top1[0]["predictions"][0]) == {"label", "index", "probability", "group"}
     assert model.predict([]) == []
 
 

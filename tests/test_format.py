@@ -17,7 +17,7 @@ from tailwise import format as fmt
 from tailwise.cli import cli_message
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # format 1, exported before the prior was named: never re-exported
+SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # exported in format 1 (before the prior was named), calibrated in 3
 
 
 def test_adjust_logits_is_logits_minus_tau_log_prior_in_float32():
@@ -57,7 +57,8 @@ def test_metadata_round_trip_through_an_onnx_file(tmp_path):
     from tailwise.serving.artifact import read_metadata
 
     meta = _meta()
-    assert meta["format_version"] == fmt.FORMAT_VERSION == 2 and meta["logit_adjustment"]["prior"] == "train"
+    assert meta["format_version"] == fmt.FORMAT_VERSION == 3 and meta["logit_adjustment"]["prior"] == "train"
+    assert meta["prediction_sets"] is None
     proto = onnx.load(str(SHIPPED / fmt.MODEL_FILE))
     fmt.write_metadata(proto, meta)
     fmt.write_metadata(proto, meta)          # replaces, never duplicates
@@ -70,19 +71,45 @@ def test_metadata_round_trip_through_an_onnx_file(tmp_path):
         _meta(logit_adjustment={"tau": 1.0, "log_prior": [0.0, 0.0, 0.0]})
 
 
-def test_format_1_is_read_as_format_2_with_its_prior_named():
-    """A format-1 model adjusted only stage-2 classifiers, by their subset's counts: that is its prior."""
+def _format_1(meta: dict) -> dict:
+    """`meta` as format 1 wrote it: no prior named, no prediction sets."""
+    old = {k: v for k, v in meta.items() if k != "prediction_sets"}
+    la = meta["logit_adjustment"]
+    return dict(old, format_version=1, logit_adjustment=la and {"tau": la["tau"], "log_prior": la["log_prior"]})
+
+
+def test_format_1_is_read_as_format_3_with_its_prior_named_and_no_sets():
+    """A format-1 model adjusted only stage-2 classifiers, by their subset's counts: that is its prior; a format-1
+    or 2 model has no prediction sets. (The shipped model was exported in format 1: its metadata as it was then.)"""
     from tailwise.serving.artifact import read_metadata
 
-    text = next(p.value for p in onnx.load(str(SHIPPED / fmt.MODEL_FILE)).metadata_props if p.key == fmt.METADATA_KEY)
-    old = json.loads(text)
-    assert old["format_version"] == 1 and set(old["logit_adjustment"]) == {"tau", "log_prior"}
-    meta = fmt.parse_metadata(text, "shipped")
-    assert meta["format_version"] == 2 and meta["logit_adjustment"]["prior"] == fmt.PRIOR_STAGE2_SUBSET
+    shipped = read_metadata(SHIPPED)       # the shipped folder loads, its manifest valid
+    assert shipped["logit_adjustment"]["prior"] == fmt.PRIOR_STAGE2_SUBSET and shipped["prediction_sets"]
+    old = _format_1(shipped)
+    assert set(old["logit_adjustment"]) == {"tau", "log_prior"}
+    meta = fmt.parse_metadata(json.dumps(old), "shipped")
+    assert meta["format_version"] == 3 and meta["logit_adjustment"]["prior"] == fmt.PRIOR_STAGE2_SUBSET
     assert meta["logit_adjustment"]["log_prior"] == old["logit_adjustment"]["log_prior"]
-    assert read_metadata(SHIPPED) == meta          # the shipped folder loads, its manifest still valid
+    assert meta == dict(shipped, prediction_sets=None)
     plain = fmt.parse_metadata(json.dumps(dict(old, logit_adjustment=None)), "x")
     assert plain["logit_adjustment"] is None
+    two = dict(shipped, format_version=2)
+    del two["prediction_sets"]
+    assert fmt.parse_metadata(json.dumps(two), "x") == dict(shipped, prediction_sets=None)
+
+
+def test_prediction_sets_are_checked_against_the_schema():
+    from tailwise import conformal
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]] * 4)
+    record, _ = conformal.calibrate(probs, np.array([0, 1, 2] * 4), ["many", "medium", "few"], (0.75, 0.5))
+    assert _meta(prediction_sets=record)["prediction_sets"] == record
+    bad = [dict(record, score="aps"), dict(record, default=0.6), dict(record, class_counts=[4, 4]),
+           dict(record, levels=[dict(record["levels"][0], thresholds=[0.1, float("nan"), 0.2])]),
+           dict(record, levels=[dict(record["levels"][0], coverage=1.0)]), {"levels": []}]
+    for record in bad:
+        with pytest.raises(ValueError, match="prediction_sets"):
+            _meta(prediction_sets=record)
 
 
 def test_manifest_round_trip(tmp_path):

@@ -21,25 +21,33 @@ RULES = {
     # the one format every layer reads (file names, metadata, manifest, logit adjustment): numpy and the core only
     "format": {"tailwise": ("tailwise", "tailwise._core"),
                "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "onnxscript", "bentoml", "PIL")},
+    # the conformal prediction sets' math (calibration, sets, their coverage), read by export, serving, training
+    "conformal": {"tailwise": ("tailwise._core",),
+                  "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "onnxscript", "bentoml",
+                            "PIL")},
     # tailwise/__init__.py, cli.py, __main__.py: the command dispatches to the layers by name; the API names
     # (tailwise.load ...) are imported on first use (tests/test_api.py checks that `import tailwise` stays light)
     "root": {"tailwise": ("tailwise", "tailwise.cli", "tailwise._api", "tailwise._core", "tailwise.export"),
              "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "bentoml", "numpy", "PIL")},
     # the Python API: load() is serving's classifier (no torch); train(), export() and evaluate() call the typed
     # library functions, never a command-line parser
-    "api": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.serving.artifact",
+    "api": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.conformal",
+                         "tailwise.serving.artifact",
                          "tailwise.serving.ray_engine", "tailwise.training.launch", "tailwise.export.model_folder"),
             "never": ("torch", "torchvision", "safetensors", "onnx", "onnxruntime", "bentoml", "argparse")},
     # serving: everything it needs is inside model.onnx
-    "serving": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.serving"),
+    "serving": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.conformal",
+                             "tailwise.serving"),
                 "never": ("torch", "torchvision", "safetensors", "onnxscript")},
     # training reads an exported model (tailwise evaluate MODEL_DIR) with onnxruntime, never with onnx
-    "training": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.training"),
+    "training": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.conformal",
+                              "tailwise.training"),
                  "never": ("onnx", "onnxscript", "bentoml")},
     # export rebuilds networks and reads checkpoints from training and writes by the format module; of serving it
     # uses only OnnxClassifier, to classify the model card's samples exactly as `tailwise predict` does
     # (export/__init__.py makes the package callable as the API's tailwise.export(run, out), via tailwise._api)
-    "export": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.export", "tailwise.training",
+    "export": {"tailwise": ("tailwise", "tailwise._core", "tailwise.format", "tailwise.conformal", "tailwise.export",
+                            "tailwise.training",
                             "tailwise.serving.artifact", "tailwise._api"),
                "never": ("bentoml",)},
 }
@@ -48,7 +56,8 @@ RULES = {
 def layer_of(path: Path) -> str:
     rel = path.relative_to(REPO)
     if rel.parts[0] == "tailwise":
-        return {"_core.py": "core", "_api.py": "api", "format.py": "format"}.get(rel.name, "root")
+        return {"_core.py": "core", "_api.py": "api", "format.py": "format",
+                "conformal.py": "conformal"}.get(rel.name, "root")
     return rel.parts[0]
 
 
@@ -74,7 +83,8 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
                 module = node.module
             found.append((node.lineno, module))
             found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names
-                      if f"{module}.{alias.name}".startswith(tuple(f"tailwise.{x}" for x in (*LAYERS, "_core")))]
+                      if f"{module}.{alias.name}".startswith(tuple(f"tailwise.{x}" for x in (*LAYERS, "_core",
+                                                                                               "conformal")))]
     return found
 
 
@@ -123,11 +133,12 @@ def test_the_rules_catch_a_wrong_way_import(tmp_path, monkeypatch):
 
 def test_export_uses_serving_only_to_classify_samples():
     """export writes serving's metadata and manifest by the format module; of serving it imports OnnxClassifier
-    alone (export/model_card.py, to classify the samples as `tailwise predict` does)."""
+    alone (export/model_card.py, to classify the samples as `tailwise predict` does; export/calibrate.py, to
+    calibrate the prediction sets on what each model file serves)."""
     found = [(p.relative_to(REPO), m) for p in sorted((REPO / "export").glob("*.py")) for _, m in imported_modules(p)
              if m.startswith("tailwise.serving")]
     assert {m for _, m in found} <= {"tailwise.serving.artifact", "tailwise.serving.artifact.OnnxClassifier"}, found
-    assert {str(p) for p, _ in found} <= {"export/model_card.py"}, found
+    assert {str(p) for p, _ in found} <= {"export/model_card.py", "export/calibrate.py"}, found
 
 
 # A run or model file name (training/checkpoint.py's cards and weights, engine's metrics logs, the model folder's

@@ -118,7 +118,8 @@ def test_a_grayscale_model_trains_exports_and_serves(tmp_path):
     classifier = tailwise.load(model)
     assert classifier.metadata["input"]["channels"] == 1
     colour = save(tmp_path / "colour.png", solid("RGB", (230, 230, 230), (12, 12)))   # decoded to L, as trained
-    predictions = classifier.predict([root / "dark" / "0.png", colour], top_k=2)
+    answers = classifier.predict([root / "dark" / "0.png", colour], top_k=2)
+    predictions = [a["predictions"] for a in answers]
     assert [len(p) for p in predictions] == [2, 2] and {p[0]["label"] for p in predictions} <= {"dark", "light"}
 
 

@@ -387,7 +387,8 @@ def test_predict_writes_csv(tmp_path, identity_model):
     assert result.returncode == 1
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert list(rows[0]) == ["path", "label_1", "probability_1", "group_1", "label_2", "probability_2", "group_2",
-                             "error"]
+                             "set", "unsure", "error"]
+    assert rows[0]["set"] == rows[0]["unsure"] == ""   # a model without prediction sets
     assert (rows[0]["label_1"], rows[0]["group_1"], rows[0]["label_2"], rows[0]["error"]) == ("ant", "many", "bee", "")
     assert float(rows[0]["probability_1"]) == pytest.approx(np.exp(3) / np.exp([3, 2, 1]).sum())
     assert rows[1]["label_1"] == "" and "empty file" in rows[1]["error"]

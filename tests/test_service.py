@@ -188,6 +188,42 @@ def test_classify_agrees_with_tailwise_predict(client, tiny_model_dir, images):
         same_predictions(record["predictions"], expected[str(path)])
 
 
+def test_answers_carry_the_prediction_set_at_the_coverage_chosen(service, client, tiny_model_dir, images, tmp_path):
+    """Every answer carries the prediction set `tailwise predict` gives (the tiny model is calibrated at 90 % and
+    80 %) and `unsure`; TAILWISE_COVERAGE chooses the other calibrated coverage, or turns the sets off; one the
+    model was not calibrated for is refused before the server starts."""
+    from tailwise import UserError
+    from tailwise.serving.server import server_command
+
+    classifier = OnnxClassifier(tiny_model_dir)
+    for level in (79, 99, 119):   # between two classes' brightness: the model is unsure
+        (tmp_path / f"between{level}.png").write_bytes(gray_png(level))
+    images = [*images, *sorted(tmp_path.glob("between*.png"))]
+    files = [("images", (p.name, p.read_bytes())) for p in images] + [("images", ("bad.png", b"x"))]
+    for coverage, settings in ((0.9, {}), (0.8, {"TAILWISE_COVERAGE": "0.8"}), ("off", {"TAILWISE_COVERAGE": "off"})):
+        http = client if not settings else in_process(service, **settings)
+        try:
+            expected = list(predict_files(classifier, [str(p) for p in images], coverage=coverage))
+            assert any(r["unsure"] for r in expected) or coverage == "off"   # a non-trivial comparison
+            for path, record in zip(images, expected):
+                answer = classify(http, {"image": (path.name, path.read_bytes())}).json()
+                assert (answer["set"], answer["unsure"]) == (record["set"], record["unsure"]), path.name
+            batch = classify(http, files, route="/classify_batch").json()["results"]
+            assert [(r["set"], r["unsure"]) for r in batch] == [(r["set"], r["unsure"]) for r in expected] + [
+                (None, None)]
+            info = http.get("/model_info").json()
+            assert info["coverage"] == (None if coverage == "off" else coverage)
+            assert [lv["coverage"] for lv in info["prediction_sets"]["levels"]] == [0.9, 0.8]
+        finally:
+            if http is not client:
+                http.__exit__(None, None, None)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TAILWISE_COVERAGE", "0.5")
+        with pytest.raises(UserError, match=r"^TAILWISE_COVERAGE: coverage 0.5 is not calibrated for this model; "
+                                            r"it has 0.9, 0.8"):
+            server_command(tiny_model_dir, port=free_port())
+
+
 def test_top_k_groups_and_rounding(client):
     answer = classify(client, {"image": ("a.png", gray_png(240))}, {"top_k": "5"}).json()
     assert [p["label"] for p in answer["predictions"]][:1] == ["eel"]  # brightest = last class of the toy model
@@ -558,6 +594,7 @@ def test_a_real_server_batches_a_burst_logs_one_line_per_4xx_and_serves_bentomls
         with bentoml.SyncHTTPClient(base) as bento:  # the typed API, as BentoML's client sends it
             answer = bento.classify(image=images[0], top_k=2)
             assert len(answer["predictions"]) == 2 and answer["provider"] == "CPUExecutionProvider"
+            assert isinstance(answer["set"], list) and answer["unsure"] == (len(answer["set"]) != 1)
     finally:
         stop(process)
     lines = log_path.read_text().splitlines()
@@ -709,7 +746,7 @@ def test_serve_and_the_service_refuse_a_tampered_model(server_env, tiny_model_di
 def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, tmp_path):
     source = tmp_path / "src"
     for name in ["bentofile.yaml", "pyproject.toml", "tailwise/__init__.py", "tailwise/_core.py", "tailwise/format.py",
-                 *(f"serving/{p.name}" for p in (REPO / "serving").glob("*.py"))]:
+                 "tailwise/conformal.py", *(f"serving/{p.name}" for p in (REPO / "serving").glob("*.py"))]:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / name, source / name)
     (source / "models" / "tiny").mkdir(parents=True)
@@ -732,7 +769,8 @@ def test_bentoml_build_makes_a_bento_without_torch(server_env, tiny_model_dir, t
     (bento,) = [p for p in (tmp_path / "home" / "bentos" / "tailwise").iterdir() if p.name != "latest"]
     files = {str(p.relative_to(bento / "src")) for p in (bento / "src").rglob("*") if p.is_file()}
     assert {"serving/service.py", "serving/artifact.py", "serving/integrity.py", "tailwise/__init__.py",
-            "tailwise/_core.py", "tailwise/format.py", "models/tiny/model.onnx", "models/tiny/manifest.json"} <= files
+            "tailwise/_core.py", "tailwise/format.py", "tailwise/conformal.py", "models/tiny/model.onnx",
+            "models/tiny/manifest.json"} <= files
     # the Bento's own source tree serves: tailwise.serving is its serving/ folder, and no torch comes along
     code = ("import sys; from tailwise.serving import service; assert 'torch' not in sys.modules; "
             "print(service.__file__); print(service.MODEL_PATH.resolve())")

@@ -88,8 +88,10 @@ def test_samples_are_classified_as_the_card_says(tmp_path):
     out = tmp_path / "pred.jsonl"
     assert main(["predict", "--model", str(MODEL), str(MODEL / "samples"), "--output", str(out), "--top-k", "1"]) == 0
     predicted = {Path(r["path"]).name: r["predictions"][0]["label"] for r in map(json.loads, out.read_text().splitlines())}
-    for file, _true, label, _prob, _group in rows:
+    sets = {Path(r["path"]).name: r["set"] for r in map(json.loads, out.read_text().splitlines())}
+    for file, _true, label, _prob, _group, shown in rows:
         assert predicted[Path(file).name] == label, file
+        assert shown == "{" + ", ".join(sets[Path(file).name]) + "}", file   # the set the card shows
 
 
 def test_default_model_is_the_shipped_one(monkeypatch):
@@ -115,3 +117,33 @@ def test_evaluate_the_shipped_model_folder(test_set, capsys):
                                     f"{100 * card['test']['logit_adjusted']['top1']:.2f}", "%"]
     assert f"served (logit-adjusted, tau {card['logit_adjustment']['tau']:g})" in out
     assert sorted(p.name for p in MODEL.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_the_cards_prediction_sets_are_what_evaluate_measures(test_set, capsys):
+    """The shipped model's prediction sets (calibrated on its validation split by `tailwise calibrate`): the
+    coverage and set sizes its card shows are those `tailwise evaluate` measures on the 10,000 test images, and
+    the sets were calibrated on validation, where each class gets exactly its finite-sample share."""
+    from tailwise.training.launch import evaluate
+
+    card = json.loads((MODEL / "card.json").read_text())
+    sets = card["metadata"]["prediction_sets"]
+    assert sets["split"] == "validation" and sets["num_images"] == card["training"]["data"]["num_val"]
+    assert [lv["conditional"] for lv in sets["levels"]] == ["class"] * len(sets["levels"])   # 100 a class
+    report = evaluate(MODEL, progress=False).report["prediction_sets"]
+    assert report == card["export"]["prediction_sets"]["test"]
+    rows = {r[0]: r for r in readme_table("## Prediction sets")}
+    for key, r in report.items():
+        printed = rows[f"{100 * r['coverage_target']:g} %"]
+        assert printed[1:5] == [f"{100 * r['coverage']:.2f}"] + [f"{100 * r['per_group'][g]:.2f}"
+                                                                    for g in ("many", "medium", "few")]
+        assert printed[5] == f"{r['mean_size']:.2f}"
+    _, data = test_set
+    from tailwise.export.calibrate import served_probabilities
+    from tailwise.conformal import set_report
+
+    val = np.asarray(data.val_idx)
+    probs = served_probabilities(MODEL / "model.onnx", data.train_source, val)
+    on_val = set_report(probs, data.train_source.labels[val], sets["levels"][0], card["metadata"]["groups"])
+    n = 100   # per class: the ceil(101 * 0.9) = 91st smallest score is the threshold, so 91 of 100 are covered
+    assert on_val["per_class"] == [0.91] * 10 and sets["class_counts"] == [n] * 10

@@ -103,7 +103,8 @@ def test_a_fresh_venv_with_only_the_wheel_predicts_with_the_shipped_model(wheel,
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads(result.stdout)
     assert Path(out["serving"]).is_relative_to(tmp_path / "venv"), out["serving"]
-    assert out["commands"] == sorted(["data", "train", "evaluate", "probe", "export", "predict", "serve", "manifest"])
+    assert out["commands"] == sorted(["data", "train", "evaluate", "probe", "export", "calibrate", "predict", "serve",
+                                      "manifest"])
     import tailwise
 
     assert out["version"] == tailwise.__version__

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tailwise import UserError
+from tailwise import UserError, conformal
 from tailwise import format as fmt
 from tailwise.training.data import LTData, check_same_data, rebuild_lt_data
 from tailwise.training.metrics import evaluate_logits, save_report
@@ -130,12 +130,20 @@ def evaluate_folder(model: Path, folder: str | os.PathLike, out_dir: Path | None
 
 
 def _report(logits, labels, meta, counts, groups) -> dict:
-    """Plain, plus "logit_adjusted" (what is served) when the model carries a logit adjustment."""
+    """Plain, plus "logit_adjusted" (what is served) when the model carries a logit adjustment, plus
+    "prediction_sets" ({coverage: tailwise.conformal.set_report}, the default coverage first) when it carries
+    prediction sets."""
     report = evaluate_logits(logits, labels, counts, groups)
     la = meta["logit_adjustment"]
     if la:  # what is served (serving.artifact.OnnxClassifier.adjusted_logits is the same function)
         report["logit_adjusted"] = dict(evaluate_logits(fmt.served_logits(logits, meta), labels, counts, groups),
                                         tau=la["tau"])
+    sets = meta["prediction_sets"]
+    if sets:   # the sets every answer carries (serving.artifact.OnnxClassifier.answers: the same functions)
+        probs = conformal.softmax(fmt.served_logits(logits, meta))
+        levels = sorted(sets["levels"], key=lambda lv: lv["coverage"] != sets["default"])
+        report["prediction_sets"] = {f"{lv['coverage']:g}": conformal.set_report(probs, labels, lv, meta["groups"])
+                                     for lv in levels}
     return report
 
 

@@ -216,7 +216,37 @@ def format_evaluation(report: dict, class_names: list[str]) -> str:
                      f"{report['per_class_support'][c]:>6}  "
                      + ("    n/a" if plain is None else f"{100 * plain:>7.2f}") + "  "
                      + ("     n/a" if adj is None else f"{100 * adj:>8.2f}"))
+    if report.get("prediction_sets"):
+        lines += ["", *format_sets(report["prediction_sets"], class_names, report["groups"])]
     return "\n".join(lines)
+
+
+def format_sets(sets: dict, class_names: list[str], groups: list[str]) -> list[str]:
+    """The prediction sets' lines of the report (tailwise.conformal.set_report per calibrated coverage, the default
+    first): coverage and mean set size per group of the true class, then coverage per class at the default."""
+    def pct(x):
+        return "    n/a" if x is None else f"{100 * x:6.2f} %"
+
+    def size(x):
+        return "  n/a" if x is None else f"{x:5.2f}"
+
+    lines = ["prediction sets (conformal, calibrated on validation): coverage = how often the set holds the true "
+             "class, by the group of the true class; size = labels per set; unsure = sets of other than one label",
+             f"{'target':<8}  {'thresholds':<10}  {'coverage':>8}  " + "  ".join(f"{g:>8}" for g in GROUPS)
+             + f"  {'size':>5}  " + "  ".join(f"{g + ' size':>11}" for g in GROUPS) + f"  {'unsure':>8}"
+             + f"  {'empty':>8}"]
+    thresholds = {"class": "per class", "group": "per group", "marginal": "one for all"}
+    for r in sets.values():
+        lines.append(f"{100 * r['coverage_target']:>6g} %  {thresholds[r['conditional']]:<10}  {pct(r['coverage'])}  "
+                     + "  ".join(pct(r["per_group"][g]) for g in GROUPS) + f"  {size(r['mean_size'])}  "
+                     + "  ".join(f"{size(r['mean_size_per_group'][g]):>11}" for g in GROUPS)
+                     + f"  {pct(r['unsure'])}  {pct(r['empty'])}")
+    default = next(iter(sets.values()))
+    width = max([len("class")] + [len(n) for n in class_names])
+    lines += ["", f"coverage per class at {100 * default['coverage_target']:g} %:",
+              f"{'class':<{width}}  {'group':<6}  {'coverage':>8}"]
+    lines += [f"{name:<{width}}  {groups[c]:<6}  {pct(default['per_class'][c])}" for c, name in enumerate(class_names)]
+    return lines
 
 
 GROUP_COLOURS = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
