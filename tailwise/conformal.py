@@ -8,18 +8,25 @@ randomisation, and its per-class threshold reads plainly ("Shirt is in the set w
 0.12"); APS would give larger sets for the same coverage. A set can be empty (no class is probable enough at this
 coverage: often an image unlike the training data); an empty set counts as not covering the true class.
 
-Calibration on held-out labelled images (the run's validation split, never the test set), for coverage 1 - alpha:
-q = the ceil((n + 1)(1 - alpha))-th smallest of the n calibration scores (the finite-sample conformal quantile),
-which gives P(y in set) >= 1 - alpha for a new image exchangeable with them. Class-conditional ("Mondrian",
-`conditional` "class"): one q per class from that class's images, so each class, rare ones included, gets the
-coverage; it needs n_y >= 1/alpha - 1 images of every class (min_images). Where some class has fewer, every class
-of a many/medium/few group shares its group's q ("group"); where some group has too few, one q for all
-("marginal"); where even all the images are too few, that coverage is not calibrated.
+Calibration on held-out labelled images (the run's validation split, never the test set), for coverage 1 - alpha,
+with confidence 1 - delta (CONFIDENCE, 0.9): q = the k-th smallest of the n calibration scores, k the smallest rank
+with P(Binomial(n, 1 - alpha) >= k) <= delta. The coverage a threshold at rank k gives a new image exchangeable with
+the calibration images is itself random (it depends on which images were drawn for calibration: Beta(k, n + 1 - k));
+this k makes it at least 1 - alpha with probability at least 1 - delta (the "training-conditional" guarantee, Vovk
+2012), which is what a user of one calibrated model needs. The classic rank ceil((n + 1)(1 - alpha)) gives 1 - alpha
+only on average over calibration draws: with 100 images of a class, one calibration's coverage of that class
+spreads by about +-3 points around 90.9 % (and the shipped model's test coverage at 90 % fell to 83 % for three
+classes with it; docs/GUIDE.md). Class-conditional ("Mondrian", `conditional` "class"): one q per class from that
+class's images, so each class, rare ones included, gets the coverage; it needs n_y >= log(delta) / log(1 - alpha)
+images of every class (min_images: 22 for 90 %). Where some class has fewer, every class of a many/medium/few
+group shares its group's q ("group"); where some group has too few, one q for all ("marginal"); where even all the
+images are too few, that coverage is not calibrated.
 
 The record (`calibrate`) is what the model's metadata carries under "prediction_sets" (tailwise/format.py
 validates its shape):
 
     {"score": "lac", "split": "validation", "num_images": int, "class_counts": [int] * C,
+     "confidence": float (1 - delta; null: the classic rank),
      "default": float (one of the coverages),
      "levels": [{"coverage": float, "conditional": "class" | "group" | "marginal", "thresholds": [float] * C}]}
 """
@@ -36,6 +43,7 @@ from tailwise._core import GROUP_NAMES
 SCORE = "lac"
 CONDITIONALS = ("class", "group", "marginal")
 DEFAULT_COVERAGE = 0.9
+CONFIDENCE = 0.9   # 1 - delta: the probability, over the calibration draw, that a level's coverage is reached
 OFF = "off"   # the coverage choice that turns sets off
 
 
@@ -51,24 +59,38 @@ def scores(probs: np.ndarray) -> np.ndarray:
     return 1.0 - np.asarray(probs, dtype=np.float64)
 
 
-def min_images(coverage: float) -> int:
-    """The fewest calibration images for which the conformal quantile exists: n with ceil((n + 1) * coverage) <= n,
-    i.e. n >= coverage / (1 - coverage) = 1/alpha - 1 (9 for 90 %)."""
-    n = max(1, math.floor(coverage / (1 - coverage)) - 1)
-    while _rank(n, coverage) > n:
+def min_images(coverage: float, confidence: float | None = CONFIDENCE) -> int:
+    """The fewest calibration images for which the rank exists: n with coverage ** n <= 1 - confidence (a threshold
+    at the largest score still falls short with probability coverage ** n): 22 for 90 % at confidence 0.9; with
+    confidence None (the classic rank), n >= 1/alpha - 1: 9 for 90 %."""
+    n = 1
+    if confidence is not None:
+        n = max(1, math.floor(math.log(1 - confidence) / math.log(coverage)) - 1)
+    while _rank(n, coverage, confidence) > n:
         n += 1
     return n
 
 
-def _rank(n: int, coverage: float) -> int:
-    # ceil((n + 1) * coverage), robust to 0.9 * 10 = 9.000000000000002
-    return math.ceil(round((n + 1) * coverage, 9))
+def _rank(n: int, coverage: float, confidence: float | None = CONFIDENCE) -> int:
+    """The smallest k with P(Binomial(n, coverage) >= k) <= 1 - confidence (n + 1 when there is none); with
+    confidence None the classic ceil((n + 1) * coverage)."""
+    if confidence is None:
+        return math.ceil(round((n + 1) * coverage, 9))   # robust to 0.9 * 10 = 9.000000000000002
+    delta, tail, k = 1 - confidence, 0.0, n + 1
+    log_p, log_q = math.log(coverage), math.log1p(-coverage)
+    for j in range(n, -1, -1):        # the upper tail, summed from the top until it passes delta
+        tail += math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_p
+                         + (n - j) * log_q)
+        if tail > delta * (1 + 1e-12):
+            break
+        k = j
+    return k
 
 
-def conformal_quantile(values: np.ndarray, coverage: float) -> float | None:
-    """The ceil((n + 1) * coverage)-th smallest of `values` (n of them), or None when n is too small for it."""
+def conformal_quantile(values: np.ndarray, coverage: float, confidence: float | None = CONFIDENCE) -> float | None:
+    """The k-th smallest of `values` (n of them, k = _rank(n, coverage, confidence)), or None when n is too small."""
     values = np.sort(np.asarray(values, dtype=np.float64))
-    k = _rank(len(values), coverage)
+    k = _rank(len(values), coverage, confidence)
     return float(values[k - 1]) if 1 <= k <= len(values) else None
 
 
@@ -80,10 +102,11 @@ def check_coverage(coverage) -> float:
 
 
 def calibrate(probs, labels, groups: Sequence[str], coverages: Sequence[float] = (DEFAULT_COVERAGE,),
-              split: str = "validation") -> tuple[dict | None, list[str]]:
+              split: str = "validation", confidence: float | None = CONFIDENCE) -> tuple[dict | None, list[str]]:
     """(the record of the module docstring, or None when no coverage could be calibrated; the reasons for the
     coverages left out). `probs` [N, C] softmax of the served logits of the calibration images, `labels` [N] their
-    classes, `groups` the many/medium/few group of each class. The first coverage given is the default one."""
+    classes, `groups` the many/medium/few group of each class. The first coverage given is the default one.
+    `confidence` None: the classic rank (coverage on average over calibration draws)."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = probs.shape[1]
@@ -96,24 +119,26 @@ def calibrate(probs, labels, groups: Sequence[str], coverages: Sequence[float] =
     group_of = np.asarray(groups)
     levels, skipped = [], []
     for coverage in coverages:
-        need = min_images(coverage)
+        need = min_images(coverage, confidence)
         if class_counts.min() >= need:
             conditional = "class"
-            thresholds = [conformal_quantile(true_scores[labels == c], coverage) for c in range(num_classes)]
+            thresholds = [conformal_quantile(true_scores[labels == c], coverage, confidence)
+                          for c in range(num_classes)]
         elif all(class_counts[group_of == g].sum() >= need for g in set(groups)):
             conditional = "group"
-            by_group = {g: conformal_quantile(true_scores[group_of[labels] == g], coverage) for g in set(groups)}
+            by_group = {g: conformal_quantile(true_scores[group_of[labels] == g], coverage, confidence)
+                        for g in set(groups)}
             thresholds = [by_group[g] for g in groups]
         elif len(labels) >= need:
             conditional = "marginal"
-            thresholds = [conformal_quantile(true_scores, coverage)] * num_classes
+            thresholds = [conformal_quantile(true_scores, coverage, confidence)] * num_classes
         else:
             skipped.append(f"coverage {coverage:g}: {len(labels)} calibration images, at least {need} are needed")
             continue
         levels.append({"coverage": coverage, "conditional": conditional, "thresholds": thresholds})
     if not levels:
         return None, skipped
-    record = {"score": SCORE, "split": split, "num_images": int(len(labels)),
+    record = {"score": SCORE, "split": split, "num_images": int(len(labels)), "confidence": confidence,
               "class_counts": [int(n) for n in class_counts], "default": levels[0]["coverage"], "levels": levels}
     return record, skipped
 

@@ -41,7 +41,7 @@ object (format FORMAT_VERSION):
     dataset            {"name": str, "index_sha256": str or null}, the training set and its LT index hash
     prediction_sets    null or the conformal calibration of this model file (tailwise/conformal.py): {"score":
                         "lac", "split": "validation", "num_images": int, "class_counts": [int] * num_classes,
-                        "default": float, "levels": [{"coverage": float in (0, 1), "conditional": "class" |
+                        "confidence": float or null, "default": float, "levels": [{"coverage": float in (0, 1), "conditional": "class" |
                         "group" | "marginal", "thresholds": [float] * num_classes}]}; class c is in an answer's
                         set when 1 - its served probability <= thresholds[c]
     created_at         ISO 8601 UTC time of the export
@@ -339,7 +339,7 @@ def validate_metadata(meta: dict) -> dict:
     need(isinstance(ds, dict) and isinstance(ds.get("name"), str) and "index_sha256" in ds, "dataset",
          "{'name': str, 'index_sha256': str or null}")
     need("prediction_sets" in meta and _valid_sets(meta["prediction_sets"], n), "prediction_sets",
-         f"null or {{'score': 'lac', 'split', 'num_images', 'class_counts', 'default', 'levels': [{{'coverage', "
+         f"null or {{'score': 'lac', 'split', 'num_images', 'class_counts', 'confidence', 'default', 'levels': [{{'coverage', "
          f"'conditional', 'thresholds': {n} floats}}]}}")
     need(isinstance(meta.get("tailwise_version"), str), "tailwise_version", "a string")
     need(isinstance(meta.get("created_at"), str), "created_at", "an ISO 8601 string")
@@ -357,8 +357,10 @@ def _valid_sets(record, n: int) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
     levels = record.get("levels")
-    return (set(record) == {"score", "split", "num_images", "class_counts", "default", "levels"}
+    confidence = record.get("confidence")   # absent in the first format-3 records: the classic rank
+    return (set(record) - {"confidence"} == {"score", "split", "num_images", "class_counts", "default", "levels"}
             and record["score"] == "lac" and isinstance(record["split"], str)
+            and (confidence is None or number(confidence) and 0 < confidence < 1)
             and isinstance(record["num_images"], int)
             and isinstance(record["class_counts"], list) and len(record["class_counts"]) == n
             and all(isinstance(c, int) and c >= 0 for c in record["class_counts"])

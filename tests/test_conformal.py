@@ -24,16 +24,30 @@ def calibration():
 
 
 def test_min_images_is_where_the_quantile_exists():
-    # n >= ceil((n + 1)(1 - alpha)) first holds at n = 1/alpha - 1
-    assert [conformal.min_images(c) for c in (0.5, 0.8, 0.9, 0.95, 0.99)] == [1, 4, 9, 19, 99]
-    assert conformal.conformal_quantile([0.3, 0.1, 0.2], 0.5) == 0.2          # ceil(4 * 0.5) = 2nd smallest
-    assert conformal.conformal_quantile(np.arange(8) / 10, 0.9) is None        # 8 < 9 images
+    # the classic rank: n >= ceil((n + 1)(1 - alpha)) first holds at n = 1/alpha - 1
+    assert [conformal.min_images(c, None) for c in (0.5, 0.8, 0.9, 0.95, 0.99)] == [1, 4, 9, 19, 99]
+    assert conformal.conformal_quantile([0.3, 0.1, 0.2], 0.5, None) == 0.2    # ceil(4 * 0.5) = 2nd smallest
+    assert conformal.conformal_quantile(np.arange(8) / 10, 0.9, None) is None  # 8 < 9 images
+    # at confidence 0.9 (the default): coverage ** n <= 0.1, n >= log 0.1 / log 0.9 = 21.9 for 90 %
+    assert [conformal.min_images(c) for c in (0.5, 0.8, 0.9, 0.95)] == [4, 11, 22, 45]
+
+
+def test_training_conditional_rank_by_hand():
+    """The smallest k with P(Binomial(n, 0.9) >= k) <= 0.1: with 22 images, 0.9 ** 22 = 0.098 <= 0.1, so the
+    largest score (k = 22; k = 21 would leave 0.098 + 22 * 0.9 ** 21 * 0.1 = 0.339); with 21, 0.9 ** 21 = 0.109:
+    none; with 100, P(X >= 95) = 0.058 and P(X >= 94) = 0.117: the 95th (the classic rank is the 91st)."""
+    scores = np.arange(1, 101) / 100
+    assert conformal.conformal_quantile(scores[:22], 0.9) == 0.22
+    assert conformal.conformal_quantile(scores[:21], 0.9) is None
+    assert conformal.conformal_quantile(scores, 0.9) == 0.95
+    assert conformal.conformal_quantile(scores, 0.9, None) == 0.91
 
 
 def test_calibrate_by_hand():
     probs, labels = calibration()
-    record, skipped = conformal.calibrate(probs, labels, GROUPS, coverages=(0.8, 0.5, 0.9, 0.95))
+    record, skipped = conformal.calibrate(probs, labels, GROUPS, coverages=(0.8, 0.5, 0.9, 0.95), confidence=None)
     assert record["score"] == "lac" and record["split"] == "validation" and record["num_images"] == 14
+    assert record["confidence"] is None                                  # the classic rank, computable by hand
     assert record["class_counts"] == [9, 2, 3] and record["default"] == 0.8
     by = {lv["coverage"]: lv for lv in record["levels"]}
     assert list(by) == [0.8, 0.5, 0.9]
@@ -53,7 +67,7 @@ def test_calibrate_by_hand():
 
 def test_sets_and_their_report_by_hand():
     probs, labels = calibration()
-    record, _ = conformal.calibrate(probs, labels, GROUPS, coverages=(0.5,))
+    record, _ = conformal.calibrate(probs, labels, GROUPS, coverages=(0.5,), confidence=None)
     chosen = conformal.level(record)
     new = np.array([[0.6, 0.35, 0.05],    # scores 0.4 0.65 0.95 vs 0.5 0.7 0.5 -> {0, 1}
                     [0.2, 0.1, 0.7],      # 0.8 0.9 0.3 -> {2}

@@ -19,7 +19,9 @@ from tailwise import format as fmt
 def test_sets_cover_the_true_class_as_often_as_asked(tiny_model_dir):
     """The tiny model (really trained, brightness classes) on images with a brightness jitter that makes
     neighbouring classes overlap (top-1 about 73 %): calibrated on 1500 images, its sets hold the true class of
-    5000 new ones about 90 % (80 %) of the time, every class too, at a mean size above 1."""
+    5000 new ones at least 90 % (80 %) of the time, every class too, at a mean size above 1. With 300 images a
+    class, the confidence-0.9 rank is the 278th (92.4 %) for 90 % and the 250th (83.1 %) for 80 %: the expected
+    coverage, k / (n + 1), bounds it from above."""
     from tailwise.serving.artifact import OnnxClassifier
 
     model = OnnxClassifier(tiny_model_dir)
@@ -33,7 +35,8 @@ def test_sets_cover_the_true_class_as_often_as_asked(tiny_model_dir):
                                                                        test_labels)])
     assert 0.6 < top1 < 0.85   # a model that is often wrong: the sets have work to do
     sizes = {}
-    for chosen, low, high in ((record["levels"][0], 0.88, 0.94), (record["levels"][1], 0.77, 0.84)):
+    assert record["confidence"] == conformal.CONFIDENCE == 0.9
+    for chosen, low, high in ((record["levels"][0], 0.89, 0.945), (record["levels"][1], 0.79, 0.85)):
         answers = model.answers(logits, 1, chosen)
         covered = np.array([model.class_names[y] in a["set"] for a, y in zip(answers, test_labels)])
         assert low <= covered.mean() <= high, (chosen["coverage"], covered.mean())

@@ -145,5 +145,6 @@ def test_the_cards_prediction_sets_are_what_evaluate_measures(test_set, capsys):
     val = np.asarray(data.val_idx)
     probs = served_probabilities(MODEL / "model.onnx", data.train_source, val)
     on_val = set_report(probs, data.train_source.labels[val], sets["levels"][0], card["metadata"]["groups"])
-    n = 100   # per class: the ceil(101 * 0.9) = 91st smallest score is the threshold, so 91 of 100 are covered
-    assert on_val["per_class"] == [0.91] * 10 and sets["class_counts"] == [n] * 10
+    n = 100   # per class: the 95th smallest score is the threshold (P(Binomial(100, 0.9) >= 95) = 0.058 <= 0.1),
+    assert on_val["per_class"] == [0.95] * 10 and sets["class_counts"] == [n] * 10     # so 95 of 100 are covered
+    assert sets["confidence"] == 0.9
