@@ -7,7 +7,8 @@
     the lone client half its requests/s, docs/BENCHMARKS.md); the handler parses with the API's own request
     type and runs the API's own method, so the answer and every error are the typed API's; errors are mapped
     as BentoML maps them (pydantic's ValidationError and BentoML's 4xx exceptions: that 4xx; others a 500
-    with a generic message and the traceback in the log). TAILWISE_DIRECT=0 sends them through BentoML instead;
+    with a generic message and the traceback in the log); with BentoML's CORS on (http.cors), through the same
+    CORS middleware as BentoML's path. TAILWISE_DIRECT=0 sends them through BentoML instead;
   - while the worker drains for shutdown (serving/shutdown.py), every response carries `Connection: close`;
   - at most `max_in_flight` requests to the classify paths in the worker at once; past it, 503 with
     `Retry-After: 1` at once (the body is read first, so that the client reads the answer), summed up in one
@@ -85,6 +86,7 @@ class Guard:
         self.max_bytes, self.limit = settings.max_upload_bytes, settings.max_in_flight
         self.direct_enabled = settings.direct
         self.direct: dict = {}  # path -> the service's handler, set once the app's start-up has built the service
+        self.respond = self.answer_directly  # behind BentoML's CORS middleware when that is on (watch_startup)
         self.active = self.refused = 0
         self.logged_at = -OVERLOAD_LOG_EVERY_S
 
@@ -137,11 +139,11 @@ class Guard:
 
         if not guarded:
             return await self.app(scope, counted_receive, checked_send)
-        handler = self.direct.get(scope["path"]) if scope["method"] == "POST" else None
+        direct = scope["method"] == "POST" and scope["path"] in self.direct
         self.active += 1
         try:
-            if handler is not None:
-                await self.answer_directly(handler, scope, counted_receive, send)
+            if direct:
+                await self.respond(scope, counted_receive, send)
             else:
                 await self.app(scope, counted_receive, checked_send)
         finally:
@@ -149,21 +151,27 @@ class Guard:
 
     def watch_startup(self, send):
         """`send` of the lifespan: when the start-up is complete, BentoML has just built this app's service
-        instance (the current one), whose `direct_routes()` this Guard then answers."""
+        instance (the current one), whose `direct_routes()` this Guard then answers (behind BentoML's CORS
+        middleware, configured as BentoML's own, when http.cors is on: BentoML puts that one inside Guard)."""
         async def watched(message):
             if message["type"] == "lifespan.startup.complete" and self.direct_enabled:
                 import bentoml
+                from bentoml._internal.configuration.containers import BentoMLContainer
 
                 routes = getattr(bentoml.get_current_service(), "direct_routes", None)
                 self.direct = routes() if routes else {}
+                if BentoMLContainer.http.cors.enabled.get():
+                    from starlette.middleware.cors import CORSMiddleware
+
+                    self.respond = CORSMiddleware(self.answer_directly, **BentoMLContainer.access_control_options.get())
             await send(message)
         return watched
 
-    async def answer_directly(self, handler, scope, receive, send) -> None:
-        """Answer one request with the service's `handler` (Request -> JSON bytes), errors as BentoML's."""
+    async def answer_directly(self, scope, receive, send) -> None:
+        """Answer one request with the service's handler for its path (Request -> JSON bytes), errors as BentoML's."""
         request = Request(scope, receive)
         try:
-            body = await handler(request)
+            body = await self.direct[scope["path"]](request)
         except BodyTooLarge:
             return await self.client_error(scope, send, 413, self.too_large(), [(b"connection", b"close")])
         except ValidationError as exc:

@@ -380,6 +380,30 @@ def test_direct_dispatch_answers_as_the_typed_api(service, client):
         bentoml_path.__exit__(None, None, None)
 
 
+def test_direct_dispatch_keeps_bentomls_cors_headers(service):
+    """With BentoML's CORS on (http.cors in BENTOML_CONFIG_OPTIONS), a browser's request to a classify path gets
+    Access-Control-Allow-Origin on its answer, good or bad, both ways (BentoML puts its CORS middleware inside
+    Guard, where the direct answer never goes)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    origin = "http://example.com"
+    with BentoMLContainer.access_control_options.patch({"allow_origins": [origin]}):  # a cached singleton
+        for direct in (1, 0):
+            http = in_process(service, TAILWISE_DIRECT=direct,
+                              BENTOML_CONFIG_OPTIONS="services.TailwiseClassifier.http.cors.enabled=true")
+            try:
+                for route, arguments, status in (("/classify", one(gray_png(60)), 200),
+                                                 ("/classify?top_k=2", {"content": gray_png(9), "headers": RAW}, 200),
+                                                 ("/classify_batch", {"files": [("images", ("a.png", b"x"))]}, 200),
+                                                 ("/classify", one(b"junk"), 400)):
+                    arguments["headers"] = {**arguments.get("headers", {}), "origin": origin}
+                    response = http.post(route, **arguments)
+                    assert response.status_code == status, (direct, route, response.text)
+                    assert response.headers.get("access-control-allow-origin") == origin, (direct, route)
+            finally:
+                http.__exit__(None, None, None)
+
+
 def test_direct_dispatch_server_error_is_a_500_with_the_traceback_logged(service, caplog):
     """A failure inside the handler (here: the model call raising) is a 500 with BentoML's generic message, the
     traceback in the log, and the service still answers the next request once the cause is gone."""
