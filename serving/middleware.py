@@ -7,8 +7,9 @@
     the lone client half its requests/s, docs/BENCHMARKS.md); the handler parses with the API's own request
     type and runs the API's own method, so the answer and every error are the typed API's; errors are mapped
     as BentoML maps them (pydantic's ValidationError and BentoML's 4xx exceptions: that 4xx; others a 500
-    with a generic message and the traceback in the log); with BentoML's CORS on (http.cors), through the same
-    CORS middleware as BentoML's path. TAILWISE_DIRECT=0 sends them through BentoML instead;
+    with a generic message and the traceback in the log; a client that disconnects mid-upload gets no answer and
+    leaves one WARNING line); with BentoML's CORS on (http.cors), through the same CORS middleware as BentoML's
+    path. TAILWISE_DIRECT=0 sends them through BentoML instead;
   - while the worker drains for shutdown (serving/shutdown.py), every response carries `Connection: close`;
   - at most `max_in_flight` requests to the classify paths in the worker at once; past it, 503 with
     `Retry-After: 1` at once (the body is read first, so that the client reads the answer), summed up in one
@@ -27,7 +28,7 @@ import logging
 
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from tailwise.serving.settings import Settings
 from tailwise.serving.shutdown import drain
@@ -174,6 +175,10 @@ class Guard:
             body = await self.direct[scope["path"]](request)
         except BodyTooLarge:
             return await self.client_error(scope, send, 413, self.too_large(), [(b"connection", b"close")])
+        except ClientDisconnect:  # nobody to answer, and no server error (a 500 would count as one in /metrics)
+            client = scope.get("client") or ("-", 0)
+            return log.warning("client disconnected before sending its whole request: %s %s from %s",
+                               scope["method"], scope["path"], client[0])
         except ValidationError as exc:
             return await self.client_error(scope, send, 400, validation_message(exc))
         except BentoMLException as exc:

@@ -404,6 +404,32 @@ def test_direct_dispatch_keeps_bentomls_cors_headers(service):
                 http.__exit__(None, None, None)
 
 
+@pytest.mark.parametrize("content_type", ["image/png", "multipart/form-data; boundary=tailwiseboundary"])
+def test_direct_dispatch_client_gone_mid_upload_is_one_warning(client, content_type, caplog):
+    """A client that disconnects before its whole body arrived: no answer (nobody reads it; a 500 would count as
+    a server error in /metrics), one WARNING line without a traceback (nothing failed in the server), and the
+    service goes on. (An ASGI call as uvicorn makes it: the TestClient cannot disconnect mid-body.)"""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/classify", "raw_path": b"/classify", "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
+             "headers": [(b"content-type", content_type.encode()), (b"content-length", b"100000")]}
+    messages, sent = [{"type": "http.request", "body": b"--tailwiseboundary\r\n", "more_body": True}], []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    with caplog.at_level(logging.INFO):
+        client.portal.call(client.app, scope, receive, send)
+    assert sent == []
+    (record,) = client_error_records(caplog.records)
+    assert record.levelno == logging.WARNING and record.exc_info is None, record.getMessage()
+    assert "POST /classify from 127.0.0.1" in record.getMessage() and "disconnected" in record.getMessage()
+    assert_serving(client)
+
+
 def test_direct_dispatch_server_error_is_a_500_with_the_traceback_logged(service, caplog):
     """A failure inside the handler (here: the model call raising) is a 500 with BentoML's generic message, the
     traceback in the log, and the service still answers the next request once the cause is gone."""
