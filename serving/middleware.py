@@ -9,7 +9,8 @@
     as BentoML maps them (pydantic's ValidationError and BentoML's 4xx exceptions: that 4xx; others a 500
     with a generic message and the traceback in the log; a client that disconnects mid-upload gets no answer and
     leaves one WARNING line); with BentoML's CORS on (http.cors), through the same CORS middleware as BentoML's
-    path. TAILWISE_DIRECT=0 sends them through BentoML instead;
+    path, with BentoML's X-BentoML-Request-ID when tracing covers them. TAILWISE_DIRECT=0 sends them through
+    BentoML instead;
   - while the worker drains for shutdown (serving/shutdown.py), every response carries `Connection: close`;
   - at most `max_in_flight` requests to the classify paths in the worker at once; past it, 503 with
     `Retry-After: 1` at once (the body is read first, so that the client reads the answer), summed up in one
@@ -26,6 +27,8 @@ import asyncio
 import json
 import logging
 
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.context import trace_context
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
@@ -76,6 +79,25 @@ def direct_handler(request_type, method):
         answer = await method(**{name: getattr(arguments, name) for name in arguments.model_fields})
         return answer.model_dump_json().encode()
     return handler
+
+
+def trace_headers() -> list[tuple[bytes, bytes]]:
+    """The ids BentoML's dispatch puts on an API's answer when tracing covers the request: X-BentoML-Request-ID,
+    and X-BentoML-Trace-ID with http.response.trace_id (ServiceAppFactory._add_response_headers)."""
+    formats = BentoMLContainer.logging_formatting.get()
+    headers = [(b"x-bentoml-request-id", format(trace_context.request_id, formats["span_id"]).encode())]
+    if BentoMLContainer.http.response.trace_id.get() and trace_context.trace_id is not None:
+        headers.append((b"x-bentoml-trace-id", format(trace_context.trace_id, formats["trace_id"]).encode()))
+    return headers
+
+
+def with_headers(send, headers):
+    """`send` adding `headers` to the response's start."""
+    async def sender(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        await send(message)
+    return sender
 
 
 class Guard:
@@ -157,7 +179,6 @@ class Guard:
         async def watched(message):
             if message["type"] == "lifespan.startup.complete" and self.direct_enabled:
                 import bentoml
-                from bentoml._internal.configuration.containers import BentoMLContainer
 
                 routes = getattr(bentoml.get_current_service(), "direct_routes", None)
                 self.direct = routes() if routes else {}
@@ -171,6 +192,8 @@ class Guard:
     async def answer_directly(self, scope, receive, send) -> None:
         """Answer one request with the service's handler for its path (Request -> JSON bytes), errors as BentoML's."""
         request = Request(scope, receive)
+        if trace_context.request_id is not None:  # tracing covers this path: BentoML's request (and trace) id
+            send = with_headers(send, trace_headers())
         try:
             body = await self.direct[scope["path"]](request)
         except BodyTooLarge:

@@ -404,6 +404,26 @@ def test_direct_dispatch_keeps_bentomls_cors_headers(service):
                 http.__exit__(None, None, None)
 
 
+def test_direct_dispatch_keeps_bentomls_request_id_when_tracing_is_on(service, client):
+    """With tracing turned back on for the classify paths (the service's docstring says how), an answer, good or
+    bad, carries BentoML's X-BentoML-Request-ID both ways (the span id in BentoML's log lines); off by default."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from opentelemetry.util.http import ExcludeList
+
+    assert "x-bentoml-request-id" not in client.post("/classify", **one(gray_png(60))).headers
+    for direct in (1, 0):
+        with BentoMLContainer.tracing_excluded_urls.patch(ExcludeList([])):  # tracing.excluded_urls, a cached singleton
+            http = in_process(service, TAILWISE_DIRECT=direct)
+        try:
+            for route, arguments, status in (("/classify", one(gray_png(60)), 200), ("/classify", one(b"junk"), 400),
+                                             ("/classify_batch", {"files": [("images", ("a.png", b"x"))]}, 200)):
+                response = http.post(route, **arguments)
+                assert response.status_code == status, (direct, route, response.text)
+                assert len(response.headers.get("x-bentoml-request-id", "")) == 16, (direct, route, response.headers)
+        finally:
+            http.__exit__(None, None, None)
+
+
 @pytest.mark.parametrize("content_type", ["image/png", "multipart/form-data; boundary=tailwiseboundary"])
 def test_direct_dispatch_client_gone_mid_upload_is_one_warning(client, content_type, caplog):
     """A client that disconnects before its whole body arrived: no answer (nobody reads it; a 500 would count as
