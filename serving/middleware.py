@@ -7,7 +7,10 @@
     the lone client half its requests/s, docs/BENCHMARKS.md); the handler parses with the API's own request
     type and runs the API's own method, so the answer and every error are the typed API's; errors are mapped
     as BentoML maps them (pydantic's ValidationError and BentoML's 4xx exceptions: that 4xx; others a 500
-    with a generic message and the traceback in the log). TAILWISE_DIRECT=0 sends them through BentoML instead;
+    with a generic message and the traceback in the log; a client that disconnects mid-upload gets no answer and
+    leaves one WARNING line); with BentoML's CORS on (http.cors), through the same CORS middleware as BentoML's
+    path, with BentoML's X-BentoML-Request-ID when tracing covers them. TAILWISE_DIRECT=0 sends them through
+    BentoML instead;
   - while the worker drains for shutdown (serving/shutdown.py), every response carries `Connection: close`;
   - at most `max_in_flight` requests to the classify paths in the worker at once; past it, 503 with
     `Retry-After: 1` at once (the body is read first, so that the client reads the answer), summed up in one
@@ -24,9 +27,11 @@ import asyncio
 import json
 import logging
 
+from bentoml._internal.configuration.containers import BentoMLContainer
+from bentoml._internal.context import trace_context
 from bentoml.exceptions import BentoMLException
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from tailwise.serving.settings import Settings
 from tailwise.serving.shutdown import drain
@@ -76,6 +81,25 @@ def direct_handler(request_type, method):
     return handler
 
 
+def trace_headers() -> list[tuple[bytes, bytes]]:
+    """The ids BentoML's dispatch puts on an API's answer when tracing covers the request: X-BentoML-Request-ID,
+    and X-BentoML-Trace-ID with http.response.trace_id (ServiceAppFactory._add_response_headers)."""
+    formats = BentoMLContainer.logging_formatting.get()
+    headers = [(b"x-bentoml-request-id", format(trace_context.request_id, formats["span_id"]).encode())]
+    if BentoMLContainer.http.response.trace_id.get() and trace_context.trace_id is not None:
+        headers.append((b"x-bentoml-trace-id", format(trace_context.trace_id, formats["trace_id"]).encode()))
+    return headers
+
+
+def with_headers(send, headers):
+    """`send` adding `headers` to the response's start."""
+    async def sender(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        await send(message)
+    return sender
+
+
 class Guard:
     """See the module docstring. Settings are read when the app is built (a server worker's start)."""
 
@@ -85,6 +109,7 @@ class Guard:
         self.max_bytes, self.limit = settings.max_upload_bytes, settings.max_in_flight
         self.direct_enabled = settings.direct
         self.direct: dict = {}  # path -> the service's handler, set once the app's start-up has built the service
+        self.respond = self.answer_directly  # behind BentoML's CORS middleware when that is on (watch_startup)
         self.active = self.refused = 0
         self.logged_at = -OVERLOAD_LOG_EVERY_S
 
@@ -137,11 +162,11 @@ class Guard:
 
         if not guarded:
             return await self.app(scope, counted_receive, checked_send)
-        handler = self.direct.get(scope["path"]) if scope["method"] == "POST" else None
+        direct = scope["method"] == "POST" and scope["path"] in self.direct
         self.active += 1
         try:
-            if handler is not None:
-                await self.answer_directly(handler, scope, counted_receive, send)
+            if direct:
+                await self.respond(scope, counted_receive, send)
             else:
                 await self.app(scope, counted_receive, checked_send)
         finally:
@@ -149,23 +174,34 @@ class Guard:
 
     def watch_startup(self, send):
         """`send` of the lifespan: when the start-up is complete, BentoML has just built this app's service
-        instance (the current one), whose `direct_routes()` this Guard then answers."""
+        instance (the current one), whose `direct_routes()` this Guard then answers (behind BentoML's CORS
+        middleware, configured as BentoML's own, when http.cors is on: BentoML puts that one inside Guard)."""
         async def watched(message):
             if message["type"] == "lifespan.startup.complete" and self.direct_enabled:
                 import bentoml
 
                 routes = getattr(bentoml.get_current_service(), "direct_routes", None)
                 self.direct = routes() if routes else {}
+                if BentoMLContainer.http.cors.enabled.get():
+                    from starlette.middleware.cors import CORSMiddleware
+
+                    self.respond = CORSMiddleware(self.answer_directly, **BentoMLContainer.access_control_options.get())
             await send(message)
         return watched
 
-    async def answer_directly(self, handler, scope, receive, send) -> None:
-        """Answer one request with the service's `handler` (Request -> JSON bytes), errors as BentoML's."""
+    async def answer_directly(self, scope, receive, send) -> None:
+        """Answer one request with the service's handler for its path (Request -> JSON bytes), errors as BentoML's."""
         request = Request(scope, receive)
+        if trace_context.request_id is not None:  # tracing covers this path: BentoML's request (and trace) id
+            send = with_headers(send, trace_headers())
         try:
-            body = await handler(request)
+            body = await self.direct[scope["path"]](request)
         except BodyTooLarge:
             return await self.client_error(scope, send, 413, self.too_large(), [(b"connection", b"close")])
+        except ClientDisconnect:  # nobody to answer, and no server error (a 500 would count as one in /metrics)
+            client = scope.get("client") or ("-", 0)
+            return log.warning("client disconnected before sending its whole request: %s %s from %s",
+                               scope["method"], scope["path"], client[0])
         except ValidationError as exc:
             return await self.client_error(scope, send, 400, validation_message(exc))
         except BentoMLException as exc:

@@ -380,6 +380,76 @@ def test_direct_dispatch_answers_as_the_typed_api(service, client):
         bentoml_path.__exit__(None, None, None)
 
 
+def test_direct_dispatch_keeps_bentomls_cors_headers(service):
+    """With BentoML's CORS on (http.cors in BENTOML_CONFIG_OPTIONS), a browser's request to a classify path gets
+    Access-Control-Allow-Origin on its answer, good or bad, both ways (BentoML puts its CORS middleware inside
+    Guard, where the direct answer never goes)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    origin = "http://example.com"
+    with BentoMLContainer.access_control_options.patch({"allow_origins": [origin]}):  # a cached singleton
+        for direct in (1, 0):
+            http = in_process(service, TAILWISE_DIRECT=direct,
+                              BENTOML_CONFIG_OPTIONS="services.TailwiseClassifier.http.cors.enabled=true")
+            try:
+                for route, arguments, status in (("/classify", one(gray_png(60)), 200),
+                                                 ("/classify?top_k=2", {"content": gray_png(9), "headers": RAW}, 200),
+                                                 ("/classify_batch", {"files": [("images", ("a.png", b"x"))]}, 200),
+                                                 ("/classify", one(b"junk"), 400)):
+                    arguments["headers"] = {**arguments.get("headers", {}), "origin": origin}
+                    response = http.post(route, **arguments)
+                    assert response.status_code == status, (direct, route, response.text)
+                    assert response.headers.get("access-control-allow-origin") == origin, (direct, route)
+            finally:
+                http.__exit__(None, None, None)
+
+
+def test_direct_dispatch_keeps_bentomls_request_id_when_tracing_is_on(service, client):
+    """With tracing turned back on for the classify paths (the service's docstring says how), an answer, good or
+    bad, carries BentoML's X-BentoML-Request-ID both ways (the span id in BentoML's log lines); off by default."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from opentelemetry.util.http import ExcludeList
+
+    assert "x-bentoml-request-id" not in client.post("/classify", **one(gray_png(60))).headers
+    for direct in (1, 0):
+        with BentoMLContainer.tracing_excluded_urls.patch(ExcludeList([])):  # tracing.excluded_urls, a cached singleton
+            http = in_process(service, TAILWISE_DIRECT=direct)
+        try:
+            for route, arguments, status in (("/classify", one(gray_png(60)), 200), ("/classify", one(b"junk"), 400),
+                                             ("/classify_batch", {"files": [("images", ("a.png", b"x"))]}, 200)):
+                response = http.post(route, **arguments)
+                assert response.status_code == status, (direct, route, response.text)
+                assert len(response.headers.get("x-bentoml-request-id", "")) == 16, (direct, route, response.headers)
+        finally:
+            http.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("content_type", ["image/png", "multipart/form-data; boundary=tailwiseboundary"])
+def test_direct_dispatch_client_gone_mid_upload_is_one_warning(client, content_type, caplog):
+    """A client that disconnects before its whole body arrived: no answer (nobody reads it; a 500 would count as
+    a server error in /metrics), one WARNING line without a traceback (nothing failed in the server), and the
+    service goes on. (An ASGI call as uvicorn makes it: the TestClient cannot disconnect mid-body.)"""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/classify", "raw_path": b"/classify", "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 5000), "server": ("testserver", 80),
+             "headers": [(b"content-type", content_type.encode()), (b"content-length", b"100000")]}
+    messages, sent = [{"type": "http.request", "body": b"--tailwiseboundary\r\n", "more_body": True}], []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    with caplog.at_level(logging.INFO):
+        client.portal.call(client.app, scope, receive, send)
+    assert sent == []
+    (record,) = client_error_records(caplog.records)
+    assert record.levelno == logging.WARNING and record.exc_info is None, record.getMessage()
+    assert "POST /classify from 127.0.0.1" in record.getMessage() and "disconnected" in record.getMessage()
+    assert_serving(client)
+
+
 def test_direct_dispatch_server_error_is_a_500_with_the_traceback_logged(service, caplog):
     """A failure inside the handler (here: the model call raising) is a 500 with BentoML's generic message, the
     traceback in the log, and the service still answers the next request once the cause is gone."""
