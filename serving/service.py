@@ -28,7 +28,7 @@ fails the requests batched with it. Every 4xx is {"error": "reason"} with one WA
 TAILWISE_MAX_IN_FLIGHT requests, 503 with Retry-After; SIGTERM drains (serving/middleware.py, shutdown.py).
 
 Workers: one by default; a batch runs on one onnxruntime thread per core (TAILWISE_ORT_THREADS), a lone image on
-one thread (all, with TAILWISE_ORT_SPINNING=1), on the event loop when the model is fast; more workers with
+one sleeping thread or on all spinning, the faster lately (TAILWISE_ORT_SPINNING), on the event loop; more workers with
 BENTOML_CONFIG_OPTIONS="services.TailwiseClassifier.workers=N", each then with cores / N threads.
 BentoML's access log is off and its tracing skips the classify paths (each costs more per request than the
 model): turn them back on with BENTOML_CONFIG_OPTIONS (logging.access.enabled=true, tracing.excluded_urls=...).
@@ -57,6 +57,7 @@ from tailwise.serving.docs import docs_app
 from tailwise.serving.middleware import Guard, direct_handler, quiet_client_errors
 from tailwise.serving.schemas import (BatchClassification, Classification, ClassifyBatchRequest, ClassifyRequest,
                                       FileClassification, NoArguments)
+from tailwise.serving.sessions import lone_image_runner, threads
 from tailwise.serving.settings import LOOP_MODEL_MS, Settings
 from tailwise.serving.shutdown import drain
 
@@ -108,10 +109,8 @@ class TailwiseClassifier:
         self.settings = settings = Settings.from_env()
         threads = settings.ort_threads or max(1, (os.cpu_count() or 1) // workers())
         self.model = OnnxClassifier(MODEL_PATH, intra_op_threads=threads, verify=settings.verify,
-                                    spinning=settings.ort_spinning)  # CUDA first when this onnxruntime has it
-        # a lone image on one thread (waking a second costs more than it saves), unless the cores are the service's own
-        self.solo = self.model if threads == 1 or settings.ort_spinning else OnnxClassifier(
-            MODEL_PATH, intra_op_threads=1, verify=settings.verify)
+                                    spinning=settings.ort_spinning == "1")  # CUDA first when onnxruntime has it
+        self.solo = lone_image_runner(self.model, threads, settings.ort_spinning, settings.verify)  # sessions.py
         self.provider = self.model.providers[0]
         self.sets = settings.sets_level(self.model.meta["prediction_sets"])  # TAILWISE_COVERAGE; None: no sets
         self.call_s = warm_up(self.solo)  # also warms onnxruntime up: the first request pays nothing extra
@@ -217,8 +216,7 @@ class TailwiseClassifier:
                 "exported_with": meta["tailwise_version"], "tailwise_version": __version__,
                 "coverage": self.sets and self.sets["coverage"], "provider": self.provider, "providers": self.model.providers,
                 "batching": self.batcher is not None, "images_on_event_loop": min(self.loop_images, self.settings.max_batch_size),
-                "verified": self.settings.verify, "one_image_call_ms": round(1000 * self.call_s, 3), "onnxruntime_threads": {
-                    name: m.session.get_session_options().intra_op_num_threads for name, m in (("batch", self.model), ("one_image", self.solo))},
+                "verified": self.settings.verify, "one_image_call_ms": round(1000 * self.call_s, 3), "onnxruntime_threads": {"batch": threads(self.model), "one_image": threads(self.solo)},
                 "limits": {**self.settings.limits(), "max_top_k": meta["num_classes"]}}
 
 

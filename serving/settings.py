@@ -8,9 +8,11 @@
     TAILWISE_MAX_IN_FLIGHT     most classify requests in a worker at once, the rest get 503 (default: MAX_BATCH_SIZE)
     TAILWISE_VERIFY            "0": load the model without checking its manifest (default "1")
     TAILWISE_ORT_THREADS       onnxruntime intra-op threads per worker (default: the cores / the workers)
-    TAILWISE_ORT_SPINNING      "1": the cores are the service's own: onnxruntime's idle threads busy-wait for the
-                               next call, and a lone image runs on them all (faster on idle cores; far slower when
-                               another process wants the cores). Default "0": they sleep, a lone image runs on one
+    TAILWISE_ORT_SPINNING      how a lone image runs: "auto" (default): on one thread that sleeps between calls or
+                               on every thread spinning (onnxruntime's default), whichever has been faster lately
+                               (serving/sessions.py); "1": the cores are the service's own, every call on spinning
+                               threads; "0": never spin (a lone image on one thread). Batches run on threads that
+                               sleep between calls unless "1"
     TAILWISE_INLINE_PIXELS     PNG/GIF images up to this many pixels are decoded on the event loop (cheaper than
                                a thread hop); others in a thread pool (default 262144, 512 x 512)
     TAILWISE_MODEL_ON_LOOP     "auto" (default): a model call of one image runs on the event loop when it takes
@@ -75,7 +77,7 @@ class Settings:
     max_in_flight: int = 64
     verify: bool = True
     ort_threads: int | None = None
-    ort_spinning: bool = False
+    ort_spinning: str = "auto"
     inline_pixels: int = 512 * 512
     model_on_loop: str = "auto"
     direct: bool = True
@@ -101,7 +103,7 @@ class Settings:
                    max_in_flight=env_int("TAILWISE_MAX_IN_FLIGHT", max_batch, environ),
                    verify=environ.get("TAILWISE_VERIFY", "1").strip() != "0",  # integrity.verify_enabled's rule
                    ort_threads=env_int("TAILWISE_ORT_THREADS", None, environ),
-                   ort_spinning=env_flag("TAILWISE_ORT_SPINNING", False, environ),
+                   ort_spinning=env_choice("TAILWISE_ORT_SPINNING", ("auto", "1", "0"), environ),
                    inline_pixels=env_int("TAILWISE_INLINE_PIXELS", cls.inline_pixels, environ),
                    model_on_loop=env_choice("TAILWISE_MODEL_ON_LOOP", ("auto", "0", "1"), environ),
                    direct=env_flag("TAILWISE_DIRECT", True, environ),
