@@ -162,7 +162,9 @@ def sets_lines(report: dict | None, data: dict, metadata: dict | None, name: str
         f"set is not exactly one label), at {100 * default:g} % coverage unless another calibrated coverage is "
         f"chosen. Calibrated on the {report['num_images']} images of the validation split (never the test set) "
         f"with the served probabilities: class c is in the set when its probability is at least 1 - t_c "
-        f"({report['score'].upper()} score, finite-sample conformal quantile), "
+        f"({report['score'].upper()} score; "
+        + (f"each threshold reaches its coverage with confidence {sets['confidence']:g} over the draw of the "
+           f"calibration images" if sets.get("confidence") else "finite-sample conformal quantile") + "), "
         + ("; ".join(f"{100 * lv['coverage']:g} %: {conditional[lv['conditional']]}" for lv in report["levels"])
            if len({lv["conditional"] for lv in report["levels"]}) > 1
            else conditional[report["levels"][0]["conditional"]]) + ".", ""]

@@ -123,7 +123,7 @@ def test_evaluate_the_shipped_model_folder(test_set, capsys):
 def test_the_cards_prediction_sets_are_what_evaluate_measures(test_set, capsys):
     """The shipped model's prediction sets (calibrated on its validation split by `tailwise calibrate`): the
     coverage and set sizes its card shows are those `tailwise evaluate` measures on the 10,000 test images, and
-    the sets were calibrated on validation, where each class gets exactly its finite-sample share."""
+    the sets were calibrated on validation, where each class gets exactly the share its threshold rank gives."""
     from tailwise.training.launch import evaluate
 
     card = json.loads((MODEL / "card.json").read_text())
