@@ -2,8 +2,10 @@
 its reason, and the typed answers (pydantic models, which BentoML's OpenAPI spec describes).
 
 An image comes as a multipart/form-data file field named after the parameter, or, for /classify, as the raw
-request body with its image type (`Content-Type: image/png`, `image/jpeg`, ..., or application/octet-stream) and
-`top_k` in the query string (`/classify?top_k=5`): a client sending one image need not build multipart. The API
+request body with its image type (`Content-Type: image/png`, `image/jpeg`, ..., or application/octet-stream): a
+client sending one image need not build multipart. `top_k` comes as a form field or in the query string
+(`/classify?top_k=5`; with either body; given both ways with two values, a 400), and an unknown query parameter
+is a 400, not ignored. The API
 methods get the files' bytes; they are read in memory (the body is bounded by TAILWISE_MAX_UPLOAD_BYTES), never
 written to a temporary file. (BentoML 1.4's own parsing answers 500 to a multipart body without a valid boundary
 and to a file under an unknown field name, downloads a URL sent as text in place of a file, and spools every
@@ -47,12 +49,17 @@ class ImageRequest(bentoml.IODescriptor):
     @classmethod
     async def from_http_request(cls, request, serde):
         sent = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        query = dict(request.query_params)   # top_k may come in the query string with either body
+        if unknown := [name for name in query if name not in Options.model_fields]:
+            raise InvalidArgument(f"unknown query parameter {unknown[0]!r}; this API takes top_k")
         if sent == "multipart/form-data":
             files, values = await cls.read_form(request)
+            if twice := [name for name in query if name in values and values[name] != query[name]]:
+                raise InvalidArgument(f"{twice[0]} given twice, {query[twice[0]]!r} in the query string and "
+                                      f"{values[twice[0]]!r} in the form; give it once")
+            values = {**query, **values}
         elif cls.raw_field and sent.startswith(RAW_TYPES):
-            files, values = {cls.raw_field: [await request.body()]}, dict(request.query_params)
-            if unknown := [name for name in values if name not in Options.model_fields]:
-                raise InvalidArgument(f"unknown query parameter {unknown[0]!r}; this API takes top_k")
+            files, values = {cls.raw_field: [await request.body()]}, query
         else:
             raw = " or the image itself as the body (Content-Type: image/png, image/jpeg, ...)" if cls.raw_field else ""
             raise InvalidArgument(f"send multipart/form-data (fields: {cls.field_list()}){raw}, not {sent}")

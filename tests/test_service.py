@@ -224,6 +224,14 @@ def test_answers_carry_the_prediction_set_at_the_coverage_chosen(service, client
             server_command(tiny_model_dir, port=free_port())
 
 
+def test_top_k_in_the_query_string_with_a_multipart_body(client):
+    files = {"image": ("a.png", gray_png(240))}
+    assert len(client.post("/classify?top_k=1", files=files).json()["predictions"]) == 1
+    assert len(client.post("/classify?top_k=2", files=files, data={"top_k": "2"}).json()["predictions"]) == 2
+    batch = client.post("/classify_batch?top_k=4", files=[("images", ("a.png", gray_png(10)))]).json()
+    assert len(batch["results"][0]["predictions"]) == 4
+
+
 def test_top_k_groups_and_rounding(client):
     answer = classify(client, {"image": ("a.png", gray_png(240))}, {"top_k": "5"}).json()
     assert [p["label"] for p in answer["predictions"]][:1] == ["eel"]  # brightest = last class of the toy model
@@ -353,6 +361,12 @@ BAD_REQUESTS = {  # name: (route, () -> httpx.post keyword arguments, status, te
     "raw body, unknown parameter": ("/classify?k=3", lambda: {"content": gray_png(9), "headers": RAW}, 400,
                                     "unknown query parameter 'k'"),
     "raw body, top_k text": ("/classify?top_k=x", lambda: {"content": gray_png(9), "headers": RAW}, 400, "top_k"),
+    "multipart, unknown query parameter": ("/classify?k=1", lambda: one(gray_png(9)), 400,
+                                           "unknown query parameter 'k'"),
+    "multipart, top_k twice": ("/classify?top_k=1", lambda: one(gray_png(9), data={"top_k": "2"}), 400,
+                               "top_k given twice, '1' in the query string and '2' in the form"),
+    "batch, top_k text in the query": ("/classify_batch?top_k=x", lambda: {"files": {"images": ("a.png", gray_png(9))}},
+                                       400, "top_k"),
     "raw body to /classify_batch": ("/classify_batch", lambda: {"content": gray_png(9), "headers": RAW}, 400,
                                     "send multipart/form-data (fields: images (file), top_k), not image/png"),
 }
