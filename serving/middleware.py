@@ -60,15 +60,24 @@ def error_message(body: bytes) -> str:
         return str(data)[:500]
     detail = data.get("detail")
     if isinstance(detail, list) and detail:
-        return "; ".join(f"{'.'.join(map(str, d.get('loc', ()))) or 'request'}: {d.get('msg', d)}"
-                         if isinstance(d, dict) else str(d) for d in detail)
+        return errors_line(detail)
     return str(data.get("error") or detail or data)[:1000]
+
+
+def errors_line(errors: list) -> str:
+    """pydantic's error records ({"loc", "msg"}) in one line: "field: message; ...", as BentoML's answer and a
+    ValidationError (validation_message) give them."""
+    return "; ".join(f"{'.'.join(map(str, e.get('loc', ()))) or 'request'}: {e.get('msg', e)}"
+                     if isinstance(e, dict) else str(e) for e in errors)
 
 
 def validation_message(exc: ValidationError) -> str:
     """pydantic's errors in one line, as error_message() words the same errors from BentoML's answer."""
-    return "; ".join(f"{'.'.join(map(str, e.get('loc', ()))) or 'request'}: {e.get('msg')}"
-                     for e in exc.errors(include_context=False, include_input=False))
+    return errors_line(exc.errors(include_context=False, include_input=False))
+
+
+def client_host(scope) -> str:
+    return (scope.get("client") or ("-", 0))[0]
 
 
 def direct_handler(request_type, method):
@@ -199,9 +208,8 @@ class Guard:
         except BodyTooLarge:
             return await self.client_error(scope, send, 413, self.too_large(), [(b"connection", b"close")])
         except ClientDisconnect:  # nobody to answer, and no server error (a 500 would count as one in /metrics)
-            client = scope.get("client") or ("-", 0)
             return log.warning("client disconnected before sending its whole request: %s %s from %s",
-                               scope["method"], scope["path"], client[0])
+                               scope["method"], scope["path"], client_host(scope))
         except ValidationError as exc:
             return await self.client_error(scope, send, 400, validation_message(exc))
         except BentoMLException as exc:
@@ -225,9 +233,8 @@ class Guard:
 
     async def client_error(self, scope, send, status: int, reason: str, headers=()) -> None:
         """Answer {"error": reason} with `status` and log it as one WARNING line."""
-        client = scope.get("client") or ("-", 0)
-        log.warning("client error %d %s %s from %s: %s", status, scope.get("method"), scope.get("path"), client[0],
-                    reason)
+        log.warning("client error %d %s %s from %s: %s", status, scope.get("method"), scope.get("path"),
+                    client_host(scope), reason)
         await self.answer(send, status, reason, headers)
 
     @staticmethod
@@ -266,8 +273,6 @@ class QuietClientErrors(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, BentoMLException):
             return exc.error_code.value >= 500
-        from pydantic import ValidationError
-
         return not isinstance(exc, (ValidationError, BodyTooLarge))
 
 
