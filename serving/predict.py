@@ -89,6 +89,20 @@ def describe_sets(chosen: dict | None, meta: dict) -> str:
     return "off" if meta["prediction_sets"] is not None else "none (the model was exported without them)"
 
 
+def answer_options(classifier: OnnxClassifier, top_k, coverage,
+                   names: tuple[str, str] = ("--top-k", "--coverage")) -> tuple[int, dict | None]:
+    """(k, the prediction-set level) that `top_k` and `coverage` ask of this model; UserError naming the option as
+    the caller spells it (`names`) when the model cannot give it."""
+    try:
+        k = classifier.check_top_k(top_k)
+    except ValueError as exc:
+        raise UserError(f"{names[0]}: {exc}") from None
+    try:
+        return k, classifier.sets_level(coverage)
+    except ValueError as exc:
+        raise UserError(f"{names[1]}: {exc}") from None
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """'i/n' -> (i, n) with 0 <= i < n; None -> (0, 1)."""
     if text is None:
@@ -202,14 +216,7 @@ def run_predict(inputs: list[str], model: str | None = None, top_k: int = 3, bat
         raise UserError(f"no input files in {' '.join(inputs)}")
     paths = select_shard(all_paths, index, count)
     classifier = OnnxClassifier(model if model is not None else default_model_path(), verify=verify)
-    try:
-        k = classifier.check_top_k(top_k)
-    except ValueError as exc:
-        raise UserError(f"--top-k: {exc}") from None
-    try:
-        chosen = classifier.sets_level(coverage)
-    except ValueError as exc:
-        raise UserError(f"--coverage: {exc}") from None
+    k, chosen = answer_options(classifier, top_k, coverage)
     c, h, w = classifier.input_shape
     print(f"tailwise predict: model {classifier.path} ({model_summary(classifier.meta)}, input {c}x{h}x{w}, "
           f"{classifier.meta['input']['resize_policy']}); providers: {', '.join(classifier.providers)}",

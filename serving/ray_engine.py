@@ -32,7 +32,7 @@ import numpy as np
 from tailwise import UserError
 from tailwise.serving.artifact import DEFAULT_MAX_PIXELS, OnnxClassifier
 from tailwise.serving.integrity import verify_enabled
-from tailwise.serving.predict import classify, decode
+from tailwise.serving.predict import answer_options, classify, decode
 
 MISSING = "the Ray engine needs Ray Data: pip install 'tailwise[ray]'"
 ACTOR_MEMORY = 256 * 2**20  # bytes an actor asks of the scheduler besides its model file
@@ -156,14 +156,7 @@ def predict_dataset(dataset, model: str | os.PathLike, *, top_k: int = 3, batch_
         raise UserError(f"predict_dataset: the dataset needs a 'path' or a 'bytes' column, has {sorted(names)}")
     verify = verify_enabled(verify)  # decided here: a cluster's workers do not see this process's environment
     classifier = OnnxClassifier(model, verify=verify)  # fail here, on the driver, for a bad model or top_k
-    try:
-        k = classifier.check_top_k(top_k)
-    except ValueError as exc:
-        raise UserError(f"top_k: {exc}") from None
-    try:
-        level = classifier.sets_level(coverage)
-    except ValueError as exc:
-        raise UserError(f"coverage: {exc}") from None
+    k, level = answer_options(classifier, top_k, coverage, ("top_k", "coverage"))
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     actors = default_actors() if actors is None else actors
