@@ -147,6 +147,14 @@ def planned_steps(cfg: dict, counts: list[int]) -> int:
     return steps
 
 
+def served_validation(card: dict) -> dict:
+    """{"val_served": the validation balanced accuracy of the served logits (at the tau chosen on it; what ranks
+    rows and grid points), "val_by_tau": that accuracy for every tau tried} of a finished run's card."""
+    la = card.get("logit_adjustment") or {}
+    by_tau = {float(t): v for t, v in la.get("val_mean_per_class", {}).items()}
+    return {"val_served": by_tau[float(la["tau"])] if la else None, "val_by_tau": by_tau}
+
+
 def train_seconds(run_dir: Path) -> float:
     """Seconds spent in training steps, both stages (a shared stage 1 counts in full for every row using it)."""
     return round(sum(json.loads(line)["seconds"] for stage in (1, 2)
@@ -235,12 +243,8 @@ def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out
         shared_stage1(cfg, args, run_dir)
     run(cfg, run_dir, resume=run_dir.exists(), progress=not args.no_progress)
     card = checkpoint.load_card(run_dir)
-    la = card.get("logit_adjustment") or {}
-    val_by_tau = {float(t): v for t, v in la.get("val_mean_per_class", {}).items()}
     result = {
-        "method": name, "label": spec["label"], "seed": seed, "budget": args.budget,
-        # validation balanced accuracy of the served logits (at the tau chosen on it): what ranks rows for choices
-        "val_served": val_by_tau.get(float(la["tau"])) if la else None, "val_by_tau": val_by_tau,
+        "method": name, "label": spec["label"], "seed": seed, "budget": args.budget, **served_validation(card),
         "imbalance_factor": args.imbalance_factor, "image_passes": image_passes(run_dir, cfg),
         "optimizer_steps": optimizer_steps(run_dir, cfg),
         "seconds_this_session": round(time.time() - t0, 1), "train_seconds": train_seconds(run_dir),
@@ -528,14 +532,12 @@ def run_grid_point(name: str, spec: dict, point: dict, args, seed: int) -> Path 
             shared_stage1(cfg, args, run_dir, data=data)
         run(cfg, run_dir, resume=run_dir.exists(), progress=not args.no_progress, data=data)
         card = checkpoint.load_card(run_dir)
-        la = card.get("logit_adjustment") or {}
-        scores = {float(t): v for t, v in la.get("val_mean_per_class", {}).items()}
         result = {
             "method": name, "label": spec["label"], "point": point, "point_id": point_id(point), "seed": seed,
             "budget": args.budget, "imbalance_factor": args.imbalance_factor,
-            "val_plain": card["metrics"].get("val_mean_per_class"),
-            "val_served": scores[float(la["tau"])] if la else None, "tau": la.get("tau"),
-            "val_by_tau": scores, "val": card["metrics"], "image_passes": image_passes(run_dir, cfg),
+            "val_plain": card["metrics"].get("val_mean_per_class"), **served_validation(card),
+            "tau": (card.get("logit_adjustment") or {}).get("tau"),
+            "val": card["metrics"], "image_passes": image_passes(run_dir, cfg),
             "optimizer_steps": optimizer_steps(run_dir, cfg), "train_seconds": train_seconds(run_dir),
             "seconds_this_session": round(time.time() - t0, 1), "device": cfg["device"],
             "tailwise_version": card["tailwise_version"], "index_sha256": card["data"]["index_sha256"],
