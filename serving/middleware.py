@@ -16,7 +16,8 @@
     `Retry-After: 1` at once (the body is read first, so that the client reads the answer), summed up in one
     log line per OVERLOAD_LOG_EVERY_S instead of a line each;
   - 413 for a body over `max_upload_bytes`, judged by its Content-Length before anything is read, or counted
-    as it streams in (chunked bodies) before BentoML parses it;
+    as it streams in (chunked bodies) before BentoML parses it; with CORS on, Guard's own 413 and 503 carry its
+    headers like every other answer;
   - every 4xx body becomes {"error": "reason"} and leaves one WARNING line with the reason, no traceback
     (BentoML's own ERROR line and traceback for it are dropped by QuietClientErrors).
 """
@@ -40,6 +41,7 @@ CLASSIFY_PATHS = ("/classify", "/classify_batch")
 READ_ONLY_POSTS = ("/model_info",)   # answered to GET too
 OVERLOAD_LOG_EVERY_S = 10.0
 JSON_HEADERS = [(b"content-type", b"application/json")]
+REFUSAL = "tailwise.refusal"   # scope key of Guard's own early answer (status, reason, headers)
 SERVER_ERROR = "An unexpected error has occurred, please check the server log."   # BentoML's words for a 5xx
 log = logging.getLogger("tailwise.service")
 
@@ -74,6 +76,17 @@ def errors_line(errors: list) -> str:
 def validation_message(exc: ValidationError) -> str:
     """pydantic's errors in one line, as error_message() words the same errors from BentoML's answer."""
     return errors_line(exc.errors(include_context=False, include_input=False))
+
+
+def log_client_error(scope, status: int, reason: str) -> None:
+    log.warning("client error %d %s %s from %s: %s", status, scope.get("method"), scope.get("path"),
+                client_host(scope), reason)
+
+
+def kept_headers(start: dict) -> list:
+    """The headers of an app's response start that Guard keeps when it rewrites the body (CORS, request ids)."""
+    return [(k, v) for k, v in start.get("headers", ())
+            if k.lower() not in (b"content-length", b"content-type", b"connection")]
 
 
 def client_host(scope) -> str:
@@ -119,6 +132,7 @@ class Guard:
         self.direct_enabled = settings.direct
         self.direct: dict = {}  # path -> the service's handler, set once the app's start-up has built the service
         self.respond = self.answer_directly  # behind BentoML's CORS middleware when that is on (watch_startup)
+        self.refuse = self.refusal              # Guard's own 413 and 503: the same
         self.active = self.refused = 0
         self.logged_at = -OVERLOAD_LOG_EVERY_S
 
@@ -132,10 +146,12 @@ class Guard:
             scope = {**scope, "method": "POST"}
         guarded = scope["path"] in self.paths
         if guarded and self.active >= self.limit:
-            return await self.overloaded(receive, send)
+            return await self.overloaded(scope, receive, send)
         length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
         if not length.isdigit() or int(length) > self.max_bytes:
-            return await self.client_error(scope, send, 413, self.too_large(), [(b"connection", b"close")])
+            log_client_error(scope, 413, self.too_large())
+            return await self.refuse({**scope, REFUSAL: (413, self.too_large(), [(b"connection", b"close")])},
+                                     receive, send)
         received, refused, start, chunks = 0, False, None, []
 
         async def counted_receive():
@@ -150,9 +166,10 @@ class Guard:
         async def checked_send(message):
             nonlocal start
             if message["type"] == "http.response.start":
-                if refused:
+                if refused:  # the app's error answer replaced, its CORS headers kept
                     start = "refused"
-                    return await self.client_error(scope, send, 413, self.too_large(), [(b"connection", b"close")])
+                    return await self.client_error(scope, send, 413, self.too_large(),
+                                                   [*kept_headers(message), (b"connection", b"close")])
                 if drain.draining:
                     message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
                 if 400 <= message["status"] < 500:
@@ -165,9 +182,8 @@ class Guard:
                 return
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
-                headers = [(k, v) for k, v in start.get("headers", ())
-                           if k.lower() not in (b"content-length", b"content-type", b"connection")]
-                await self.client_error(scope, send, start["status"], error_message(b"".join(chunks)), headers)
+                await self.client_error(scope, send, start["status"], error_message(b"".join(chunks)),
+                                        kept_headers(start))
 
         if not guarded:
             return await self.app(scope, counted_receive, checked_send)
@@ -184,17 +200,21 @@ class Guard:
     def watch_startup(self, send):
         """`send` of the lifespan: when the start-up is complete, BentoML has just built this app's service
         instance (the current one), whose `direct_routes()` this Guard then answers (behind BentoML's CORS
-        middleware, configured as BentoML's own, when http.cors is on: BentoML puts that one inside Guard)."""
+        middleware, configured as BentoML's own, when http.cors is on: BentoML puts that one inside Guard; Guard's
+        own 413 and 503 go through it too)."""
         async def watched(message):
             if message["type"] == "lifespan.startup.complete" and self.direct_enabled:
                 import bentoml
 
                 routes = getattr(bentoml.get_current_service(), "direct_routes", None)
                 self.direct = routes() if routes else {}
-                if BentoMLContainer.http.cors.enabled.get():
-                    from starlette.middleware.cors import CORSMiddleware
+            if message["type"] == "lifespan.startup.complete" and BentoMLContainer.http.cors.enabled.get():
+                from starlette.middleware.cors import CORSMiddleware
 
-                    self.respond = CORSMiddleware(self.answer_directly, **BentoMLContainer.access_control_options.get())
+                options = BentoMLContainer.access_control_options.get()
+                self.respond = CORSMiddleware(self.answer_directly, **options)
+                # and Guard's own 413 and 503 (a browser on another origin reads Retry-After only with CORS headers)
+                self.refuse = CORSMiddleware(self.refusal, **options)
             await send(message)
         return watched
 
@@ -233,9 +253,13 @@ class Guard:
 
     async def client_error(self, scope, send, status: int, reason: str, headers=()) -> None:
         """Answer {"error": reason} with `status` and log it as one WARNING line."""
-        log.warning("client error %d %s %s from %s: %s", status, scope.get("method"), scope.get("path"),
-                    client_host(scope), reason)
+        log_client_error(scope, status, reason)
         await self.answer(send, status, reason, headers)
+
+    async def refusal(self, scope, receive, send) -> None:
+        """The ASGI app of an answer Guard gives before any app sees the request (scope[REFUSAL]: status, reason,
+        headers); `self.refuse` is this app, behind BentoML's CORS middleware when CORS is on."""
+        await self.answer(send, *scope[REFUSAL])
 
     @staticmethod
     async def answer(send, status: int, reason: str, headers=()) -> None:
@@ -246,7 +270,7 @@ class Guard:
                     "headers": [*headers, *JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    async def overloaded(self, receive, send) -> None:
+    async def overloaded(self, scope, receive, send) -> None:
         self.refused += 1
         now = asyncio.get_running_loop().time()
         if now - self.logged_at >= OVERLOAD_LOG_EVERY_S:
@@ -257,8 +281,8 @@ class Guard:
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body"):
                 break
-        await self.answer(send, 503, f"overloaded: {self.limit} requests in progress (TAILWISE_MAX_IN_FLIGHT); retry "
-                                     "after 1 s", [(b"retry-after", b"1")])
+        reason = f"overloaded: {self.limit} requests in progress (TAILWISE_MAX_IN_FLIGHT); retry after 1 s"
+        await self.refuse({**scope, REFUSAL: (503, reason, [(b"retry-after", b"1")])}, receive, send)
 
 
 class QuietClientErrors(logging.Filter):

@@ -5,6 +5,7 @@ closes connections. A few tests start a real server (`tailwise serve`): a burst 
 /metrics, the log, SIGTERM under load drops nothing, one-line start errors, a tampered model is refused;
 `bentoml build` without torch."""
 
+import functools
 import io
 import logging
 import os
@@ -317,6 +318,12 @@ def one(image, name="a.png", **more):
     return {"files": {"image": (name, image)}, **more}
 
 
+@functools.cache
+def big_png():
+    """A 1500x1500 PNG: long enough to decode that concurrent requests overlap."""
+    return encode(Image.fromarray(np.tile(np.arange(1500, dtype=np.uint16) % 256, (1500, 1)).astype(np.uint8)))
+
+
 RAW = {"content-type": "image/png"}
 MULTIPART = {"content-type": "multipart/form-data; boundary=tailwiseboundary"}
 BAD_REQUESTS = {  # name: (route, () -> httpx.post keyword arguments, status, text the reply must contain)
@@ -405,21 +412,37 @@ def test_direct_dispatch_keeps_bentomls_cors_headers(service):
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     origin = "http://example.com"
+    cors = "services.TailwiseClassifier.http.cors.enabled=true"
     with BentoMLContainer.access_control_options.patch({"allow_origins": [origin]}):  # a cached singleton
         for direct in (1, 0):
-            http = in_process(service, TAILWISE_DIRECT=direct,
-                              BENTOML_CONFIG_OPTIONS="services.TailwiseClassifier.http.cors.enabled=true")
+            http = in_process(service, TAILWISE_DIRECT=direct, TAILWISE_MAX_UPLOAD_BYTES=MAX_UPLOAD,
+                              BENTOML_CONFIG_OPTIONS=cors)
             try:
                 for route, arguments, status in (("/classify", one(gray_png(60)), 200),
                                                  ("/classify?top_k=2", {"content": gray_png(9), "headers": RAW}, 200),
                                                  ("/classify_batch", {"files": [("images", ("a.png", b"x"))]}, 200),
-                                                 ("/classify", one(b"junk"), 400)):
+                                                 ("/classify", one(b"junk"), 400),
+                                                 ("/classify", one(b"\x00" * (MAX_UPLOAD + 1)), 413),  # Guard's own
+                                                 ("/classify", {"content": chunked_multipart("image", MAX_UPLOAD + 1000),
+                                                                "headers": MULTIPART}, 413)):
                     arguments["headers"] = {**arguments.get("headers", {}), "origin": origin}
                     response = http.post(route, **arguments)
                     assert response.status_code == status, (direct, route, response.text)
-                    assert response.headers.get("access-control-allow-origin") == origin, (direct, route)
+                    assert response.headers.get("access-control-allow-origin") == origin, (direct, route, status)
             finally:
                 http.__exit__(None, None, None)
+        # Guard's 503: a browser reads its Retry-After only with the CORS headers on it
+        http = in_process(service, TAILWISE_MAX_IN_FLIGHT=1, BENTOML_CONFIG_OPTIONS=cors)
+        try:
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                answers = list(pool.map(lambda i: http.post("/classify", **one(big_png(), f"{i}.png"),
+                                                            headers={"origin": origin}), range(32)))
+            assert 503 in [a.status_code for a in answers], [a.status_code for a in answers]
+            for answer in answers:
+                assert answer.headers.get("access-control-allow-origin") == origin, answer.status_code
+                assert answer.status_code == 200 or answer.headers["retry-after"] == "1"
+        finally:
+            http.__exit__(None, None, None)
 
 
 def test_direct_dispatch_keeps_bentomls_request_id_when_tracing_is_on(service, client):
@@ -546,11 +569,10 @@ def test_batcher_merges_queued_jobs_and_survives_errors():
 def test_overload_answers_503_with_retry_after_at_once(service, caplog):
     """More concurrent requests than TAILWISE_MAX_IN_FLIGHT (2): each gets a 200 or a 503 with Retry-After and
     the one error shape, none is dropped, refusals leave one summary line, and the service goes on."""
-    big = encode(Image.fromarray(np.tile(np.arange(1500, dtype=np.uint16) % 256, (1500, 1)).astype(np.uint8)))
     http = in_process(service, TAILWISE_MAX_IN_FLIGHT=2)
     try:
         def send(i):
-            response = classify(http, {"image": (f"{i}.png", big)})
+            response = classify(http, {"image": (f"{i}.png", big_png())})
             return response.status_code, response.headers.get("retry-after"), response.json()
 
         with caplog.at_level(logging.INFO), ThreadPoolExecutor(max_workers=16) as pool:
