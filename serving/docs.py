@@ -50,6 +50,7 @@ window.onload = function () {{
 </html>
 """
 ERRORS = (("400", "Bad request: the reason"), ("413", "Body over TAILWISE_MAX_UPLOAD_BYTES"),
+          ("415", "Body neither multipart/form-data nor (/classify) an image"),
           ("503", "Overloaded: retry after Retry-After seconds"))
 
 

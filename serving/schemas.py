@@ -14,12 +14,14 @@ file to disk.)
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, ClassVar
 
 import bentoml
-from bentoml.exceptions import InvalidArgument
+from bentoml.exceptions import BentoMLException, InvalidArgument
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -62,7 +64,8 @@ class ImageRequest(bentoml.IODescriptor):
             files, values = {cls.raw_field: [await request.body()]}, query
         else:
             raw = " or the image itself as the body (Content-Type: image/png, image/jpeg, ...)" if cls.raw_field else ""
-            raise InvalidArgument(f"send multipart/form-data (fields: {cls.field_list()}){raw}, not {sent}")
+            raise BentoMLException(f"send multipart/form-data (fields: {cls.field_list()}){raw}, not {sent}",
+                                   error_code=HTTPStatus.UNSUPPORTED_MEDIA_TYPE)  # 415, as BentoML's for pickle
         options = Options.model_validate(values)  # pydantic's ValidationError: a 400 naming the field
         for name in cls.multipart_fields:
             if name not in files:

@@ -349,7 +349,9 @@ BAD_REQUESTS = {  # name: (route, () -> httpx.post keyword arguments, status, te
                                "field 'image' must be a file upload"),
     "file instead of top_k": ("/classify", lambda: {"files": {"image": ("a.png", gray_png(9)), "top_k": ("k", b"3")}},
                               400, "field 'top_k' must be a plain value"),
-    "json body": ("/classify", lambda: {"json": {"image": "/etc/passwd"}}, 400, "send multipart/form-data"),
+    "json body": ("/classify", lambda: {"json": {"image": "/etc/passwd"}}, 415, "send multipart/form-data"),
+    "text body": ("/classify", lambda: {"content": b"x", "headers": {"content-type": "text/plain"}}, 415,
+                  "send multipart/form-data (fields: image (file), top_k) or the image itself as the body"),
     "malformed multipart": ("/classify", lambda: {"content": b"--x\r\ngarbage", "headers": MULTIPART}, 400,
                             "multipart"),
     "top_k 0": ("/classify", lambda: one(gray_png(9), data={"top_k": "0"}), 400, "top_k"),
@@ -374,7 +376,7 @@ BAD_REQUESTS = {  # name: (route, () -> httpx.post keyword arguments, status, te
                                "top_k given twice, '1' in the query string and '2' in the form"),
     "batch, top_k text in the query": ("/classify_batch?top_k=x", lambda: {"files": {"images": ("a.png", gray_png(9))}},
                                        400, "top_k"),
-    "raw body to /classify_batch": ("/classify_batch", lambda: {"content": gray_png(9), "headers": RAW}, 400,
+    "raw body to /classify_batch": ("/classify_batch", lambda: {"content": gray_png(9), "headers": RAW}, 415,
                                     "send multipart/form-data (fields: images (file), top_k), not image/png"),
 }
 
@@ -401,6 +403,26 @@ def test_direct_dispatch_answers_as_the_typed_api(service, client):
             if direct.status_code == 200:  # BentoML's dispatch names itself in a Server header; Guard does not
                 assert "server" not in direct.headers and typed.headers["server"].startswith("BentoML"), case
                 assert direct.headers["content-length"] == str(len(direct.content))
+    finally:
+        bentoml_path.__exit__(None, None, None)
+
+
+def test_a_pickle_body_is_refused_unread_both_ways(service, client):
+    """BentoML's own client sends application/vnd.bentoml+pickle between services; from outside, a classify path
+    refuses it with a 415 before reading it, whichever way the request is dispatched."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.makedirs, (str(Path(os.environ.get("TMPDIR", "/tmp")) / "tailwise-unpickled"),))
+
+    body = {"content": pickle.dumps({"image": Boom()}), "headers": {"content-type": "application/vnd.bentoml+pickle"}}
+    bentoml_path = in_process(service, TAILWISE_DIRECT=0)
+    try:
+        for http in (client, bentoml_path):
+            response = http.post("/classify", **body)
+            assert response.status_code == 415 and list(response.json()) == ["error"], response.text
+        assert not (Path(os.environ.get("TMPDIR", "/tmp")) / "tailwise-unpickled").exists()
     finally:
         bentoml_path.__exit__(None, None, None)
 
