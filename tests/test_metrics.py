@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from tailwise import UserError
 from tailwise.training.metrics import evaluate_logits, format_report, save_report
 
 # 3 classes, 6 test samples. Predictions (argmax): 0, 0, 1, 1, 2, 0.
@@ -130,7 +131,13 @@ def test_save_report_writes_png_and_json_that_loads_back_equal(tmp_path):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png_path.stat().st_size > 5000
     assert sorted(p.name for p in out.iterdir()) == ["per_class.png", "report.json"]  # no temp files left
-    save_report(r, out, NAMES)  # overwriting works
+    save_report(r, out, NAMES)  # overwriting its own report works
+    mine = tmp_path / "mine"                     # a folder with the user's own report.json: left alone
+    mine.mkdir()
+    (mine / "report.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="report.json exists and is not a report tailwise wrote"):
+        save_report(r, mine, NAMES)
+    assert (mine / "report.json").read_text() == "[1, 2]" and not (mine / "per_class.png").exists()
     with pytest.raises(ValueError, match="class_names has 2 entries"):
         save_report(r, out, NAMES[:2])
 

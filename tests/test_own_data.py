@@ -328,3 +328,28 @@ def test_resume_keeps_the_plan_the_run_started_with(tmp_path, capsys):
     assert "with the plan recorded in stage1.json (a budget in passes or minutes applies to a new run only)" in out
     assert "plan (each line" not in out
     assert checkpoint.load_card(run, stage=2)["epoch"] == planned
+
+
+def test_data_out_replaces_its_own_card_and_never_a_users_file(tmp_path, capsys):
+    """`tailwise data --out DIR` writes DIR/data.json and DIR/class_counts.png; run again it replaces them, but a
+    file of the user's under either name stops it with one line and is left as it was."""
+    root = tmp_path / "images"
+    for c, n in (("a", 6), ("b", 2)):
+        for i in range(n):
+            save(root / c / f"{i}.png", solid("L", 40 * i, (28, 28)))
+    out, data = tmp_path / "report", ["data", "--dataset", "folder", "--root", str(root), "--val-per-class", "0"]
+    for _ in range(2):
+        assert tailwise_main([*data, "--out", str(out)]) == 0
+    assert json.loads((out / "data.json").read_text())["counts"] == [6, 2]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.json").write_text('{"my": "notes"}')
+    (mine / "class_counts.png").write_bytes(b"my plot")
+    capsys.readouterr()
+    assert tailwise_main([*data, "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data.json exists and is not a data card tailwise wrote" in err, err
+    (mine / "data.json").unlink()   # the plot alone, without tailwise's card beside it: left alone too
+    assert tailwise_main([*data, "--out", str(mine)]) == 2
+    assert "class_counts.png exists without a data card" in capsys.readouterr().err
+    assert (mine / "class_counts.png").read_bytes() == b"my plot" and not (mine / "data.json").exists()

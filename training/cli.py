@@ -19,7 +19,8 @@ def register(subparsers) -> None:
     DataSpec.add_arguments(data)
     data.add_argument("--json", action="store_true", help="print the dataset card as one JSON object")
     data.add_argument("--out", metavar="DIR", help="also write DIR/data.json (the card) and DIR/class_counts.png "
-                                                   "(the class-count histogram with the many/medium/few bands)")
+                                                   "(the class-count histogram with the many/medium/few bands); "
+                                                   "files of those names replaced only if tailwise wrote them")
     data.set_defaults(handler=run_data)
 
     train = subparsers.add_parser(
@@ -63,7 +64,9 @@ def register(subparsers) -> None:
                           help="score an exported model on this labelled folder instead (one subfolder of images "
                                "per class, as for training): the same report, with the model's own groups")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="for a run (torch)")
-    evaluate.add_argument("--out", help="report folder (default <run>/eval; an exported model: none unless given)")
+    evaluate.add_argument("--out", help="report folder for report.json and per_class.png, files of those names "
+                                        "replaced only if tailwise wrote them (default <run>/eval; an exported "
+                                        "model: none unless given)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.set_defaults(handler=run_evaluate)
 

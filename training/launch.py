@@ -187,16 +187,18 @@ def describe_data(spec, out: str | os.PathLike | None = None):
     card as out/data.json and the class-count histogram with the many/medium/few bands as out/class_counts.png."""
     import json
 
+    from tailwise._core import atomic_write_text
     from tailwise.training.data import build_lt_data
-    from tailwise.training.metrics import plot_class_counts
+    from tailwise.training.metrics import DATA_CARD_KEYS, check_overwrite, plot_class_counts
 
     data = build_lt_data(spec)
     if out is None:
         return data, []
     card = dict(data.card(), val_size=len(data.val_idx))
     out = Path(out)
+    check_overwrite(out / "data.json", out / "class_counts.png", DATA_CARD_KEYS, "a data card")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "data.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_text(out / "data.json", json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     plot_class_counts(card["counts"], card["groups"], card["class_names"], data.group_thresholds(),
                       f"{card['name']}: {card['num_train']} training images, {len(card['counts'])} classes",
                       out / "class_counts.png")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tailwise import UserError
 from tailwise._core import GROUP_NAMES, atomic_path
 from tailwise.format import PER_CLASS_PLOT, REPORT_FILE
 
@@ -142,15 +143,40 @@ def _plot_per_class(report: dict, class_names: list[str], title: str, path: Path
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+REPORT_KEYS = frozenset({"per_class", "mean_per_class", "top1"})     # what makes a JSON a tailwise report
+DATA_CARD_KEYS = frozenset({"index_sha256", "class_names", "counts"})  # ... a `tailwise data` card
+
+
+def check_overwrite(json_path: Path, png_path: Path, keys: frozenset, what: str) -> None:
+    """Before a JSON + PNG pair is written into a folder the user may have named: a file already there under
+    either name is replaced only when it is tailwise's own (the JSON holds `keys`; the PNG has such a JSON
+    beside it), else a UserError naming it (a user's file of the same name is never overwritten)."""
+    ours = False
+    if json_path.exists():
+        try:
+            data = json.loads(json_path.read_text(encoding="utf-8"))
+            ours = isinstance(data, dict) and keys <= data.keys()
+        except (OSError, ValueError):
+            pass
+        if not ours:
+            raise UserError(f"{json_path} exists and is not {what} tailwise wrote; it is left alone: move it, or "
+                            "choose another --out")
+    if png_path.exists() and not ours:
+        raise UserError(f"{png_path} exists without {what} of tailwise's beside it; it is left alone: move it, or "
+                        "choose another --out")
+
+
 def save_report(report: dict, out_dir, class_names: list[str], title: str = "") -> tuple[Path, Path]:
     """Write `out_dir/report.json` and `out_dir/per_class.png` (per-class accuracy against training count,
-    coloured by group) atomically; returns (json_path, png_path)."""
+    coloured by group) atomically, replacing only tailwise's own files (check_overwrite); returns (json_path,
+    png_path)."""
     if len(class_names) != len(report["per_class"]):
         raise ValueError(f"class_names has {len(class_names)} entries but the report has "
                          f"{len(report['per_class'])} classes")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / REPORT_FILE, out_dir / PER_CLASS_PLOT
+    check_overwrite(json_path, png_path, REPORT_KEYS, "a report")
     text = json.dumps(report, indent=2, allow_nan=False)
 
     def write_json(tmp):
