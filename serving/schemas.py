@@ -64,7 +64,10 @@ class ImageRequest(bentoml.IODescriptor):
             files, values = {cls.raw_field: [await request.body()]}, query
         else:
             raw = " or the image itself as the body (Content-Type: image/png, image/jpeg, ...)" if cls.raw_field else ""
-            raise BentoMLException(f"send multipart/form-data (fields: {cls.field_list()}){raw}, not {sent}",
+            # bentoml's own client sends JSON when it has no file to send (classify_batch(images=[]))
+            why = " (bentoml's client sends JSON when it has no file to send: give at least one image)" \
+                if sent == "application/json" else ""
+            raise BentoMLException(f"send multipart/form-data (fields: {cls.field_list()}){raw}, not {sent}{why}",
                                    error_code=HTTPStatus.UNSUPPORTED_MEDIA_TYPE)  # 415, as BentoML's for pickle
         options = Options.model_validate(values)  # pydantic's ValidationError: a 400 naming the field
         for name in cls.multipart_fields:

@@ -727,6 +727,8 @@ def test_a_real_server_batches_a_burst_logs_one_line_per_4xx_and_serves_bentomls
             answer = bento.classify(image=images[0], top_k=2)
             assert len(answer["predictions"]) == 2 and answer["provider"] == "CPUExecutionProvider"
             assert isinstance(answer["set"], list) and answer["unsure"] == (len(answer["set"]) != 1)
+            with pytest.raises(bentoml.exceptions.BentoMLException, match="give at least one image"):
+                bento.classify_batch(images=[])   # the client sends that as JSON
     finally:
         stop(process)
     lines = log_path.read_text().splitlines()
