@@ -25,14 +25,13 @@ mkdir -p "$LOGS"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 
 acc() { "$PY" "$REPO/experiments/accuracy.py" "$@"; }
-methods() {  # all | reversed: the grid's method order
+names() {  # grid | run, then all | reversed: the methods the grid tunes, or every row `run` trains, comma-separated
     "$PY" -c "import sys; sys.path.insert(0, '$REPO/experiments'); import accuracy as a
-names = a.grid_methods(a.load_methods()); print(','.join(reversed(names) if '$1' == 'reversed' else names))"
+m = a.load_methods(); names = a.grid_methods(m) if '$1' == 'grid' else [n for n, s in m.items() if 'run' not in s]
+print(','.join(reversed(names) if '$2' == 'reversed' else names))"
 }
-rows() {  # every row `run` trains, reversed with `reversed`
-    "$PY" -c "import sys; sys.path.insert(0, '$REPO/experiments'); import accuracy as a
-names = [n for n, s in a.load_methods().items() if 'run' not in s]; print(','.join(reversed(names) if '$1' == 'reversed' else names))"
-}
+methods() { names grid "$1"; }
+rows() { names run "$1"; }
 both() {  # run "accuracy.py ARGS --methods X" as two processes (forward and reversed order), wait for both
     local kind="$1"; shift
     "$PY" "$REPO/experiments/accuracy.py" "$@" --methods "$($kind all)" --device cpu --no-progress \
