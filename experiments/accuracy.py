@@ -43,6 +43,9 @@ HERE = Path(__file__).resolve().parent
 METHODS_FILE = HERE / "methods.toml"
 RESULTS = HERE / "results"
 STAGE1_SHARE = 0.75
+# a frozen encoder's stage 2 trains the classifier alone: the decoupled papers give it 10 epochs against 200 for
+# the encoder (cRT, MiSLAS; Weight Balancing 10 of 320), so such rows spend 5 % of the passes there (at least an epoch)
+FROZEN_STAGE2_SHARE = 0.05
 GRID_LR = (1.0, 0.5, 2.0)              # learning-rate multipliers, applied to every stage
 GRID_AUG = ("simclr", "light")         # augmentation, chosen per stage
 # grid order: the default recipe and the rows it must beat first (baselines, peers, controls), then the rest
@@ -92,6 +95,8 @@ def method_config(name: str, spec: dict, args, seed: int, point: dict | None = N
         cfg["stage2"]["lr"] *= point["lr"]
         for stage in ("stage1", "stage2"):
             cfg[stage]["weight_decay"] *= point.get("wd", 1.0)
+        if "shift_bn" in point:
+            cfg["stage2"]["shift_bn"] = point["shift_bn"]
     lt_cfg = load_config(args.recipe, overrides[:1 + len(args.overrides)])
     n_lt = len(data_from_config(lt_cfg).train_idx)
     data = data_from_config(cfg)
@@ -99,11 +104,15 @@ def method_config(name: str, spec: dict, args, seed: int, point: dict | None = N
     passes = args.budget * n_lt
     s1, s2 = cfg["stage1"], cfg["stage2"]
     views = 2 if s1["method"] == "bns" else 1
-    share1 = STAGE1_SHARE if s2["enabled"] else 1.0
-    s1["epochs"] = max(1, round(share1 * passes / (views * n_train)))
+    pool = n_train if s2["sampler"] == "none" else sum(class_targets(data.counts, s2["ratio"]))
+    if s2["enabled"] and s2["freeze_encoder"]:
+        frozen_epochs = max(1, round(FROZEN_STAGE2_SHARE * passes / pool))
+        s1["epochs"] = max(1, round((passes - frozen_epochs * pool) / (views * n_train)))
+    else:
+        share1 = STAGE1_SHARE if s2["enabled"] else 1.0
+        s1["epochs"] = max(1, round(share1 * passes / (views * n_train)))
     s1["warmup_epochs"] = max(1, round(0.05 * s1["epochs"]))
     if s2["enabled"]:       # stage 2 gets what stage 1's whole epochs left of the budget (at least one epoch)
-        pool = n_train if s2["sampler"] == "none" else sum(class_targets(data.counts, s2["ratio"]))
         s2["epochs"] = max(1, round((passes - views * n_train * s1["epochs"]) / pool))
         s2["warmup_epochs"] = max(0, round(0.05 * s2["epochs"]))
     return cfg
@@ -486,15 +495,19 @@ def grid_points(spec: dict, args) -> list[dict]:
     two_stage = base["stage2"]["enabled"]
     common = [{"aug1": a1, **({"aug2": a2} if two_stage else {}), "lr": lr}
               for lr in GRID_LR for a1 in GRID_AUG for a2 in (GRID_AUG if two_stage else (None,))]
-    # a method whose paper tunes more (Weight Balancing: weight decay) adds its own axis, as multipliers of the
-    # row's weight decay on every stage, after the common points (whose ids stay as they are)
+    # a method whose paper tunes more adds its own axis after the common points (whose ids stay as they are):
+    # Weight Balancing's weight decay (multipliers of the row's, every stage); MiSLAS's shifted BN statistics
+    # (its released configs turn them off for CIFAR-10, on for CIFAR-100 and ImageNet)
     extra = [dict(point, wd=wd) for wd in spec.get("grid_wd", []) if wd != 1.0 for point in common]
+    extra += [dict(point, shift_bn=on) for on in spec.get("grid_shift_bn", [])
+              if on != spec.get("stage2", {}).get("shift_bn", False) for point in common]
     return common + extra
 
 
 def point_id(point: dict) -> str:
     return "-".join([f"s1{point['aug1']}", *([f"s2{point['aug2']}"] if point.get("aug2") else []),
-                     f"lr{point['lr']:g}", *([f"wd{point['wd']:g}"] if "wd" in point else [])])
+                     f"lr{point['lr']:g}", *([f"wd{point['wd']:g}"] if "wd" in point else []),
+                     *([f"shiftbn{int(point['shift_bn'])}"] if "shift_bn" in point else [])])
 
 
 def grid_methods(methods: dict) -> list[str]:

@@ -218,6 +218,12 @@ def test_grid_trains_each_point_on_validation_only_and_picks_the_best_served(tmp
     run_args = argparse.Namespace(recipe=str(recipe), imbalance_factor=10, budget=2, overrides=[], device="cpu")
     cfg = accuracy.method_config("weight-balancing", wb, run_args, 0, points[-1])
     assert cfg["stage1"]["weight_decay"] == pytest.approx(5.0) and cfg["stage2"]["weight_decay"] == pytest.approx(5.0)
+    # MiSLAS's own axis: its shifted BN statistics off, after the common points (on: the row's setting)
+    mislas = accuracy.load_methods()["mislas"]
+    points = accuracy.grid_points(mislas, argparse.Namespace(recipe=str(recipe)))
+    assert [accuracy.point_id(p) for p in points][-2:] == ["s1light-s2light-lr1-shiftbn0", "s1light-s2light-lr2-shiftbn0"]
+    assert [accuracy.method_config("mislas", mislas, run_args, 0, p)["stage2"]["shift_bn"]
+            for p in (points[0], points[-1])] == [True, False]
     one, two = (json.loads((folder / f"tailwise-la-kdpp__s1light-s2light-lr{m}-s0.json").read_text()) for m in (1, 2))
     assert two["config"]["stage2"]["lr"] == 2 * one["config"]["stage2"]["lr"] and two["config"]["stage2"]["aug"] == "light"
     assert two["config"]["stage1"]["lr"] == la2["config"]["stage1"]["lr"]
@@ -275,3 +281,20 @@ def test_grid_goes_on_past_a_failing_point(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr()
     assert "!! grid la__s1light-lr1-s0 failed" in out.out and "disk full" in out.out
     assert "1 point(s) failed: la__s1light-lr1-s0" in out.err
+
+
+def test_a_frozen_encoder_row_spends_five_percent_of_the_budget_on_its_classifier(tmp_path, cifar_archive):
+    """The decoupled papers re-train a frozen encoder's classifier for 10 epochs against 200 for the encoder: such
+    rows (cRT, Weight Balancing, MiSLAS) give stage 2 5 % of the image passes, at least one epoch; rows that
+    re-train the whole network keep the 3/4 : 1/4 split; every row spends the same passes."""
+    accuracy = _load_runner_module()
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
+    recipe = write_recipe(tmp_path, archive)
+    methods = accuracy.load_methods()
+    for budget, frozen in ((40, (38, 2)), (2, (1, 1))):
+        args = argparse.Namespace(recipe=str(recipe), imbalance_factor=10, budget=budget, overrides=[], device="cpu")
+        for name in ("crt", "crt-la", "weight-balancing", "mislas"):
+            cfg = accuracy.method_config(name, methods[name], args, 0)
+            assert cfg["stage2"]["freeze_encoder"] and (cfg["stage1"]["epochs"], cfg["stage2"]["epochs"]) == frozen
+        cfg = accuracy.method_config("tailwise-la-none", methods["tailwise-la-none"], args, 0)
+        assert (cfg["stage1"]["epochs"], cfg["stage2"]["epochs"]) == ((30, 10) if budget == 40 else (2, 1))

@@ -44,7 +44,7 @@ EXPECTED = {
     "la-restart": ((SUP, "la", {}), ("none", "la", COUNTS, {"reinit_classifier": False})),
     "crt-la": ((SUP, "la", {}), ("none", "ce", UNIFORM, {"freeze_encoder": True, "class_balanced": True,
                                                          "reinit_classifier": True})),
-    "weight-balancing": ((SUP, "ce", {"weight_decay": 0.5}),
+    "weight-balancing": ((SUP, "ce", {"weight_decay": 0.5, "decay_all": True}),
                          ("none", "cb", COUNTS, {"freeze_encoder": True, "reinit_classifier": False,
                                                  "max_norm": 0.1, "weight_decay": 0.5, "class_balanced": False})),
     "mislas": ((SUP, "ce", {"mixup": 1.0}),
@@ -215,6 +215,32 @@ def test_mixup_mixes_images_and_pairs_labels():
     assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])
     again = losses.mixup(x, 1.0, torch.Generator().manual_seed(0))
     assert again[2] == lam and torch.equal(again[1], perm)        # reproducible from the generator
+
+
+def test_mixup_loss_weighs_both_labels_of_each_mixed_image(row_configs):
+    """MiSLAS's stage 1 on a mixed batch: lam * CE(z, y) + (1 - lam) * CE(z, y[perm]), by hand."""
+    z = np.random.default_rng(3).normal(0, 2, size=(4, 4))
+    y, perm, lam = np.array([0, 1, 2, 3]), np.array([2, 0, 3, 1]), 0.3
+    crit = losses.mixup_criterion(stage_criterion(row_configs["mislas"], 1, COUNTS, torch.device("cpu")),
+                                  torch.tensor(perm), lam)
+    got = crit(torch.tensor(z, dtype=torch.float32), torch.tensor(y), 0).item()
+    assert got == pytest.approx(lam * _ce(z, y) + (1 - lam) * _ce(z, y[perm]), rel=1e-5)
+    assert abs(got - _ce(z, y)) > 0.05                                # the second label counts
+
+
+def test_weight_decay_on_every_parameter_for_weight_balancing():
+    """decay_all (Weight Balancing's stage 1): biases and BatchNorm weights decay too; the default decays only
+    weight matrices and kernels; frozen parameters are in no group."""
+    from tailwise.training.networks import param_groups
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Linear(2, 3))
+    net[0].bias.requires_grad_(False)
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in param_groups(net, 0.5)}
+    assert by_decay == {0.5: {id(net[0].weight), id(net[2].weight)},
+                        0.0: {id(net[1].weight), id(net[1].bias), id(net[2].bias)}}
+    (group,) = param_groups(net, 0.5, decay_all=True)
+    assert group["weight_decay"] == 0.5 and {id(p) for p in group["params"]} == {
+        id(p) for p in net.parameters() if p.requires_grad}
 
 
 def _first_bn(model):

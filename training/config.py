@@ -41,6 +41,7 @@ DEFAULTS: dict = {
         "betas": [0.9, 0.95], "warmup_epochs": 10, "aug": "simclr", "aug_strength": 1.0, "amp": True,
         "class_balanced": False, "sup_loss": "none", "sup_weight": 1.0,
         "mixup": 0.0,          # supervised: mixup with lam ~ Beta(mixup, mixup) (MiSLAS stage 1); 0: off
+        "decay_all": False,    # weight decay on biases and norm weights too (Weight Balancing), not only kernels
         "probe_every": 0,      # BNS: linear probe of the encoder on validation every this many epochs (0: never)
     },
     # Stage 2: the boundary-corrected classifier re-trained on the IP-DPP subset. `logit_adjust`: choose the tau of
@@ -50,6 +51,7 @@ DEFAULTS: dict = {
         "reinit_classifier": True, "loss": "ce", "epochs": 100, "batch_size": 64, "lr": 2.5e-4,
         "lr_scale_batch": 0, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_epochs": 5, "aug": "light",
         "aug_strength": 1.0, "amp": True, "class_balanced": False, "logit_adjust": True,
+        "decay_all": False,    # as stage1.decay_all (a frozen encoder's classifier decays its bias either way)
         # Weight Balancing: after every step, project each class's classifier weights onto the ball whose radius
         # is min + max_norm * (max - min) of the norms stage 2 starts from (0: off).
         "max_norm": 0.0,

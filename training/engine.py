@@ -178,10 +178,11 @@ def rank_batches(order: np.ndarray, batch_size: int, d: Dist) -> list[np.ndarray
 
 # ----------------------------------------------------------------------------- optimisation
 def make_optimizer(model: torch.nn.Module, scfg: dict, params=None) -> torch.optim.AdamW:
-    """AdamW, no weight decay on biases and norm weights; lr scaled by batch/lr_scale_batch when that is set."""
+    """AdamW, no weight decay on biases and norm weights unless `decay_all`; lr scaled by batch/lr_scale_batch when
+    that is set."""
     from tailwise.training.networks import param_groups
 
-    groups = params if params is not None else param_groups(model, scfg["weight_decay"])
+    groups = params if params is not None else param_groups(model, scfg["weight_decay"], scfg.get("decay_all", False))
     return torch.optim.AdamW(groups, lr=base_lr(scfg), betas=tuple(scfg["betas"]))
 
 

@@ -197,3 +197,8 @@ def mixup(x: Tensor, alpha: float, generator: torch.Generator | None = None) -> 
     # Beta drawn by numpy, seeded from the generator: the same lam when a resumed run redraws the epoch
     lam = float(np.random.default_rng(int(u[0] * 2**53) ^ int(u[1] * 2**31)).beta(alpha, alpha))
     return lam * x + (1 - lam) * x[perm], perm, lam
+
+
+def mixup_criterion(criterion, perm: Tensor, lam: float):
+    """The loss of a batch mixed by `mixup`: lam * criterion(logits, y) + (1 - lam) * criterion(logits, y[perm])."""
+    return lambda logits, y, epoch: lam * criterion(logits, y, epoch) + (1 - lam) * criterion(logits, y[perm], epoch)

@@ -210,12 +210,13 @@ class ContrastiveModel(nn.Module):
         return z if self.fc is None else (z, self.fc(h))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
     """Optimizer groups: weight decay on weight matrices and conv kernels only, none on biases, norm weights
-    and any other 1-D (or 0-D) parameter. Frozen parameters are left out; empty groups are dropped."""
+    and any other 1-D (or 0-D) parameter; with `decay_all`, on every parameter (Weight Balancing's released
+    code). Frozen parameters are left out; empty groups are dropped."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 or decay_all else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

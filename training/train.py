@@ -248,14 +248,13 @@ def train_stage1(cfg: dict, data: LTData, run_dir: Path, device: torch.device, d
         criterion = stage_criterion(cfg, 1, data.counts, device)
 
         def step_fn(x, y, epoch):
-            x = aug(x, generator(epoch))
+            x, crit = aug(x, generator(epoch)), criterion
             if s["mixup"]:
                 x, perm, lam = losses.mixup(x, s["mixup"], generator(epoch))
+                crit = losses.mixup_criterion(criterion, perm, lam)
             with autocast(device, s["amp"]):
                 logits = net(x).float()
-            if s["mixup"]:
-                return lam * criterion(logits, y, epoch) + (1 - lam) * criterion(logits, y[perm], epoch)
-            return criterion(logits, y, epoch)
+            return crit(logits, y, epoch)
 
         def on_epoch_end(epoch):
             return _val_metrics(model, data, images)
