@@ -171,14 +171,18 @@ def train_seconds(run_dir: Path) -> float:
                      for line in (run_dir / f"stage{stage}_metrics.jsonl").read_text().splitlines()), 1)
 
 
+def non_defaults(cfg: dict, sections) -> dict:
+    """The fields of `sections` that differ from the defaults (a field added later, at its default, is no change)."""
+    from tailwise.training.config import DEFAULTS
+
+    return {k: {f: v for f, v in cfg.get(k, {}).items() if DEFAULTS[k].get(f) != v} for k in sections}
+
+
 def stage1_key(cfg: dict) -> str:
     """What makes two rows' stage 1 the same run: data, model, stage-1 config and seed."""
     import hashlib
 
-    from tailwise.training.config import DEFAULTS
-
-    # only what differs from the defaults, so a config field added later (at its default) keeps the key
-    same = {k: {f: v for f, v in cfg[k].items() if DEFAULTS[k].get(f) != v} for k in ("data", "model", "stage1")}
+    same = non_defaults(cfg, ("data", "model", "stage1"))
     same.update(seed=cfg["seed"], device=cfg["device"])
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -209,6 +213,22 @@ def shared_stage1(cfg: dict, args, run_dir: Path, data=None) -> None:
     stored = json.loads((shared / "stage1.json").read_text())
     checkpoint.atomic_write_text(run_dir / "stage1.json", json.dumps(dict(stored, resume=None, shared_from=str(shared)),
                                                                      indent=2, sort_keys=True))
+
+
+def drop_if_stale(run_dir: Path, cfg: dict) -> None:
+    """Remove the runner's own unfinished-or-finished run folder when it was started with another config than
+    `cfg` (a row changed in methods.toml after its run began): resuming it would train, or record, the old row."""
+    for stage, sections in ((1, ("data", "model", "stage1")), (2, ("stage2",))):
+        card = run_dir / f"stage{stage}.json"
+        if not card.exists():
+            continue
+        stored = json.loads(card.read_text())["config"]
+        changed = [k for k in sections if non_defaults(stored, (k,)) != non_defaults(cfg, (k,))]
+        changed += ["seed"] if stage == 1 and stored.get("seed") != cfg["seed"] else []
+        if changed:
+            print(f"-- {run_dir.name}: started with other {', '.join(changed)} settings; trained again", flush=True)
+            shutil.rmtree(run_dir)
+            return
 
 
 @contextlib.contextmanager
@@ -248,6 +268,7 @@ def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out
           + (f", stage2 {cfg['stage2']['epochs']} ep" if cfg["stage2"]["enabled"] else "") + f" -> {run_dir}",
           flush=True)
     t0 = time.time()
+    drop_if_stale(run_dir, cfg)
     if cfg["stage2"]["enabled"] and not (run_dir / "stage1.json").exists():
         shared_stage1(cfg, args, run_dir)
     run(cfg, run_dir, resume=run_dir.exists(), progress=not args.no_progress)
@@ -541,6 +562,7 @@ def run_grid_point(name: str, spec: dict, point: dict, args, seed: int) -> Path 
               + (f", stage2 {cfg['stage2']['epochs']} ep" if cfg["stage2"]["enabled"] else "") + f" -> {run_dir}",
               flush=True)
         t0 = time.time()
+        drop_if_stale(run_dir, cfg)
         if cfg["stage2"]["enabled"] and not (run_dir / "stage1.json").exists():
             shared_stage1(cfg, args, run_dir, data=data)
         run(cfg, run_dir, resume=run_dir.exists(), progress=not args.no_progress, data=data)

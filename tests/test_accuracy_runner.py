@@ -298,3 +298,30 @@ def test_a_frozen_encoder_row_spends_five_percent_of_the_budget_on_its_classifie
             assert cfg["stage2"]["freeze_encoder"] and (cfg["stage1"]["epochs"], cfg["stage2"]["epochs"]) == frozen
         cfg = accuracy.method_config("tailwise-la-none", methods["tailwise-la-none"], args, 0)
         assert (cfg["stage1"]["epochs"], cfg["stage2"]["epochs"]) == ((30, 10) if budget == 40 else (2, 1))
+
+
+def test_a_run_folder_started_with_another_config_is_trained_again(tmp_path, cifar_archive, capsys):
+    """A row changed in methods.toml after its run began (another augmentation, a tuned lr, a new option): the
+    runner's folder of that run is dropped, not resumed or recorded as the new row; the same config (a field
+    added later at its default included) keeps it."""
+    accuracy = _load_runner_module()
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
+    recipe = write_recipe(tmp_path, archive)
+    args = argparse.Namespace(recipe=str(recipe), imbalance_factor=10, budget=2, overrides=[], device="cpu")
+    methods = accuracy.load_methods()
+    cfg = accuracy.method_config("tailwise-la-kdpp", methods["tailwise-la-kdpp"], args, 0)
+    run_dir = tmp_path / "w" / "tailwise-la-kdpp-s0"
+    run_dir.mkdir(parents=True)
+    older = json.loads(json.dumps(cfg))
+    del older["stage1"]["decay_all"]                                   # written before the field existed
+    (run_dir / "stage1.json").write_text(json.dumps({"config": older}))
+    (run_dir / "stage2.json").write_text(json.dumps({"config": older}))
+    accuracy.drop_if_stale(run_dir, cfg)
+    assert run_dir.exists() and capsys.readouterr().out == ""
+    for section, field, value in (("stage2", "aug", "simclr"), ("stage1", "lr", 1.0), ("data", "imbalance_factor", 3.0)):
+        changed = json.loads(json.dumps(cfg))
+        changed[section][field] = value
+        run_dir.mkdir(exist_ok=True)
+        (run_dir / f"stage{2 if section == 'stage2' else 1}.json").write_text(json.dumps({"config": changed}))
+        accuracy.drop_if_stale(run_dir, cfg)
+        assert not run_dir.exists() and f"started with other {section} settings" in capsys.readouterr().out
