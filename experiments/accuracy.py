@@ -311,7 +311,8 @@ def collect(args) -> list[dict]:
     if wanted != "all":               # the rows named, in methods.toml order (a `run = ...` row needs its run named too)
         methods = {k: v for k, v in methods.items() if k in wanted.split(",")}
     for name, spec in methods.items():
-        row = {"name": name, "label": spec["label"], "reference": spec.get("reference", False), "tests": [],
+        row = {"name": name, "label": spec["label"], "reference": spec.get("reference", False),
+               "role": spec.get("role"), "tests": [],
                "plain": [], "taus": [], "untuned": 0, "passes": [], "steps": [], "seconds": [], "vals": [],
                "classes": None}
         for path in sorted(folder.glob(f"{spec.get('run', name)}-s*.json")):
@@ -387,6 +388,28 @@ def winners(rows: list[dict]) -> list[str]:
     return lines
 
 
+def verdict(rows: list[dict]) -> list[str]:
+    """The default recipe (role "recipe") against the best baseline or peer overall: its lead overall and on the
+    few-shot classes, and whether it is a clear one (at least 1.0 point overall, none below on the few-shot)."""
+    recipe = next((r for r in _contenders(rows, "top1") if r.get("role") == "recipe"), None)
+    others = [r for r in _contenders(rows, "top1") if r.get("role") in ("baseline", "peer")]
+    if recipe is None or not others:
+        return []
+    best = max(others, key=lambda r: _mean(r, "top1"))
+    lead = _mean(recipe, "top1") - _mean(best, "top1")
+    text = (f"- The default recipe, **{recipe['label']}**, against the best baseline or peer, {best['label']}: "
+            f"{lead:+.1f} points overall")
+    few = all(t.get("few") is not None for t in recipe["tests"] + best["tests"])
+    few_lead = _mean(recipe, "few") - _mean(best, "few") if few else None
+    if few_lead is not None:
+        text += f", {few_lead:+.1f} on the few-shot classes"
+    seeds = {len(recipe["tests"]), len(best["tests"])}
+    text += f" ({' and '.join(map(str, sorted(seeds)))} seed(s))"
+    clear = lead >= 1.0 and (few_lead is None or few_lead >= 0)
+    return [text + f"; a lead of at least 1.0 point overall and none below it on the few-shot classes: "
+                   f"{'yes' if clear else 'no'}."]
+
+
 def plot_best(rows: list[dict], path: Path) -> Path | None:
     """Per-class test accuracy (mean over seeds) against training images per class, for the best method
     overall, the best on few-shot classes, and CE."""
@@ -460,7 +483,7 @@ def table(args, rows: list[dict] | None = None) -> str:
     missing = [row["name"] for row in rows if not row["tests"]]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}."]
-    found = winners(rows)
+    found = winners(rows) + verdict(rows)
     if found:
         lines += ["", "On the served logits:", *found]
     ranked = rank_on_validation(rows)

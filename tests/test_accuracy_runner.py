@@ -325,3 +325,24 @@ def test_a_run_folder_started_with_another_config_is_trained_again(tmp_path, cif
         (run_dir / f"stage{2 if section == 'stage2' else 1}.json").write_text(json.dumps({"config": changed}))
         accuracy.drop_if_stale(run_dir, cfg)
         assert not run_dir.exists() and f"started with other {section} settings" in capsys.readouterr().out
+
+
+def test_the_verdict_measures_the_recipe_against_the_best_baseline_or_peer():
+    """The recipe's lead over the best baseline or peer overall (its own ablations and the balanced reference are
+    not rivals), on the few-shot classes against that same row, and whether it is a clear one."""
+    accuracy = _load_runner_module()
+
+    def row(name, role, top, few, reference=False):
+        return {"name": name, "label": name.upper(), "role": role, "reference": reference, "classes": None,
+                "tests": [{"top1": top + d, "few": few + d} for d in (-0.01, 0.0, 0.01)]}
+
+    rows = [row("recipe", "recipe", 0.86, 0.90), row("wb", "peer", 0.84, 0.91), row("la", "baseline", 0.845, 0.88),
+            row("random-subset", "ablation", 0.87, 0.95), row("balanced", None, 0.95, 0.95, reference=True)]
+    (line,) = accuracy.verdict(rows)
+    assert line == ("- The default recipe, **RECIPE**, against the best baseline or peer, LA: +1.5 points overall, "
+                    "+2.0 on the few-shot classes (3 seed(s)); a lead of at least 1.0 point overall and none below "
+                    "it on the few-shot classes: yes.")
+    rows[2] = row("la", "baseline", 0.845, 0.92)                 # the best rival is better on the few-shot classes
+    assert accuracy.verdict(rows)[0].endswith("-2.0 on the few-shot classes (3 seed(s)); a lead of at least 1.0 "
+                                              "point overall and none below it on the few-shot classes: no.")
+    assert accuracy.verdict(rows[1:]) == []                      # no recipe row run yet
