@@ -11,7 +11,7 @@
 #   1. grid: budget 4, IF 100, seed 0, validation only, every method (process A in grid order, B reversed);
 #   2. grid-table --write-tuned: each method's chosen point into experiments/methods.toml (stops here if a point
 #      failed: the log names it);
-#   3. run: budget 20, IF 100, seeds 0-2, the fight's rows ($FIRST_ROWS) with their tuned settings
+#   3. run: budget 20, IF 100, seeds 0-2, the fight's rows (accuracy.py FIGHT) with their tuned settings
 #      -> experiments/results/tuned/;
 #   4. run: budget 20, IF 10, seed 0, the four best rows on validation after step 3 (`table --rank-val 4`), or
 #      the rows named in $IF10_ROWS;
@@ -27,17 +27,17 @@ mkdir -p "$LOGS"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 
 acc() { "$PY" "$REPO/experiments/accuracy.py" "$@"; }
-names() {  # grid | run, then all | reversed: the methods the grid tunes, or every row `run` trains, comma-separated
+names() {  # grid | fight | others, then all | reversed: the methods the grid tunes, or the rows `run` trains that
+           # are (not) in the fight (accuracy.py FIGHT: the recipe, baselines, peers, controls), comma-separated
     "$PY" -c "import sys; sys.path.insert(0, '$REPO/experiments'); import accuracy as a
-m = a.load_methods(); names = a.grid_methods(m) if '$1' == 'grid' else [n for n, s in m.items() if 'run' not in s]
+m = a.load_methods(); rows = [n for n, s in m.items() if 'run' not in s]
+names = {'grid': a.grid_methods(m), 'fight': [n for n in rows if n in a.FIGHT],
+         'others': [n for n in rows if n not in a.FIGHT]}['$1']
 print(','.join(reversed(names) if '$2' == 'reversed' else names))"
 }
 methods() { names grid "$1"; }
-# step 3 trains the rows of the fight first (the tuned baselines, the peers, the controls of the default recipe's
-# gain, the paper's own BNS + IP-DPP: what the verdict and the IF 10 rows need), then the paper's other ablations
-FIRST_ROWS="${FIRST_ROWS:-la,tailwise-la-kdpp,ce,bsce,ldam-drw,weight-balancing,mislas,crt-la,la-restart,tailwise-la-none,tailwise-la-random,bns-kdpp}"
-first() { names run all | tr ',' '\n' | grep -Fxf <(echo "$FIRST_ROWS" | tr ',' '\n') | { [ "$1" = reversed ] && tac || cat; } | paste -sd,; }
-rest() { names run all | tr ',' '\n' | grep -vFxf <(echo "$FIRST_ROWS" | tr ',' '\n') | { [ "$1" = reversed ] && tac || cat; } | paste -sd,; }
+first() { names fight "$1"; }     # step 3: what the verdict and the IF 10 rows need
+rest() { names others "$1"; }     # step 5: the paper's other ablations, the balanced reference
 both() {  # run "accuracy.py ARGS --methods X" as two processes (forward and reversed order), wait for both
     local kind="$1"; shift
     "$PY" "$REPO/experiments/accuracy.py" "$@" --methods "$($kind all)" --device cpu --no-progress \
@@ -55,7 +55,7 @@ chain() {
     both methods grid --imbalance-factor 100 --budget 4 --seeds 0 || { echo "grid: a point failed (see A.log, B.log)" >> "$LOGS/steps.log"; exit 1; }
     echo "$(date -u +%FT%TZ) step 2: write-tuned" >> "$LOGS/steps.log"
     acc grid-table --imbalance-factor 100 --budget 4 --write-tuned >> "$LOGS/steps.log" 2>&1 || exit 1
-    echo "$(date -u +%FT%TZ) step 3: budget 20, IF 100, seeds 0-2, the fight's rows: $FIRST_ROWS" >> "$LOGS/steps.log"
+    echo "$(date -u +%FT%TZ) step 3: budget 20, IF 100, seeds 0-2, the fight's rows: $(first all)" >> "$LOGS/steps.log"
     both first run --imbalance-factor 100 --budget 20 --seeds 0 1 2 --results "$REPO/experiments/results/tuned" || exit 1
     acc table --imbalance-factor 100 --budget 20 --results "$REPO/experiments/results/tuned" >> "$LOGS/steps.log" 2>&1
     IF10_ROWS="${IF10_ROWS:-$(acc table --imbalance-factor 100 --budget 20 --results "$REPO/experiments/results/tuned" --rank-val 4)}"
