@@ -346,3 +346,13 @@ def test_the_verdict_measures_the_recipe_against_the_best_baseline_or_peer():
     assert accuracy.verdict(rows)[0].endswith("-2.0 on the few-shot classes (3 seed(s)); a lead of at least 1.0 "
                                               "point overall and none below it on the few-shot classes: no.")
     assert accuracy.verdict(rows[1:]) == []                      # no recipe row run yet
+
+
+def test_every_row_the_verdict_compares_is_in_the_fight():
+    """fair_fight.sh trains accuracy.FIGHT first at budget 20: it must hold the recipe and every baseline and peer
+    (the rows the verdict measures), and every row has a role."""
+    accuracy = _load_runner_module()
+    methods = accuracy.load_methods()
+    roles = {name: spec.get("role") for name, spec in methods.items() if "run" not in spec and not spec.get("reference")}
+    assert set(roles.values()) <= {"recipe", "baseline", "peer", "ablation"} and list(roles.values()).count("recipe") == 1
+    assert {name for name, role in roles.items() if role != "ablation"} <= set(accuracy.FIGHT) <= set(roles)
