@@ -188,9 +188,14 @@ def stage1_key(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def shared_stage1(cfg: dict, args, run_dir: Path, data=None) -> None:
+class Deferred(Exception):
+    """Another process is training the stage 1 this row shares: the row waits until the others are done."""
+
+
+def shared_stage1(cfg: dict, args, run_dir: Path, data=None, wait: bool = True) -> None:
     """Train (or wait for another process to train) the stage 1 this row shares with every row of the same
-    `stage1_key`, then place its finished checkpoint in `run_dir`, so the row trains only its stage 2."""
+    `stage1_key`, then place its finished checkpoint in `run_dir`, so the row trains only its stage 2.
+    `wait=False`: Deferred instead of waiting while another process trains it (the caller does other rows first)."""
     from tailwise.training import checkpoint
     from tailwise.training.train import run
 
@@ -199,7 +204,10 @@ def shared_stage1(cfg: dict, args, run_dir: Path, data=None) -> None:
     shared = run_dir.parent / f"stage1-{what}-{stage1_key(cfg)}-s{cfg['seed']}"
     shared.parent.mkdir(parents=True, exist_ok=True)
     with open(shared.with_name(shared.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)             # blocks while another process trains it
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))   # waits while another trains it
+        except BlockingIOError:
+            raise Deferred(shared.name) from None
         card = checkpoint.load_card(shared, stage=1) if (shared / "stage1.json").exists() else None
         if not (card and card.get("finished")):
             print(f"-- shared stage 1 -> {shared}", flush=True)
@@ -245,7 +253,7 @@ def claim(lock_path: Path):
         yield True
 
 
-def run_one(name: str, spec: dict, args, seed: int) -> Path | None:
+def run_one(name: str, spec: dict, args, seed: int, wait: bool = True) -> Path | None:
     out = results_dir(args) / f"{name}-s{seed}.json"
     if out.exists() or "run" in spec:
         return None
@@ -256,10 +264,10 @@ def run_one(name: str, spec: dict, args, seed: int) -> Path | None:
             return None
         if out.exists():                  # finished by another process while we waited for the lock
             return None
-        return _train_and_record(name, spec, args, seed, run_dir, out)
+        return _train_and_record(name, spec, args, seed, run_dir, out, wait)
 
 
-def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out: Path) -> Path:
+def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out: Path, wait: bool = True) -> Path:
     from tailwise.training import checkpoint
     from tailwise._core import atomic_write_text
     from tailwise.training.train import run
@@ -271,7 +279,7 @@ def _train_and_record(name: str, spec: dict, args, seed: int, run_dir: Path, out
     t0 = time.time()
     drop_if_stale(run_dir, cfg)
     if cfg["stage2"]["enabled"] and not (run_dir / "stage1.json").exists():
-        shared_stage1(cfg, args, run_dir)
+        shared_stage1(cfg, args, run_dir, wait=wait)
     run(cfg, run_dir, resume=run_dir.exists(), progress=not args.no_progress)
     card = checkpoint.load_card(run_dir)
     result = {
@@ -561,7 +569,7 @@ def grid_methods(methods: dict) -> list[str]:
     return [n for n in FIGHT if n in names] + [n for n in names if n not in FIGHT]
 
 
-def run_grid_point(name: str, spec: dict, point: dict, args, seed: int) -> Path | None:
+def run_grid_point(name: str, spec: dict, point: dict, args, seed: int, wait: bool = True) -> Path | None:
     """Train one grid point (validation only: the test set is never loaded) and record its JSON."""
     import dataclasses
 
@@ -588,7 +596,7 @@ def run_grid_point(name: str, spec: dict, point: dict, args, seed: int) -> Path 
         t0 = time.time()
         drop_if_stale(run_dir, cfg)
         if cfg["stage2"]["enabled"] and not (run_dir / "stage1.json").exists():
-            shared_stage1(cfg, args, run_dir, data=data)
+            shared_stage1(cfg, args, run_dir, data=data, wait=wait)
         run(cfg, run_dir, resume=run_dir.exists(), progress=not args.no_progress, data=data)
         card = checkpoint.load_card(run_dir)
         result = {
@@ -747,24 +755,43 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in methods]
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {', '.join(methods)}")
+    # a row whose shared stage 1 another process is training is deferred (Deferred), not waited for: the other
+    # rows go first, the deferred ones after, waiting then
     if args.command == "grid":
-        failed = []
-        for seed in args.seeds:        # method-major: every point of one method before the next method
+        failed, deferred = [], []
+
+        def point_once(name, point, seed, wait):
+            try:                   # a long background grid goes on past one failing point, and says so
+                run_grid_point(name, methods[name], point, args, seed, wait=wait)
+            except Deferred as busy:
+                print(f"-- {name}__{point_id(point)}-s{seed}: {busy} is being trained by another process; later",
+                      flush=True)
+                deferred.append((name, point, seed))
+            except Exception:
+                import traceback
+
+                failed.append(f"{name}__{point_id(point)}-s{seed}")
+                print(f"!! grid {failed[-1]} failed:\n{traceback.format_exc()}", flush=True)
+
+        for seed in args.seeds:    # method-major: every point of one method before the next method
             for name in names:
                 for point in grid_points(methods[name], args):
-                    try:               # a long background grid goes on past one failing point, and says so
-                        run_grid_point(name, methods[name], point, args, seed)
-                    except Exception:
-                        import traceback
-
-                        failed.append(f"{name}__{point_id(point)}-s{seed}")
-                        print(f"!! grid {failed[-1]} failed:\n{traceback.format_exc()}", flush=True)
+                    point_once(name, point, seed, wait=False)
+        for name, point, seed in list(deferred):
+            point_once(name, point, seed, wait=True)
         if failed:
             print(f"!! grid: {len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1 if failed else 0
+    deferred = []
     for seed in args.seeds:            # seed-major: one seed of every row before the next seed
         for name in names:
-            run_one(name, methods[name], args, seed)
+            try:
+                run_one(name, methods[name], args, seed, wait=False)
+            except Deferred as busy:
+                print(f"-- {name} seed {seed}: {busy} is being trained by another process; later", flush=True)
+                deferred.append((name, seed))
+    for name, seed in deferred:
+        run_one(name, methods[name], args, seed)
     return 0
 
 

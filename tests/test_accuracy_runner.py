@@ -264,22 +264,27 @@ def test_grid_trains_each_point_on_validation_only_and_picks_the_best_served(tmp
     assert methods_copy.read_text().count("tuned = ") == 2
 
 
-def test_grid_goes_on_past_a_failing_point(tmp_path, monkeypatch, capsys):
+def test_grid_goes_on_past_a_failing_point_and_comes_back_to_a_deferred_one(tmp_path, monkeypatch, capsys):
+    """The grid's loop: a failing point does not stop the others; a point whose shared stage 1 another process is
+    training (Deferred) is tried again after all the others, waiting then."""
     accuracy = _load_runner_module()
-    monkeypatch.setattr(accuracy, "GRID_LR", (1.0, 2.0))
+    monkeypatch.setattr(accuracy, "GRID_LR", (1.0, 2.0, 0.5))
     monkeypatch.setattr(accuracy, "GRID_AUG", ("light",))
     tried = []
 
-    def fake_point(name, spec, point, args, seed):      # the first point fails, the second must still be tried
-        tried.append(accuracy.point_id(point))
+    def fake_point(name, spec, point, args, seed, wait=True):   # the first fails, the second is busy once
+        tried.append((accuracy.point_id(point), wait))
         if len(tried) == 1:
             raise RuntimeError("disk full")
+        if len(tried) == 2:
+            raise accuracy.Deferred("stage1-la-abc-s0")
 
     monkeypatch.setattr(accuracy, "run_grid_point", fake_point)
     assert accuracy.main(["grid", "--methods", "la", "--results", str(tmp_path)]) == 1
-    assert tried == ["s1light-lr1", "s1light-lr2"]
+    assert tried == [("s1light-lr1", False), ("s1light-lr2", False), ("s1light-lr0.5", False), ("s1light-lr2", True)]
     out = capsys.readouterr()
     assert "!! grid la__s1light-lr1-s0 failed" in out.out and "disk full" in out.out
+    assert "-- la__s1light-lr2-s0: stage1-la-abc-s0 is being trained by another process; later" in out.out
     assert "1 point(s) failed: la__s1light-lr1-s0" in out.err
 
 
@@ -356,3 +361,41 @@ def test_every_row_the_verdict_compares_is_in_the_fight():
     roles = {name: spec.get("role") for name, spec in methods.items() if "run" not in spec and not spec.get("reference")}
     assert set(roles.values()) <= {"recipe", "baseline", "peer", "ablation"} and list(roles.values()).count("recipe") == 1
     assert {name for name, role in roles.items() if role != "ablation"} <= set(accuracy.FIGHT) <= set(roles)
+
+
+def test_a_row_whose_shared_stage_1_another_process_trains_is_deferred_not_waited_for(tmp_path, cifar_archive):
+    """While another process holds a shared stage 1's lock (it is training it), a row that needs it is Deferred
+    (the runner does other rows first and comes back, waiting, at the end), and nothing is written for it."""
+    import fcntl
+
+    accuracy = _load_runner_module()
+    archive, _, _ = cifar_archive(per_class=40, test_per_class=5)
+    recipe = write_recipe(tmp_path, archive)
+    args = argparse.Namespace(recipe=str(recipe), imbalance_factor=10, budget=2, overrides=[], device="cpu",
+                              no_progress=True)
+    cfg = accuracy.method_config("tailwise-la-kdpp", accuracy.load_methods()["tailwise-la-kdpp"], args, 0)
+    run_dir = tmp_path / "w" / "tailwise-la-kdpp-s0"
+    lock = run_dir.parent / f"stage1-la-{accuracy.stage1_key(cfg)}-s0.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as other:              # another open file description: as another process holds it
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(accuracy.Deferred, match=lock.stem):
+            accuracy.shared_stage1(cfg, args, run_dir, wait=False)
+    assert sorted(p.name for p in lock.parent.iterdir()) == [lock.name]
+
+
+def test_run_comes_back_to_a_row_deferred_for_its_shared_stage_1(tmp_path, monkeypatch, capsys):
+    accuracy = _load_runner_module()
+    tried = []
+
+    def fake_run_one(name, spec, args, seed, wait=True):
+        tried.append((name, seed, wait))
+        if (name, seed, wait) == ("tailwise-la-kdpp", 0, False):
+            raise accuracy.Deferred("stage1-la-abc-s0")
+
+    monkeypatch.setattr(accuracy, "run_one", fake_run_one)
+    assert accuracy.main(["run", "--methods", "la,tailwise-la-kdpp", "--seeds", "0", "1",
+                          "--results", str(tmp_path)]) == 0
+    assert tried == [("la", 0, False), ("tailwise-la-kdpp", 0, False), ("la", 1, False), ("tailwise-la-kdpp", 1, False),
+                     ("tailwise-la-kdpp", 0, True)]
+    assert "-- tailwise-la-kdpp seed 0: stage1-la-abc-s0 is being trained by another process; later" in capsys.readouterr().out
