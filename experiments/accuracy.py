@@ -8,19 +8,21 @@
 Every method is a config in experiments/methods.toml over the base recipe (fmnist-lt-r32: ResNet-32 on
 Fashion-MNIST-LT). All get the same budget in image passes: `--budget B` is B passes over the LT training set
 (a BNS epoch counts two passes, one per view); two-stage methods spend 3/4 of it (in whole epochs) in stage 1
-and what is left in stage 2, at least one epoch.
+and what is left in stage 2, at least one epoch; a frozen encoder's classifier re-training (cRT, Weight
+Balancing, MiSLAS) gets 5 % of it, as in those papers.
 Numbers are final-epoch test results; every tuned choice is made on the validation split: the tau of post-hoc
 logit adjustment (every row: "served" beside "plain" logits) and, through `grid`, each method's augmentation
 and learning rate. Each finished run is kept as JSON under experiments/results/; `run` only fills the gaps and
 resumes interrupted runs from their checkpoints, so the table can be completed over several sessions and
 machines. Several `run` processes may share the work: each claims a run with a lock file in the workdir and
-skips runs another live process holds. `table` prints mean +- std over the seeds found (served and plain
+skips runs another live process holds; a row whose shared stage 1 another process is training waits until the
+end of the pass. A run folder started with another config (a row changed since) is trained again. `table` prints mean +- std over the seeds found (served and plain
 logits, image passes, optimizer steps, training seconds) and names the best method overall and on the few-shot
 classes; with `--doc` it also plots the best methods' per-class accuracy and replaces the table between its
 markers (`<!-- accuracy-table:<results folder>:begin/end -->`) in docs/RESULTS.md (the README links there).
 
-`grid` trains the validation grid (GRID_AUG x GRID_LR below; a method whose paper tunes its weight decay adds
-that axis, `grid_wd` in methods.toml) applied alike to every method, validation only (no
+`grid` trains the validation grid (GRID_AUG x GRID_LR below; a method whose paper tunes more adds that axis:
+`grid_wd`, `grid_shift_bn` in methods.toml) applied alike to every method, validation only (no
 test set is loaded), one JSON per point under experiments/results/grid/; `grid-table` prints each method's
 points and the one chosen: the best validation balanced accuracy of the served (logit-adjusted) logits.
 """
