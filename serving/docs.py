@@ -67,7 +67,7 @@ def openapi_spec(service, model_path: Path, meta: dict) -> dict:
     for path in ("/classify", "/classify_batch", "/model_info"):
         responses = spec["paths"][path]["post"]["responses"]
         for status, text in ERRORS:
-            if status != "503" or path != "/model_info":
+            if status not in ("415", "503") or path != "/model_info":   # the classify paths' own
                 responses[status] = {"description": text, "content": error}
         responses.pop("422", None)
         responses.pop("500", None)

@@ -145,7 +145,7 @@ class Guard:
         if scope["method"] == "GET" and scope["path"] in READ_ONLY_POSTS:   # BentoML's APIs are POST only
             scope = {**scope, "method": "POST"}
         guarded = scope["path"] in self.paths
-        if guarded and self.active >= self.limit:
+        if guarded and self.active >= self.limit and scope["method"] != "OPTIONS":   # a CORS preflight goes on
             return await self.overloaded(scope, receive, send)
         length = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
         if not length.isdigit() or int(length) > self.max_bytes:
@@ -213,8 +213,11 @@ class Guard:
 
                 options = BentoMLContainer.access_control_options.get()
                 self.respond = CORSMiddleware(self.answer_directly, **options)
-                # and Guard's own 413 and 503 (a browser on another origin reads Retry-After only with CORS headers)
-                self.refuse = CORSMiddleware(self.refusal, **options)
+                # and Guard's own 413 and 503: a script on another origin reads the 503's Retry-After only with
+                # CORS headers on it that expose that header too
+                exposed = options.get("expose_headers") or []
+                exposed = [exposed] if isinstance(exposed, str) else list(exposed)
+                self.refuse = CORSMiddleware(self.refusal, **{**options, "expose_headers": [*exposed, "Retry-After"]})
             await send(message)
         return watched
 

@@ -1,5 +1,5 @@
 """What the service's APIs take and answer: request parsing that turns every malformed request into a 400 with
-its reason, and the typed answers (pydantic models, which BentoML's OpenAPI spec describes).
+its reason (a 415 for a body of another media type), and the typed answers (pydantic models, which BentoML's OpenAPI spec describes).
 
 An image comes as a multipart/form-data file field named after the parameter, or, for /classify, as the raw
 request body with its image type (`Content-Type: image/png`, `image/jpeg`, ..., or application/octet-stream): a
@@ -50,7 +50,7 @@ class ImageRequest(bentoml.IODescriptor):
 
     @classmethod
     async def from_http_request(cls, request, serde):
-        sent = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
         query = dict(request.query_params)   # top_k may come in the query string with either body
         if unknown := [name for name in query if name not in Options.model_fields]:
             raise InvalidArgument(f"unknown query parameter {unknown[0]!r}; this API takes top_k")
@@ -64,10 +64,12 @@ class ImageRequest(bentoml.IODescriptor):
             files, values = {cls.raw_field: [await request.body()]}, query
         else:
             raw = " or the image itself as the body (Content-Type: image/png, image/jpeg, ...)" if cls.raw_field else ""
-            # bentoml's own client sends JSON when it has no file to send (classify_batch(images=[]))
-            why = " (bentoml's client sends JSON when it has no file to send: give at least one image)" \
-                if sent == "application/json" else ""
-            raise BentoMLException(f"send multipart/form-data (fields: {cls.field_list()}){raw}, not {sent}{why}",
+            # bentoml's own client, with no file to send (classify_batch(images=[])), sends a body without a
+            # Content-Type, or a urlencoded form when it has other fields
+            why = " (bentoml's client sends that when it has no file to send: give at least one image)" \
+                if sent in ("", "application/x-www-form-urlencoded") else ""
+            raise BentoMLException(f"send multipart/form-data (fields: {cls.field_list()}){raw}, not "
+                                   f"{sent or 'a body without Content-Type'}{why}",
                                    error_code=HTTPStatus.UNSUPPORTED_MEDIA_TYPE)  # 415, as BentoML's for pickle
         options = Options.model_validate(values)  # pydantic's ValidationError: a 400 naming the field
         for name in cls.multipart_fields:
