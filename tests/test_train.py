@@ -69,6 +69,12 @@ def test_both_stages_then_evaluate(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "many" in out and "few" in out
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["top1"] == report["top1"]
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "ev")]) == 0        # its own report: replaced
+    (tmp_path / "ev" / "report.json").write_text('{"mine": 1}')                  # the user's: refused, kept
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "ev")]) == 2
+    assert "report.json exists and is not a report tailwise wrote" in capsys.readouterr().err
+    assert json.loads((tmp_path / "ev" / "report.json").read_text()) == {"mine": 1}
     # a second train into the same folder without --resume refuses rather than overwriting
     before = (run / "stage2.json").read_bytes()
     assert main(["train", "--config", str(tiny), "--out", str(run), "--no-progress"]) == 2

@@ -154,6 +154,10 @@ def evaluate(path: str | os.PathLike, *, device: str = "auto", out: str | os.Pat
     path, out = Path(path), Path(out) if out is not None else None
     if not path.exists():
         raise UserError(f"{path}: no such run or model folder")
+    if out is not None:         # before the scoring: a user's file there stops it now, not after
+        from tailwise.training.metrics import check_report_folder
+
+        check_report_folder(out)
     if data is not None:
         if not Path(data).is_dir():
             raise OptionError(f"{{data}} {data} is not a folder (one subfolder of images per class)", "data")
@@ -191,12 +195,13 @@ def describe_data(spec, out: str | os.PathLike | None = None):
     from tailwise.training.data import build_lt_data
     from tailwise.training.metrics import DATA_CARD_KEYS, check_overwrite, plot_class_counts
 
+    if out is not None:          # before the data is built: a user's file there stops it now
+        check_overwrite(Path(out) / "data.json", Path(out) / "class_counts.png", DATA_CARD_KEYS, "a data card")
     data = build_lt_data(spec)
     if out is None:
         return data, []
     card = dict(data.card(), val_size=len(data.val_idx))
     out = Path(out)
-    check_overwrite(out / "data.json", out / "class_counts.png", DATA_CARD_KEYS, "a data card")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "data.json", json.dumps(card, indent=2, ensure_ascii=False) + "\n")
     plot_class_counts(card["counts"], card["groups"], card["class_names"], data.group_thresholds(),

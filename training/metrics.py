@@ -166,6 +166,11 @@ def check_overwrite(json_path: Path, png_path: Path, keys: frozenset, what: str)
                         "choose another --out")
 
 
+def check_report_folder(out_dir) -> None:
+    """UserError unless save_report may write into `out_dir` (check_overwrite): asked before the scoring."""
+    check_overwrite(Path(out_dir) / REPORT_FILE, Path(out_dir) / PER_CLASS_PLOT, REPORT_KEYS, "a report")
+
+
 def save_report(report: dict, out_dir, class_names: list[str], title: str = "") -> tuple[Path, Path]:
     """Write `out_dir/report.json` and `out_dir/per_class.png` (per-class accuracy against training count,
     coloured by group) atomically, replacing only tailwise's own files (check_overwrite); returns (json_path,
@@ -176,7 +181,7 @@ def save_report(report: dict, out_dir, class_names: list[str], title: str = "") 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / REPORT_FILE, out_dir / PER_CLASS_PLOT
-    check_overwrite(json_path, png_path, REPORT_KEYS, "a report")
+    check_report_folder(out_dir)
     text = json.dumps(report, indent=2, allow_nan=False)
 
     def write_json(tmp):
