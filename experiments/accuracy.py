@@ -9,7 +9,7 @@ Every method is a config in experiments/methods.toml over the base recipe (fmnis
 Fashion-MNIST-LT). All get the same budget in image passes: `--budget B` is B passes over the LT training set
 (a BNS epoch counts two passes, one per view); two-stage methods spend 3/4 of it (in whole epochs) in stage 1
 and what is left in stage 2, at least one epoch; a frozen encoder's classifier re-training (cRT, Weight
-Balancing, MiSLAS) gets 5 % of it, as in those papers.
+Balancing, MiSLAS) gets 5 % of it, as in those papers (at least one epoch).
 Numbers are final-epoch test results; every tuned choice is made on the validation split: the tau of post-hoc
 logit adjustment (every row: "served" beside "plain" logits) and, through `grid`, each method's augmentation
 and learning rate. Each finished run is kept as JSON under experiments/results/; `run` only fills the gaps and
@@ -400,25 +400,33 @@ def winners(rows: list[dict]) -> list[str]:
 
 
 def verdict(rows: list[dict]) -> list[str]:
-    """The default recipe (role "recipe") against the best baseline or peer overall: its lead overall and on the
-    few-shot classes, and whether it is a clear one (at least 1.0 point overall, none below on the few-shot)."""
+    """The default recipe (role "recipe") against the best baseline or peer of the table overall: its lead overall
+    and on the few-shot classes (as the table rounds them), whether that is a clear one (at least 1.0 point
+    overall, none below on the few-shot), whether it exceeds the spread over seeds, and whether every baseline
+    and peer has the recipe's seeds (else the answer is not final)."""
     recipe = next((r for r in _contenders(rows, "top1") if r.get("role") == "recipe"), None)
-    others = [r for r in _contenders(rows, "top1") if r.get("role") in ("baseline", "peer")]
+    rivals = [r for r in rows if r.get("role") in ("baseline", "peer") and not r["reference"]]
+    others = [r for r in _contenders(rows, "top1") if r in rivals]
     if recipe is None or not others:
         return []
     best = max(others, key=lambda r: _mean(r, "top1"))
-    lead = _mean(recipe, "top1") - _mean(best, "top1")
-    text = (f"- The default recipe, **{recipe['label']}**, against the best baseline or peer, {best['label']}: "
-            f"{lead:+.1f} points overall")
+    lead = round(_mean(recipe, "top1") - _mean(best, "top1"), 1)
+    text = (f"- The default recipe, **{recipe['label']}**, against the best baseline or peer of this table, "
+            f"{best['label']}: {lead:+.1f} points overall")
     few = all(t.get("few") is not None for t in recipe["tests"] + best["tests"])
-    few_lead = _mean(recipe, "few") - _mean(best, "few") if few else None
+    few_lead = round(_mean(recipe, "few") - _mean(best, "few"), 1) if few else None
     if few_lead is not None:
         text += f", {few_lead:+.1f} on the few-shot classes"
-    seeds = {len(recipe["tests"]), len(best["tests"])}
-    text += f" ({' and '.join(map(str, sorted(seeds)))} seed(s))"
     clear = lead >= 1.0 and (few_lead is None or few_lead >= 0)
-    return [text + f"; a lead of at least 1.0 point overall and none below it on the few-shot classes: "
-                   f"{'yes' if clear else 'no'}."]
+    text += f"; a lead of at least 1.0 point overall and none below it on the few-shot classes: {'yes' if clear else 'no'}"
+    spread = max(_std(r, "top1") for r in (recipe, best))
+    if spread == spread and clear and lead < spread:      # not NaN: two seeds or more each
+        text += f", though smaller than the spread over seeds ({spread:.1f})"
+    short = [r["name"] for r in rivals if len(r["tests"]) < len(recipe["tests"])]
+    if short:
+        text += (f" (not final: {', '.join(short)} {'has' if len(short) == 1 else 'have'} fewer than the recipe's "
+                 f"{len(recipe['tests'])} seed(s))")
+    return [text + "."]
 
 
 def plot_best(rows: list[dict], path: Path) -> Path | None:

@@ -301,6 +301,8 @@ def test_a_frozen_encoder_row_spends_five_percent_of_the_budget_on_its_classifie
         for name in ("crt", "crt-la", "weight-balancing", "mislas"):
             cfg = accuracy.method_config(name, methods[name], args, 0)
             assert cfg["stage2"]["freeze_encoder"] and (cfg["stage1"]["epochs"], cfg["stage2"]["epochs"]) == frozen
+            # stage 2 samples the whole LT set (class-balanced or not): the same passes as a single-stage row
+            assert sum(cfg[s]["epochs"] for s in ("stage1", "stage2")) == budget
         cfg = accuracy.method_config("tailwise-la-none", methods["tailwise-la-none"], args, 0)
         assert (cfg["stage1"]["epochs"], cfg["stage2"]["epochs"]) == ((30, 10) if budget == 40 else (2, 1))
 
@@ -334,22 +336,29 @@ def test_a_run_folder_started_with_another_config_is_trained_again(tmp_path, cif
 
 def test_the_verdict_measures_the_recipe_against_the_best_baseline_or_peer():
     """The recipe's lead over the best baseline or peer overall (its own ablations and the balanced reference are
-    not rivals), on the few-shot classes against that same row, and whether it is a clear one."""
+    not rivals), on the few-shot classes against that same row, whether it is a clear one (as rounded), whether it
+    beats the spread over seeds, and whether every rival has the recipe's seeds."""
     accuracy = _load_runner_module()
 
-    def row(name, role, top, few, reference=False):
+    def row(name, role, top, few, reference=False, spread=0.01, seeds=3):
         return {"name": name, "label": name.upper(), "role": role, "reference": reference, "classes": None,
-                "tests": [{"top1": top + d, "few": few + d} for d in (-0.01, 0.0, 0.01)]}
+                "tests": [{"top1": top + d, "few": few + d} for d in (-spread, 0.0, spread)[:seeds]]}
 
     rows = [row("recipe", "recipe", 0.86, 0.90), row("wb", "peer", 0.84, 0.91), row("la", "baseline", 0.845, 0.88),
             row("random-subset", "ablation", 0.87, 0.95), row("balanced", None, 0.95, 0.95, reference=True)]
     (line,) = accuracy.verdict(rows)
-    assert line == ("- The default recipe, **RECIPE**, against the best baseline or peer, LA: +1.5 points overall, "
-                    "+2.0 on the few-shot classes (3 seed(s)); a lead of at least 1.0 point overall and none below "
+    assert line == ("- The default recipe, **RECIPE**, against the best baseline or peer of this table, LA: +1.5 "
+                    "points overall, +2.0 on the few-shot classes; a lead of at least 1.0 point overall and none below "
                     "it on the few-shot classes: yes.")
     rows[2] = row("la", "baseline", 0.845, 0.92)                 # the best rival is better on the few-shot classes
-    assert accuracy.verdict(rows)[0].endswith("-2.0 on the few-shot classes (3 seed(s)); a lead of at least 1.0 "
-                                              "point overall and none below it on the few-shot classes: no.")
+    assert accuracy.verdict(rows)[0].endswith("-2.0 on the few-shot classes; a lead of at least 1.0 point overall "
+                                              "and none below it on the few-shot classes: no.")
+    rows[2] = row("la", "baseline", 0.8504, 0.88)                # 0.96 points: +1.0 as shown, so a clear lead
+    assert ": +1.0 points overall" in accuracy.verdict(rows)[0] and accuracy.verdict(rows)[0].endswith(": yes.")
+    rows[0] = row("recipe", "recipe", 0.86, 0.90, spread=0.02)   # the seeds spread 2 points
+    assert accuracy.verdict(rows)[0].endswith(": yes, though smaller than the spread over seeds (2.0).")
+    rows[1] = row("wb", "peer", 0.84, 0.91, seeds=1)             # a rival short of seeds: not final
+    assert accuracy.verdict(rows)[0].endswith("(not final: wb has fewer than the recipe's 3 seed(s)).")
     assert accuracy.verdict(rows[1:]) == []                      # no recipe row run yet
 
 

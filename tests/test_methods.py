@@ -241,6 +241,11 @@ def test_weight_decay_on_every_parameter_for_weight_balancing():
     (group,) = param_groups(net, 0.5, decay_all=True)
     assert group["weight_decay"] == 0.5 and {id(p) for p in group["params"]} == {
         id(p) for p in net.parameters() if p.requires_grad}
+    from tailwise.training.engine import make_optimizer    # what training builds from a stage's config
+
+    stage = {"weight_decay": 0.5, "lr": 1e-3, "batch_size": 8, "lr_scale_batch": 0, "betas": [0.9, 0.95]}
+    assert [len(g["params"]) for g in make_optimizer(net, {**stage, "decay_all": True}).param_groups] == [5]
+    assert [len(g["params"]) for g in make_optimizer(net, stage).param_groups] == [2, 3]
 
 
 def _first_bn(model):
