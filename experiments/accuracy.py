@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -73,13 +74,22 @@ def results_dir(args) -> Path:
     return Path(args.results) / name
 
 
+@functools.lru_cache(maxsize=None)
+def train_counts(data_json: str) -> tuple[int, tuple[int, ...]]:
+    """(training images, per-class counts) of the LT data a config's [data] table (as JSON) describes: built once
+    per process, as every row and grid point of a table asks for the same data."""
+    from tailwise.training.train import data_from_config
+
+    data = data_from_config({"data": json.loads(data_json)})
+    return len(data.train_idx), tuple(data.counts)
+
+
 def method_config(name: str, spec: dict, args, seed: int, point: dict | None = None) -> dict:
     """The full config of one table row: base recipe + --set + the method's fields + its grid setting + epochs
     from the budget. The grid setting (aug1, aug2, lr multiplier; see grid_points) is `point` when the grid
     trains it (the run is then named after it), else the row's `tuned` entry in methods.toml, if any."""
     from tailwise.training.config import load_config
     from tailwise.training.ipdpp import class_targets
-    from tailwise.training.train import data_from_config
 
     overrides = [f"data.imbalance_factor={args.imbalance_factor}", *args.overrides, f"seed={seed}",
                  f"device='{args.device}'", f"name='{name}-s{seed}'"]
@@ -101,13 +111,12 @@ def method_config(name: str, spec: dict, args, seed: int, point: dict | None = N
         if "shift_bn" in point:
             cfg["stage2"]["shift_bn"] = point["shift_bn"]
     lt_cfg = load_config(args.recipe, overrides[:1 + len(args.overrides)])
-    n_lt = len(data_from_config(lt_cfg).train_idx)
-    data = data_from_config(cfg)
-    n_train = len(data.train_idx)
+    n_lt, _ = train_counts(json.dumps(lt_cfg["data"], sort_keys=True))
+    n_train, counts = train_counts(json.dumps(cfg["data"], sort_keys=True))
     passes = args.budget * n_lt
     s1, s2 = cfg["stage1"], cfg["stage2"]
     views = 2 if s1["method"] == "bns" else 1
-    pool = n_train if s2["sampler"] == "none" else sum(class_targets(data.counts, s2["ratio"]))
+    pool = n_train if s2["sampler"] == "none" else sum(class_targets(list(counts), s2["ratio"]))
     if s2["enabled"] and s2["freeze_encoder"]:
         frozen_epochs = max(1, round(FROZEN_STAGE2_SHARE * passes / pool))
         s1["epochs"] = max(1, round((passes - frozen_epochs * pool) / (views * n_train)))
@@ -226,6 +235,26 @@ def shared_stage1(cfg: dict, args, run_dir: Path, data=None, wait: bool = True) 
                                                                      indent=2, sort_keys=True))
 
 
+def recorded_differently(result: dict, spec: dict, args) -> list[str]:
+    """The config sections in which a recorded result (a run's or a grid point's JSON) differs from what
+    methods.toml gives its row now (a row changed after it ran): [] when it is the row as it stands."""
+    now = argparse.Namespace(recipe=args.recipe, overrides=getattr(args, "overrides", []), device="auto",
+                             imbalance_factor=result["imbalance_factor"], budget=result["budget"])
+    cfg = method_config(result["method"], spec, now, result["seed"], result.get("point"))
+    differ = [k for k in ("model", "stage1", "stage2") if non_defaults(result["config"], (k,)) != non_defaults(cfg, (k,))]
+    data = [non_defaults(c, ("data",))["data"] for c in (result["config"], cfg)]
+    for d in data:
+        d.pop("root", None)          # where this machine keeps the files: not a setting of the row
+    return (["data"] if data[0] != data[1] else []) + differ
+
+
+def stale_line(stale: list[str]) -> list[str]:
+    if not stale:
+        return []
+    return ["", "Recorded with other settings than experiments/methods.toml gives these rows now (a row changed "
+                f"after they ran; delete them to train them again): {', '.join(stale)}."]
+
+
 def drop_if_stale(run_dir: Path, cfg: dict) -> None:
     """Remove the runner's own unfinished-or-finished run folder when it was started with another config than
     `cfg` (a row changed in methods.toml after its run began): resuming it would train, or record, the old row."""
@@ -257,6 +286,9 @@ def claim(lock_path: Path):
 
 def run_one(name: str, spec: dict, args, seed: int, wait: bool = True) -> Path | None:
     out = results_dir(args) / f"{name}-s{seed}.json"
+    if out.exists() and "run" not in spec and (differ := recorded_differently(json.loads(out.read_text()), spec, args)):
+        print(f"!! {out.name}: recorded with other {', '.join(differ)} settings than methods.toml gives {name} now; "
+              "kept (delete it to train the row again)", flush=True)
     if out.exists() or "run" in spec:
         return None
     run_dir = Path(args.workdir) / results_dir(args).name / f"{name}-s{seed}"
@@ -328,6 +360,8 @@ def collect(args) -> list[dict]:
                "classes": None}
         for path in sorted(folder.glob(f"{spec.get('run', name)}-s*.json")):
             result = json.loads(path.read_text())
+            if result.get("config") and recorded_differently(result, load_methods()[result["method"]], args):
+                row.setdefault("stale", []).append(path.stem)
             plain = {k: v for k, v in result["test"].items() if k != "logit_adjusted"} if result.get("test") else None
             if not plain:
                 continue
@@ -502,6 +536,7 @@ def table(args, rows: list[dict] | None = None) -> str:
     missing = [row["name"] for row in rows if not row["tests"]]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}."]
+    lines += stale_line([stem for row in rows for stem in row.get("stale", [])])
     found = winners(rows) + verdict(rows)
     if found:
         lines += ["", "On the served logits:", *found]
@@ -635,6 +670,8 @@ def grid_results(args) -> dict[str, list[dict]]:
         order = {point_id(p): i for i, p in enumerate(grid_points(methods[name], args))}
         results = [json.loads(p.read_text()) for p in folder.glob(f"{name}__*.json")]
         results = [r for r in results if r["method"] == name and r["point_id"] in order]
+        for r in results:
+            r["stale"] = bool(recorded_differently(r, methods[name], args))
         found[name] = sorted(results, key=lambda r: (r["seed"], order[r["point_id"]]))
     return found
 
@@ -670,7 +707,8 @@ def grid_table(args) -> str:
                                 f"tau {best['tau']:g}; {len(results)}/{total} points run)")
         else:
             chosen_lines.append(f"- {name}: nothing run yet (0/{total} points)")
-    return "\n".join(lines + ["", "Chosen on validation (so far):", *chosen_lines])
+    stale = [f"{name}__{r['point_id']}-s{r['seed']}" for name, results in found.items() for r in results if r["stale"]]
+    return "\n".join(lines + ["", "Chosen on validation (so far):", *chosen_lines, *stale_line(stale)])
 
 
 def write_tuned(args, methods_file: Path = METHODS_FILE) -> list[str]:
@@ -684,6 +722,10 @@ def write_tuned(args, methods_file: Path = METHODS_FILE) -> list[str]:
         total, best = len(grid_points(methods[name], args)), chosen_point(results)
         if len(results) < total or best is None:
             said.append(f"- {name}: not written, {len(results)}/{total} grid points run")
+            continue
+        if stale := [r["point_id"] for r in results if r["stale"]]:
+            said.append(f"- {name}: not written, {len(stale)} point(s) recorded with other settings than "
+                        f"methods.toml gives now ({', '.join(stale)}): delete them to train them again")
             continue
         fields = {**best["point"], "val_served": round(best["val_served"], 4), "val_plain": round(best["val_plain"], 4),
                   "tau": best["tau"], "grid": f"{results_dir(args).name} seed {best['seed']}"}

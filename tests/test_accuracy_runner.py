@@ -262,6 +262,15 @@ def test_grid_trains_each_point_on_validation_only_and_picks_the_best_served(tmp
     assert cfg["stage1"]["aug"] == "light"
     accuracy.write_tuned(args, methods_copy)                 # written again: replaced, not repeated
     assert methods_copy.read_text().count("tuned = ") == 2
+    # the LA row changed after its points ran: they are flagged, and its tuned setting is not rewritten from them
+    methods_copy.write_text(methods_copy.read_text().replace(
+        'stage1 = { method = "supervised", loss = "la" }\nstage2 = { enabled = false }',
+        'stage1 = { method = "supervised", loss = "la", weight_decay = 0.1 }\nstage2 = { enabled = false }', 1))
+    assert accuracy.load_methods()["la"]["stage1"]["weight_decay"] == 0.1
+    assert "(a row changed after they ran; delete them to train them again): la__s1light-lr1-s0, " \
+        "la__s1light-lr2-s0." in accuracy.grid_table(args)
+    assert any(line.startswith("- la: not written, 2 point(s) recorded with other settings")
+               for line in accuracy.write_tuned(args, methods_copy))
 
 
 def test_grid_goes_on_past_a_failing_point_and_comes_back_to_a_deferred_one(tmp_path, monkeypatch, capsys):
