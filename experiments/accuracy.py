@@ -240,12 +240,15 @@ def recorded_differently(result: dict, spec: dict, args) -> list[str]:
     methods.toml gives its row now (a row changed after it ran): [] when it is the row as it stands."""
     now = argparse.Namespace(recipe=args.recipe, overrides=getattr(args, "overrides", []), device="auto",
                              imbalance_factor=result["imbalance_factor"], budget=result["budget"])
-    cfg = method_config(result["method"], spec, now, result["seed"], result.get("point"))
-    differ = [k for k in ("model", "stage1", "stage2") if non_defaults(result["config"], (k,)) != non_defaults(cfg, (k,))]
-    data = [non_defaults(c, ("data",))["data"] for c in (result["config"], cfg)]
-    for d in data:
-        d.pop("root", None)          # where this machine keeps the files: not a setting of the row
-    return (["data"] if data[0] != data[1] else []) + differ
+    cfg, recorded = method_config(result["method"], spec, now, result["seed"], result.get("point")), result["config"]
+    differ = []
+    for k in ("data", "model", "stage1", "stage2"):
+        # a field the record lacks (added to the config since) counts only where the row itself sets it; where
+        # it came from a default or --set, what the record's run used is not known
+        known = set(recorded.get(k, {})) | set(spec.get(k, {}))
+        pair = [{f: v for f, v in non_defaults(c, (k,))[k].items() if f in known and f != "root"} for c in (recorded, cfg)]
+        differ += [k] if pair[0] != pair[1] else []      # (root: where this machine keeps the files)
+    return differ
 
 
 def stale_line(stale: list[str]) -> list[str]:
