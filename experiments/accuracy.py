@@ -574,6 +574,13 @@ def write_doc(doc: Path, key: str, text: str) -> None:
     atomic_write_text(doc, f"{before}{begin}\n{text}\n{end}{after}")
 
 
+def doc_key(args) -> str:
+    """The name of a table's markers in the doc: its results folder, relative to experiments/results/ when it lies
+    there (tuned/fmnist-lt-r32-if100-b20 and fmnist-lt-r32-if100-b20 are two tables), else its own name."""
+    folder = results_dir(args).resolve()
+    return folder.relative_to(RESULTS.resolve()).as_posix() if folder.is_relative_to(RESULTS.resolve()) else folder.name
+
+
 def doc_path(args) -> Path | None:
     """Where `table` writes: --doc, or for the older --readme the docs/RESULTS.md beside that file's folder
     (tables no longer go into the README itself)."""
@@ -802,7 +809,7 @@ def main(argv=None) -> int:
                 text += f"\n\n![Per-class accuracy of the best methods]({rel})"
         print(text)
         if doc:
-            write_doc(doc, results_dir(args).name, text)
+            write_doc(doc, doc_key(args), text)
         return 0
     methods = load_methods()
     names = (grid_methods(methods) if args.command == "grid" else list(methods)) if args.methods == "all" \

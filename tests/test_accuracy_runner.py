@@ -417,3 +417,17 @@ def test_run_comes_back_to_a_row_deferred_for_its_shared_stage_1(tmp_path, monke
     assert tried == [("la", 0, False), ("tailwise-la-kdpp", 0, False), ("la", 1, False), ("tailwise-la-kdpp", 1, False),
                      ("tailwise-la-kdpp", 0, True)]
     assert "-- tailwise-la-kdpp seed 0: stage1-la-abc-s0 is being trained by another process; later" in capsys.readouterr().out
+
+
+def test_a_tuned_table_has_its_own_markers_in_the_doc():
+    """`table --doc` replaces the text between its table's markers: the tuned budget-20 table and the older one of
+    the same recipe, IF and budget are two tables (two marker pairs), not one overwriting the other."""
+    accuracy = _load_runner_module()
+
+    def key(results):
+        return accuracy.doc_key(argparse.Namespace(results=results, recipe="fmnist-lt-r32", imbalance_factor=100,
+                                                   budget=20, overrides=[]))
+
+    assert key(str(accuracy.RESULTS)) == "fmnist-lt-r32-if100-b20"
+    assert key(str(accuracy.RESULTS / "tuned")) == "tuned/fmnist-lt-r32-if100-b20"
+    assert key("/elsewhere") == "fmnist-lt-r32-if100-b20"
