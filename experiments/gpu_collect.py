@@ -5,7 +5,9 @@
 
 * experiments/results/gpu/: env.json, the step records, the CUDA test reports, the bench JSON, the recipe's
   cards, metrics and evaluation (no weights), and gpu_run.log;
-* experiments/results/<table folder>/: the accuracy table's per-run JSON and plots (kept if already there);
+* experiments/results/<table folder>/: the accuracy table's per-run JSON and plots (kept if already there; a file
+  there that differs is named); `--results-into experiments/results/tuned-cuda` puts them elsewhere, e.g. CUDA runs
+  of the tuned rows beside the CPU ones of the same recipe, IF and budget, never mixed into one table;
 * models/<name>/ (fmnist-lt-r32-cuda): only with --install-model, and only if it beats the shipped model on
   validation (the balanced validation accuracy of what is served: logits adjusted by the tau chosen on
   validation). Without the flag models/ is never touched: it prints the comparison.
@@ -40,20 +42,23 @@ def served_val(card: dict) -> float | None:
     return (card.get("metrics") or {}).get("val_mean_per_class")
 
 
-def table_command(folder: str) -> str | None:
-    """The `accuracy.py table` command of a results folder (<recipe>-if<IF>-b<budget>[-ldamsubset])."""
+def table_command(folder: str, results: str = "experiments/results") -> str | None:
+    """The `accuracy.py table` command of a results folder (<recipe>-if<IF>-b<budget>[-ldamsubset]) in `results`."""
     m = TABLE_FOLDER.search(folder)
     if not m:
         return None
     recipe = folder[:m.start()]
     return (f"python experiments/accuracy.py table --recipe {recipe} --imbalance-factor {m['factor']} "
-            f"--budget {m['budget']}" + (" --set data.holdout_kept=false" if m["ldamsubset"] else ""))
+            f"--budget {m['budget']}" + (" --set data.holdout_kept=false" if m["ldamsubset"] else "")
+            + (f" --results {results}" if results != "experiments/results" else ""))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", help="folder with the run's gpu_results.tar.gz (and gpu_run.log)")
     parser.add_argument("--repo", default=str(REPO), help="repository root to unpack into (default this one)")
+    parser.add_argument("--results-into", default="experiments/results", metavar="DIR",
+                        help="where the accuracy tables' folders go, relative to --repo (default experiments/results)")
     parser.add_argument("--install-model", action="store_true",
                         help="copy the CUDA-trained model into models/ when it beats the shipped one on validation")
     args = parser.parse_args(argv)
@@ -76,13 +81,18 @@ def main(argv=None) -> int:
         device = json.loads((res / "env.json").read_text()).get("device") if (res / "env.json").exists() else "?"
 
         for folder in sorted(p for p in (res / "accuracy").glob("*") if p.is_dir()) if (res / "accuracy").exists() else []:
-            target = repo / "experiments" / "results" / folder.name
+            target = repo / args.results_into / folder.name
             target.mkdir(parents=True, exist_ok=True)
             new = [f for f in folder.iterdir() if not (target / f.name).exists()]
+            differ = [f.name for f in folder.iterdir() if (target / f.name).exists() and f.suffix == ".json"
+                      and (target / f.name).read_bytes() != f.read_bytes()]
             for f in new:
                 shutil.copy(f, target / f.name)
             print(f"accuracy: {len(new)} new file(s) in {target.relative_to(repo)}; the table: "
-                  f"{table_command(folder.name) or '(a folder name accuracy.py does not write)'}")
+                  f"{table_command(folder.name, args.results_into) or '(a folder name accuracy.py does not write)'}")
+            if differ:
+                print(f"accuracy: kept the {len(differ)} file(s) already in {target.relative_to(repo)} that differ "
+                      f"from what came back ({', '.join(differ)}): --results-into another folder keeps both")
 
         for row in (json.loads((res / "bench_stage1.json").read_text())["rows"]
                     if (res / "bench_stage1.json").exists() else []):

@@ -93,6 +93,12 @@ def test_dry_run_layout_and_continuation(tmp_path):
     assert (repo / "experiments/results/fmnist-lt-r32-if10-b1/ce-s0.json").exists()
     assert "accuracy.py table --recipe fmnist-lt-r32 --imbalance-factor 10 --budget 1" in done.stdout
     assert not (repo / "models").exists() and "pass --install-model" in done.stdout
+    (repo / "experiments/results/fmnist-lt-r32-if10-b1/ce-s0.json").write_text("{}")   # a CPU run of that name
+    done = collect(out2, repo)
+    assert "kept the 1 file(s) already in experiments/results/fmnist-lt-r32-if10-b1 that differ" in done.stdout
+    done = collect(out2, repo, "--results-into", "experiments/results/tuned-cuda")      # kept apart instead
+    assert json.loads((repo / "experiments/results/tuned-cuda/fmnist-lt-r32-if10-b1/ce-s0.json").read_text())
+    assert "--budget 1 --results experiments/results/tuned-cuda" in done.stdout
     done = collect(out2, repo, "--install-model")     # no shipped model in this repository: the candidate goes in
     assert (repo / model / "model.onnx").exists() and "copied to" in done.stdout
 
