@@ -5,6 +5,7 @@
 #   experiments/fair_fight.sh pause      # SIGSTOP them (a benchmark needs the cores), `resume` to go on
 #   experiments/fair_fight.sh status     # the step running, the grid table so far, the last log lines
 #   experiments/fair_fight.sh stop
+#   experiments/fair_fight.sh fight-rows # the rows step 3 trains, comma-separated (for a GPU run of them, docs/GPU.md)
 #
 # Steps, each resumable (finished runs are skipped, an interrupted one resumes from its last epoch checkpoint,
 # two processes take turns through the lock files of experiments/accuracy.py):
@@ -75,6 +76,7 @@ case "${1:-status}" in
         echo $! > "$PIDS"
         echo "started (pid $!); logs in $LOGS" ;;
     chain) chain ;;
+    fight-rows) first all ;;
     pause) all_pids | xargs -r kill -STOP; echo paused ;;
     resume) all_pids | xargs -r kill -CONT; echo resumed ;;
     stop) all_pids | xargs -r kill -CONT; all_pids | xargs -r kill 2>/dev/null; rm -f "$PIDS" "$PIDS.children"
@@ -83,5 +85,5 @@ case "${1:-status}" in
         tail -n 3 "$LOGS/steps.log" 2>/dev/null
         acc grid-table --imbalance-factor 100 --budget 4 2>/dev/null | tail -n 30
         for f in "$LOGS/A.log" "$LOGS/B.log"; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f" | cut -c1-200; }; done ;;
-    *) echo "usage: $0 start|pause|resume|status|stop" >&2; exit 2 ;;
+    *) echo "usage: $0 start|pause|resume|status|stop|fight-rows" >&2; exit 2 ;;
 esac

@@ -248,8 +248,9 @@ def test_grid_trains_each_point_on_validation_only_and_picks_the_best_served(tmp
     assert "- ce: nothing run yet (0/2 points)" in text
     assert "- weight-balancing: nothing run yet (0/6 points)" in text          # + its weight-decay axis
     # the chosen point goes into methods.toml (a copy here) for complete grids only; `run` then trains it
-    methods_copy = tmp_path / "methods.toml"
-    methods_copy.write_text(accuracy.METHODS_FILE.read_text())
+    methods_copy = tmp_path / "methods.toml"                # without the repository's own tuned lines
+    methods_copy.write_text("".join(line for line in accuracy.METHODS_FILE.read_text().splitlines(keepends=True)
+                                    if not line.startswith("tuned =")))
     monkeypatch.setattr(accuracy, "METHODS_FILE", methods_copy)
     said = accuracy.write_tuned(args, methods_copy)
     assert f"- la: {best['point_id']} (val served {100 * best['val_served']:.2f} %)" in said
