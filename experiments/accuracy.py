@@ -240,14 +240,21 @@ def recorded_differently(result: dict, spec: dict, args) -> list[str]:
     methods.toml gives its row now (a row changed after it ran): [] when it is the row as it stands."""
     now = argparse.Namespace(recipe=args.recipe, overrides=getattr(args, "overrides", []), device="auto",
                              imbalance_factor=result["imbalance_factor"], budget=result["budget"])
-    cfg, recorded = method_config(result["method"], spec, now, result["seed"], result.get("point")), result["config"]
+    cfg = method_config(result["method"], spec, now, result["seed"], result.get("point"))
+    return sections_differ(result["config"], cfg, ("data", "model", "stage1", "stage2"), spec)
+
+
+def sections_differ(recorded: dict, cfg: dict, sections, spec: dict | None = None) -> list[str]:
+    """The `sections` in which a recorded config and `cfg` differ, field by field past the defaults (a field added
+    since, at its default, is no change). With the row's `spec` (a result recorded, maybe on another machine): a
+    field the record lacks counts only where the row itself sets it (where it came from a default or --set, what
+    the record's run used is not known), and data.root, where a machine keeps the files, is no setting."""
     differ = []
-    for k in ("data", "model", "stage1", "stage2"):
-        # a field the record lacks (added to the config since) counts only where the row itself sets it; where
-        # it came from a default or --set, what the record's run used is not known
-        known = set(recorded.get(k, {})) | set(spec.get(k, {}))
-        pair = [{f: v for f, v in non_defaults(c, (k,))[k].items() if f in known and f != "root"} for c in (recorded, cfg)]
-        differ += [k] if pair[0] != pair[1] else []      # (root: where this machine keeps the files)
+    for k in sections:
+        known = None if spec is None else (set(recorded.get(k, {})) | set(spec.get(k, {}))) - {"root"}
+        pair = [{f: v for f, v in non_defaults(c, (k,))[k].items() if known is None or f in known}
+                for c in (recorded, cfg)]
+        differ += [k] if pair[0] != pair[1] else []
     return differ
 
 
@@ -266,7 +273,7 @@ def drop_if_stale(run_dir: Path, cfg: dict) -> None:
         if not card.exists():
             continue
         stored = json.loads(card.read_text())["config"]
-        changed = [k for k in sections if non_defaults(stored, (k,)) != non_defaults(cfg, (k,))]
+        changed = sections_differ(stored, cfg, sections)
         changed += ["seed"] if stage == 1 and stored.get("seed") != cfg["seed"] else []
         if changed:
             print(f"-- {run_dir.name}: started with other {', '.join(changed)} settings; trained again", flush=True)
@@ -352,7 +359,8 @@ def collect(args) -> list[dict]:
     A run recorded without a tuned tau (before every row had one) serves its plain logits, flagged `untuned`."""
     from tailwise.training.metrics import group_means
 
-    methods, folder, rows = load_methods(), results_dir(args), []
+    every, folder, rows = load_methods(), results_dir(args), []
+    methods = every
     wanted = getattr(args, "methods", "all")
     if wanted != "all":               # the rows named, in methods.toml order (a `run = ...` row needs its run named too)
         methods = {k: v for k, v in methods.items() if k in wanted.split(",")}
@@ -363,7 +371,7 @@ def collect(args) -> list[dict]:
                "classes": None}
         for path in sorted(folder.glob(f"{spec.get('run', name)}-s*.json")):
             result = json.loads(path.read_text())
-            if result.get("config") and recorded_differently(result, load_methods()[result["method"]], args):
+            if result.get("config") and recorded_differently(result, every[result["method"]], args):
                 row.setdefault("stale", []).append(path.stem)
             plain = {k: v for k, v in result["test"].items() if k != "logit_adjusted"} if result.get("test") else None
             if not plain:
@@ -817,44 +825,45 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in methods]
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {', '.join(methods)}")
-    # a row whose shared stage 1 another process is training is deferred (Deferred), not waited for: the other
-    # rows go first, the deferred ones after, waiting then
     if args.command == "grid":
-        failed, deferred = [], []
+        failed = []
 
-        def point_once(name, point, seed, wait):
+        def point_once(item, wait):
+            name, point, seed = item
             try:                   # a long background grid goes on past one failing point, and says so
                 run_grid_point(name, methods[name], point, args, seed, wait=wait)
-            except Deferred as busy:
-                print(f"-- {name}__{point_id(point)}-s{seed}: {busy} is being trained by another process; later",
-                      flush=True)
-                deferred.append((name, point, seed))
+            except Deferred:
+                raise
             except Exception:
                 import traceback
 
                 failed.append(f"{name}__{point_id(point)}-s{seed}")
                 print(f"!! grid {failed[-1]} failed:\n{traceback.format_exc()}", flush=True)
 
-        for seed in args.seeds:    # method-major: every point of one method before the next method
-            for name in names:
-                for point in grid_points(methods[name], args):
-                    point_once(name, point, seed, wait=False)
-        for name, point, seed in list(deferred):
-            point_once(name, point, seed, wait=True)
+        each_deferring([(name, point, seed) for seed in args.seeds for name in names     # method-major
+                        for point in grid_points(methods[name], args)],
+                       point_once, lambda item: f"{item[0]}__{point_id(item[1])}-s{item[2]}")
         if failed:
             print(f"!! grid: {len(failed)} point(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1 if failed else 0
-    deferred = []
-    for seed in args.seeds:            # seed-major: one seed of every row before the next seed
-        for name in names:
-            try:
-                run_one(name, methods[name], args, seed, wait=False)
-            except Deferred as busy:
-                print(f"-- {name} seed {seed}: {busy} is being trained by another process; later", flush=True)
-                deferred.append((name, seed))
-    for name, seed in deferred:
-        run_one(name, methods[name], args, seed)
+    each_deferring([(name, seed) for seed in args.seeds for name in names],        # seed-major
+                   lambda item, wait: run_one(item[0], methods[item[0]], args, item[1], wait=wait),
+                   lambda item: f"{item[0]} seed {item[1]}")
     return 0
+
+
+def each_deferring(work: list, attempt, what) -> None:
+    """attempt(item, wait=False) for every item of `work`, in order; an item whose shared stage 1 another process
+    is training (Deferred) is not waited for: it is attempted again, waiting, after all the others."""
+    deferred = []
+    for item in work:
+        try:
+            attempt(item, False)
+        except Deferred as busy:
+            print(f"-- {what(item)}: {busy} is being trained by another process; later", flush=True)
+            deferred.append(item)
+    for item in deferred:
+        attempt(item, True)
 
 
 if __name__ == "__main__":
