@@ -22,9 +22,18 @@ def listening_fd(argv: list[str] | None = None) -> int | None:
     return None
 
 
+def protocol_factories(exit_handler) -> list:
+    """How uvicorn makes a connection's protocol, found from its exit handler (`Server.handle_exit`, bound): the
+    factories of its asyncio servers. Empty when the handler is not uvicorn's (then the backlog is not taken over)."""
+    servers = getattr(getattr(exit_handler, "__self__", None), "servers", None) or []
+    return [f for f in (getattr(s, "_protocol_factory", None) for s in servers) if f is not None][:1]
+
+
 class Drain:
-    """On SIGTERM/SIGINT, first shut the listening socket down (new connections are refused at once, instead of
-    waiting in the backlog of the socket bentoml's arbiter still holds and being reset later), then drain:
+    """On SIGTERM/SIGINT, first take the connections already waiting in the listening socket's backlog (their
+    clients may have sent a request: they are served like any other), then shut the listening socket down at
+    once (new connections are refused, instead of waiting in the backlog of the socket bentoml's arbiter still
+    holds and being reset later; a listening socket's shutdown resets what is left in its backlog), then drain:
     `draining` is True, so the middleware answers every request with `Connection: close` (clients leave their
     keep-alive connections after a response, never while sending), until no request has started for `quiet_s`
     (at most `max_s`); then uvicorn's own handler runs, which lets in-flight requests finish
@@ -60,11 +69,16 @@ class Drain:
             log.warning("signal %d: refusing new connections, answering with Connection: close until no request "
                         "starts for %g s (at most %g s), then finishing in-flight requests and exiting", number,
                         self.quiet_s, self.max_s)
+            waiting = []
             try:
                 with socket.socket(fileno=os.dup(fd)) as listener:
+                    waiting = take_backlog(listener) if protocol_factories(previous) else []
                     listener.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            for factory in protocol_factories(previous):
+                for connection in waiting:
+                    loop.call_soon_threadsafe(serve_accepted, loop, factory, connection)
 
             def check():
                 now = loop.time()
@@ -76,6 +90,26 @@ class Drain:
             loop.call_soon_threadsafe(loop.call_later, 0.05, check)
 
         return handle
+
+
+def take_backlog(listener: socket.socket) -> list[socket.socket]:
+    """Accept every connection waiting in a (non-blocking) listening socket's backlog."""
+    taken = []
+    listener.setblocking(False)  # asyncio's listener is non-blocking already: this is its shared file status
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except ConnectionAbortedError:  # that client gave up before it was accepted: take the next
+            continue
+        except OSError:  # BlockingIOError: the backlog is empty
+            return taken
+        connection.setblocking(False)
+        taken.append(connection)
+
+
+def serve_accepted(loop, factory, connection: socket.socket) -> None:
+    """Hand a connection accepted outside the event loop to uvicorn, as its own accept would have."""
+    loop.create_task(loop.connect_accepted_socket(factory, connection))
 
 
 drain = Drain()  # the worker's one drain state, shared by the service's startup hook and the middleware

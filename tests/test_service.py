@@ -632,6 +632,65 @@ def test_draining_closes_connections(client):
         drain.draining = False
 
 
+def test_sigterm_serves_the_connections_waiting_in_the_backlog():
+    """A real uvicorn server on a real socket: 24 clients connect and send their request while the event loop is
+    busy (so they wait, unaccepted, in the listening socket's backlog), then the drain's SIGTERM handler runs.
+    Each of them gets its 200; shutting the listener down alone would reset every one (a listening socket's
+    shutdown resets its backlog). A client that connects after the signal is refused."""
+    import asyncio
+
+    import uvicorn
+
+    from tailwise.serving.shutdown import Drain
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def answer(client: socket.socket) -> bytes:
+        client.settimeout(10)
+        data = b""
+        try:
+            while chunk := client.recv(4096):
+                data += chunk
+        except OSError as exc:  # a reset: the request was sent and dropped
+            return f"dropped: {exc!r}".encode()
+        finally:
+            client.close()
+        return data
+
+    async def main():
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", timeout_graceful_shutdown=5))
+        serving = asyncio.create_task(server.serve(sockets=[listener]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        waiting = []
+        for _ in range(24):  # the loop does not run between these lines: nothing is accepted yet
+            client = socket.create_connection(("127.0.0.1", port), timeout=5)
+            client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            waiting.append(client)
+        drain = Drain(quiet_s=0.3, max_s=3)
+        drain.handler(asyncio.get_running_loop(), listener.fileno(), server.handle_exit)(signal.SIGTERM, None)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        answers = await asyncio.gather(*(asyncio.to_thread(answer, c) for c in waiting))
+        await asyncio.wait_for(serving, 10)
+        return answers
+
+    raised = []  # uvicorn raises the signal it handled again once it has stopped: here, it is only recorded
+    before = signal.signal(signal.SIGTERM, lambda number, frame: raised.append(number))
+    try:
+        answers = asyncio.run(main())
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert [a for a in answers if not (a.startswith(b"HTTP/1.1 200") and a.endswith(b"ok"))] == []
+    assert raised == [signal.SIGTERM]  # the server stopped through uvicorn's own handler
+
 # ------------------------------------------------------------------------------------------ operations
 
 def test_docs_page_is_tailwises_own(client):
