@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -22,11 +23,18 @@ def listening_fd(argv: list[str] | None = None) -> int | None:
     return None
 
 
-def protocol_factories(exit_handler) -> list:
-    """How uvicorn makes a connection's protocol, found from its exit handler (`Server.handle_exit`, bound): the
-    factories of its asyncio servers. Empty when the handler is not uvicorn's (then the backlog is not taken over)."""
-    servers = getattr(getattr(exit_handler, "__self__", None), "servers", None) or []
-    return [f for f in (getattr(s, "_protocol_factory", None) for s in servers) if f is not None][:1]
+def uvicorn_protocol(exit_handler):
+    """(protocol factory, TLS context) of the uvicorn server whose exit handler (`Server.handle_exit`, bound) this
+    is, built as its startup builds them (with asyncio's loop or uvloop alike); None when it is not uvicorn's
+    (then the backlog is not taken over)."""
+    server = getattr(exit_handler, "__self__", None)
+    try:
+        config = server.config
+        factory = functools.partial(config.http_protocol_class, config=config, server_state=server.server_state,
+                                    app_state=server.lifespan.state)
+        return factory, config.ssl
+    except AttributeError:
+        return None
 
 
 class Drain:
@@ -43,6 +51,7 @@ class Drain:
         self.quiet_s, self.max_s = quiet_s, max_s
         self.draining = False
         self.last_request = 0.0
+        self.taken_over: set[asyncio.Task] = set()   # the backlog's connections, handed to uvicorn
 
     def seen_request(self) -> None:
         if self.draining:
@@ -59,6 +68,20 @@ class Drain:
             if callable(previous):
                 signal.signal(signum, self.handler(loop, fd, previous))
 
+    def serve_accepted(self, loop, protocol, connection: socket.socket) -> None:
+        """Hand a connection accepted outside the event loop to uvicorn, as its own accept would have."""
+        factory, ssl = protocol
+
+        async def serve():
+            try:
+                await loop.connect_accepted_socket(factory, connection, ssl=ssl)
+            except OSError:  # the client left before it was served, or its TLS handshake failed
+                connection.close()
+
+        task = loop.create_task(serve())
+        self.taken_over.add(task)
+        task.add_done_callback(self.taken_over.discard)
+
     def handler(self, loop, fd: int, previous):
         def handle(number, frame):
             if self.draining:  # a second signal: no more waiting
@@ -69,16 +92,15 @@ class Drain:
             log.warning("signal %d: refusing new connections, answering with Connection: close until no request "
                         "starts for %g s (at most %g s), then finishing in-flight requests and exiting", number,
                         self.quiet_s, self.max_s)
-            waiting = []
+            protocol, waiting = uvicorn_protocol(previous), []
             try:
                 with socket.socket(fileno=os.dup(fd)) as listener:
-                    waiting = take_backlog(listener) if protocol_factories(previous) else []
+                    waiting = take_backlog(listener) if protocol else []
                     listener.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            for factory in protocol_factories(previous):
-                for connection in waiting:
-                    loop.call_soon_threadsafe(serve_accepted, loop, factory, connection)
+            for connection in waiting:
+                loop.call_soon_threadsafe(self.serve_accepted, loop, protocol, connection)
 
             def check():
                 now = loop.time()
@@ -105,11 +127,6 @@ def take_backlog(listener: socket.socket) -> list[socket.socket]:
             return taken
         connection.setblocking(False)
         taken.append(connection)
-
-
-def serve_accepted(loop, factory, connection: socket.socket) -> None:
-    """Hand a connection accepted outside the event loop to uvicorn, as its own accept would have."""
-    loop.create_task(loop.connect_accepted_socket(factory, connection))
 
 
 drain = Drain()  # the worker's one drain state, shared by the service's startup hook and the middleware
