@@ -47,7 +47,20 @@ def trained_stages(card: dict, run_name: str) -> tuple[str, list[str]]:
                 commands.append(command)
     if not commands:  # a card from before per-stage records: its config, both stages in one command
         commands = [reproduce_command(cfg, run_name)]
+    if len(commands) == 2 and " --stage " not in commands[1] and same_stage1(card):
+        commands = commands[1:]   # a stage 1 shared with another run, under its name: the one command trains both
     return recipe, commands
+
+
+def same_stage1(card: dict) -> bool:
+    """Whether the stage 1 this stage-2 card was trained on is the one its own config trains: the stage-1 card's
+    config equals it in everything stage 1 depends on (all but stage 2 and the run's name, a label)."""
+    path = Path(card.get("_dir", "")) / fmt.stage_card(1)
+    if card["stage"] != 2 or "_dir" not in card or not path.exists():
+        return False
+    first = json.loads(path.read_text())["config"]
+    return all(first.get(k) == v for k, v in card["config"].items() if k not in ("stage2", "name")) \
+        and set(first) == set(card["config"])
 
 
 def served_what(card: dict) -> str:

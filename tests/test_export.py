@@ -274,3 +274,25 @@ def test_tailwise_export_end_to_end(tmp_path, cifar_archive):
     readme = (out / "README.md").read_text()   # the model card lists every file with its sha256
     # "t" is no recipe here, so the reproduce command spells the config out against the defaults
     assert 'tailwise train --set name="t" ' in readme and card["training"]["weights_sha256"] in readme
+
+
+def test_card_gives_one_command_when_stage_1_was_shared_under_another_name(tmp_path):
+    """The accuracy runner trains a stage 1 once for every row that shares it, under the first row's name: the
+    model card of another row then reproduces with that row's one command, since the name is only a label. A
+    stage 1 that differs in anything it depends on keeps its own command."""
+    from tailwise.export.model_card import trained_stages
+    from tailwise.training.config import load_config
+
+    cfg = load_config("tailwise", ["name='row-b'", "seed=0"])
+    first = dict(cfg, name="row-a", stage2=dict(cfg["stage2"], sampler="none"))   # the row that trained it
+    one = 'tailwise train --set name="row-a" --stage 1 --out runs/a'
+    both = 'tailwise train --set name="row-b" --out runs/b'
+    card = {"stage": 2, "epoch": 18, "_dir": str(tmp_path), "config": cfg,
+            "trained": {"1": {"epochs": 15, "command": one}, "2": {"epochs": 18, "command": both}}}
+    (tmp_path / "stage1.json").write_text(json.dumps({"config": first}))
+    assert trained_stages(card, "m")[1] == ['tailwise train --set name="row-b" --out runs/m']
+    (tmp_path / "stage1.json").write_text(json.dumps({"config": dict(first, seed=1)}))
+    assert trained_stages(card, "m")[1] == [one.replace("runs/a", "runs/m"), both.replace("runs/b", "runs/m")]
+    separate = dict(card, trained={"1": card["trained"]["1"], "2": {"epochs": 18, "command": both.replace(" --out", " --stage 2 --out")}})
+    (tmp_path / "stage1.json").write_text(json.dumps({"config": first}))
+    assert len(trained_stages(separate, "m")[1]) == 2   # stages trained by two commands: both are given
