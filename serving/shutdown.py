@@ -39,9 +39,10 @@ def uvicorn_protocol(exit_handler):
 
 class Drain:
     """On SIGTERM/SIGINT, first take the connections already waiting in the listening socket's backlog (their
-    clients may have sent a request: they are served like any other), then shut the listening socket down at
-    once (new connections are refused, instead of waiting in the backlog of the socket bentoml's arbiter still
-    holds and being reset later; a listening socket's shutdown resets what is left in its backlog), then drain:
+    clients may have sent a request: they are served like any other, and the drain waits until uvicorn has them),
+    then shut the listening socket down at once (new connections are refused, instead of waiting in the backlog of
+    the socket bentoml's arbiter still holds and being reset later; a listening socket's shutdown resets what is
+    left in its backlog) and stop polling it, then drain:
     `draining` is True, so the middleware answers every request with `Connection: close` (clients leave their
     keep-alive connections after a response, never while sending), until no request has started for `quiet_s`
     (at most `max_s`); then uvicorn's own handler runs, which lets in-flight requests finish
@@ -75,6 +76,7 @@ class Drain:
         async def serve():
             try:
                 await loop.connect_accepted_socket(factory, connection, ssl=ssl)
+                self.last_request = loop.time()  # its request gets a quiet period of its own to arrive
             except OSError:  # the client left before it was served, or its TLS handshake failed
                 connection.close()
 
@@ -101,10 +103,15 @@ class Drain:
                 pass
             for connection in waiting:
                 loop.call_soon_threadsafe(self.serve_accepted, loop, protocol, connection)
+            if waiting:
+                log.warning("signal %d: %d connection(s) waiting to be accepted are served", number, len(waiting))
+            for server in getattr(getattr(previous, "__self__", None), "servers", None) or []:
+                loop.call_soon_threadsafe(server.close)  # a shut listener reads as ready: stop polling it (EINVAL)
 
             def check():
                 now = loop.time()
-                if now - self.last_request >= self.quiet_s or now - started >= self.max_s:
+                quiet = now - self.last_request >= self.quiet_s and not self.taken_over
+                if quiet or now - started >= self.max_s:
                     previous(number, None)
                 else:
                     loop.call_later(0.05, check)
@@ -123,7 +130,7 @@ def take_backlog(listener: socket.socket) -> list[socket.socket]:
             connection, _ = listener.accept()
         except ConnectionAbortedError:  # that client gave up before it was accepted: take the next
             continue
-        except OSError:  # BlockingIOError: the backlog is empty
+        except OSError:  # BlockingIOError: the backlog is empty (any other error: what is left stays there)
             return taken
         connection.setblocking(False)
         taken.append(connection)

@@ -632,11 +632,14 @@ def test_draining_closes_connections(client):
         drain.draining = False
 
 
-def test_sigterm_serves_the_connections_waiting_in_the_backlog():
+@pytest.mark.parametrize("busy_s", [0, 0.3])
+def test_sigterm_serves_the_connections_waiting_in_the_backlog(busy_s):
     """A real uvicorn server on a real socket: 24 clients connect and send their request while the event loop is
     busy (so they wait, unaccepted, in the listening socket's backlog), then the drain's SIGTERM handler runs.
     Each of them gets its 200; shutting the listener down alone would reset every one (a listening socket's
-    shutdown resets its backlog). A client that connects after the signal is refused."""
+    shutdown resets its backlog). A client that connects after the signal is refused. With every loop iteration
+    taking `busy_s` (a loaded worker), the drain still waits until uvicorn has the connections, and the shut
+    listener is not polled in a loop of errors."""
     import asyncio
 
     import uvicorn
@@ -669,26 +672,38 @@ def test_sigterm_serves_the_connections_waiting_in_the_backlog():
         serving = asyncio.create_task(server.serve(sockets=[listener]))
         while not server.started:
             await asyncio.sleep(0.01)
+        loop, errors = asyncio.get_running_loop(), []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=24))   # every client reads at once
+
+        def busy():
+            time.sleep(busy_s)
+            if not serving.done():
+                loop.call_soon(busy)
+
         waiting = []
         for _ in range(24):  # the loop does not run between these lines: nothing is accepted yet
             client = socket.create_connection(("127.0.0.1", port), timeout=5)
             client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             waiting.append(client)
-        drain = Drain(quiet_s=0.3, max_s=3)
-        drain.handler(asyncio.get_running_loop(), listener.fileno(), server.handle_exit)(signal.SIGTERM, None)
+        if busy_s:
+            loop.call_soon(busy)
+        drain = Drain()   # quiet_s 0.5, max_s 5: what the service uses
+        drain.handler(loop, listener.fileno(), server.handle_exit)(signal.SIGTERM, None)
         with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", port), timeout=5)
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
         answers = await asyncio.gather(*(asyncio.to_thread(answer, c) for c in waiting))
-        await asyncio.wait_for(serving, 10)
-        return answers
+        await asyncio.wait_for(serving, 20)
+        return answers, errors
 
     raised = []  # uvicorn raises the signal it handled again once it has stopped: here, it is only recorded
     before = signal.signal(signal.SIGTERM, lambda number, frame: raised.append(number))
     try:
-        answers = asyncio.run(main())
+        answers, errors = asyncio.run(main())
     finally:
         signal.signal(signal.SIGTERM, before)
     assert [a for a in answers if not (a.startswith(b"HTTP/1.1 200") and a.endswith(b"ok"))] == []
+    assert len(errors) < 5, errors[:3]   # not one per loop iteration on the shut listener (thousands)
     assert raised == [signal.SIGTERM]  # the server stopped through uvicorn's own handler
 
 # ------------------------------------------------------------------------------------------ operations
