@@ -28,8 +28,10 @@ def trained_stages(card: dict, run_name: str) -> tuple[str, list[str]]:
     s1, s2 = cfg["stage1"], cfg["stage2"]
     epochs1 = records.get("1", {}).get("epochs", card["epoch"] if card["stage"] == 1 else s1["epochs"])
     stage1_card = Path(card.get("_dir", "")) / fmt.stage_card(1)
-    if "1" not in records and card["stage"] == 2 and "_dir" in card and stage1_card.exists():
-        epochs1 = json.loads(stage1_card.read_text())["epoch"]   # a card from before per-stage records
+    first = json.loads(stage1_card.read_text()) if card["stage"] == 2 and "_dir" in card and stage1_card.exists() \
+        else None   # the stage-1 card a stage-2 card was trained on
+    if "1" not in records and first:
+        epochs1 = first["epoch"]   # a card from before per-stage records
     recipe = (f"stage 1: {s1['method']}" + (f" ({s1['loss_form']} form, tau {s1['tau']})" if s1["method"] == "bns"
                                              else f" ({s1['loss']})")
               + f", {epochs1} epochs, batch {s1['batch_size']}")
@@ -47,20 +49,15 @@ def trained_stages(card: dict, run_name: str) -> tuple[str, list[str]]:
                 commands.append(command)
     if not commands:  # a card from before per-stage records: its config, both stages in one command
         commands = [reproduce_command(cfg, run_name)]
-    if len(commands) == 2 and " --stage " not in commands[1] and same_stage1(card):
+    if len(commands) == 2 and " --stage " not in commands[1] and first and same_stage1(first["config"], cfg):
         commands = commands[1:]   # a stage 1 shared with another run, under its name: the one command trains both
     return recipe, commands
 
 
-def same_stage1(card: dict) -> bool:
-    """Whether the stage 1 this stage-2 card was trained on is the one its own config trains: the stage-1 card's
-    config equals it in everything stage 1 depends on (all but stage 2 and the run's name, a label)."""
-    path = Path(card.get("_dir", "")) / fmt.stage_card(1)
-    if card["stage"] != 2 or "_dir" not in card or not path.exists():
-        return False
-    first = json.loads(path.read_text())["config"]
-    return all(first.get(k) == v for k, v in card["config"].items() if k not in ("stage2", "name")) \
-        and set(first) == set(card["config"])
+def same_stage1(trained: dict, cfg: dict) -> bool:
+    """Whether the config stage 1 was trained with (`trained`, its card's) is the one `cfg` trains: equal in
+    everything stage 1 depends on (all but stage 2 and the run's name, a label)."""
+    return set(trained) == set(cfg) and all(trained[k] == v for k, v in cfg.items() if k not in ("stage2", "name"))
 
 
 def served_what(card: dict) -> str:

@@ -23,11 +23,9 @@ def listening_fd(argv: list[str] | None = None) -> int | None:
     return None
 
 
-def uvicorn_protocol(exit_handler):
-    """(protocol factory, TLS context) of the uvicorn server whose exit handler (`Server.handle_exit`, bound) this
-    is, built as its startup builds them (with asyncio's loop or uvloop alike); None when it is not uvicorn's
-    (then the backlog is not taken over)."""
-    server = getattr(exit_handler, "__self__", None)
+def uvicorn_protocol(server):
+    """(protocol factory, TLS context) of a uvicorn server, built as its startup builds them (with asyncio's loop or
+    uvloop alike); None when `server` is not uvicorn's (then the backlog is not taken over)."""
     try:
         config = server.config
         factory = functools.partial(config.http_protocol_class, config=config, server_state=server.server_state,
@@ -94,7 +92,8 @@ class Drain:
             log.warning("signal %d: refusing new connections, answering with Connection: close until no request "
                         "starts for %g s (at most %g s), then finishing in-flight requests and exiting", number,
                         self.quiet_s, self.max_s)
-            protocol, waiting = uvicorn_protocol(previous), []
+            server = getattr(previous, "__self__", None)   # uvicorn's Server, whose bound handle_exit this is
+            protocol, waiting = uvicorn_protocol(server), []
             try:
                 with socket.socket(fileno=os.dup(fd)) as listener:
                     waiting = take_backlog(listener) if protocol else []
@@ -105,8 +104,8 @@ class Drain:
                 loop.call_soon_threadsafe(self.serve_accepted, loop, protocol, connection)
             if waiting:
                 log.warning("signal %d: %d connection(s) waiting to be accepted are served", number, len(waiting))
-            for server in getattr(getattr(previous, "__self__", None), "servers", None) or []:
-                loop.call_soon_threadsafe(server.close)  # a shut listener reads as ready: stop polling it (EINVAL)
+            for listening in getattr(server, "servers", None) or []:
+                loop.call_soon_threadsafe(listening.close)  # a shut listener reads as ready: stop polling it (EINVAL)
 
             def check():
                 now = loop.time()

@@ -293,6 +293,7 @@ def test_card_gives_one_command_when_stage_1_was_shared_under_another_name(tmp_p
     assert trained_stages(card, "m")[1] == ['tailwise train --set name="row-b" --out runs/m']
     (tmp_path / "stage1.json").write_text(json.dumps({"config": dict(first, seed=1)}))
     assert trained_stages(card, "m")[1] == [one.replace("runs/a", "runs/m"), both.replace("runs/b", "runs/m")]
-    separate = dict(card, trained={"1": card["trained"]["1"], "2": {"epochs": 18, "command": both.replace(" --out", " --stage 2 --out")}})
+    stage2_alone = {"epochs": 18, "command": both.replace(" --out", " --stage 2 --out")}
+    separate = dict(card, trained={"1": card["trained"]["1"], "2": stage2_alone})
     (tmp_path / "stage1.json").write_text(json.dumps({"config": first}))
     assert len(trained_stages(separate, "m")[1]) == 2   # stages trained by two commands: both are given
