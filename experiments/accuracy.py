@@ -560,11 +560,20 @@ def table(args, rows: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
-def rank_on_validation(rows: list[dict]) -> list[str]:
+def rank_on_validation(rows: list[dict], distinct: bool = False) -> list[str]:
     """Row names by mean validation balanced accuracy of the served logits, best first: rows (not the reference)
-    whose every seed recorded it."""
+    whose every seed recorded it. `distinct`: a row whose every seed gave exactly the numbers of a row ranked above
+    it (one method under two names, as LA and Balanced Softmax are) is left out, so that N rows are N methods."""
     scored = [r for r in rows if r["vals"] and not r["reference"] and all(v is not None for v in r["vals"])]
-    return [r["name"] for r in sorted(scored, key=lambda r: statistics.mean(r["vals"]), reverse=True)]
+    ranked = sorted(scored, key=lambda r: statistics.mean(r["vals"]), reverse=True)
+    if distinct:
+        ranked = [r for i, r in enumerate(ranked) if not any(same_runs(r, above) for above in ranked[:i])]
+    return [r["name"] for r in ranked]
+
+
+def same_runs(a: dict, b: dict) -> bool:
+    """Two rows with the same seeds whose every run gave the same validation and test numbers: one method."""
+    return bool(a["tests"]) and (a["vals"], a["tests"], a["plain"]) == (b["vals"], b["tests"], b["plain"])
 
 
 def write_doc(doc: Path, key: str, text: str) -> None:
@@ -791,7 +800,8 @@ def main(argv=None) -> int:
                    help="also replace the table between its markers in this file (default docs/RESULTS.md)")
     t.add_argument("--readme", help="older spelling: README.md means docs/RESULTS.md beside it (never README.md)")
     t.add_argument("--rank-val", type=int, metavar="N",
-                   help="print only the N best rows on validation (served), comma-separated, and write nothing")
+                   help="print only the N best rows on validation (served), comma-separated, and write nothing; "
+                        "a row that is the same runs as a row above it (LA and Balanced Softmax) is not counted")
     sub.choices["grid-table"].add_argument("--write-tuned", action="store_true",
                                            help="record each complete method's chosen point in methods.toml")
     args = parser.parse_args(argv)
@@ -806,7 +816,7 @@ def main(argv=None) -> int:
     if args.command == "table":
         rows = collect(args)
         if args.rank_val:
-            print(",".join(rank_on_validation(rows)[:args.rank_val]))
+            print(",".join(rank_on_validation(rows, distinct=True)[:args.rank_val]))
             return 0
         text = table(args, rows)
         doc = doc_path(args)

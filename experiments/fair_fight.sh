@@ -14,8 +14,8 @@
 #      failed: the log names it);
 #   3. run: budget 20, IF 100, seeds 0-2, the fight's rows (accuracy.py FIGHT) with their tuned settings
 #      -> experiments/results/tuned/;
-#   4. run: budget 20, IF 10, seed 0, the four best rows on validation after step 3 (`table --rank-val 4`), or
-#      the rows named in $IF10_ROWS;
+#   4. run: budget 20, IF 10, seed 0, the four best rows on validation after step 3 (`table --rank-val 4`; LA and
+#      Balanced Softmax, one method, count once), or the rows named in $IF10_ROWS;
 #   5. run: budget 20, IF 100, seeds 0-2, every other row (the paper's ablations, the balanced reference).
 # Commit experiments/results/ and methods.toml as they fill (they are the record); runs/ stays out of git.
 set -uo pipefail

@@ -179,6 +179,24 @@ def test_winner_within_seed_spread_is_not_called_clear():
     assert clear[0].endswith("(std over seeds 1.4 and 1.4).")
 
 
+def test_rank_val_counts_one_method_under_two_names_once():
+    """LA and Balanced Softmax are one formula and their runs give the same numbers: `--rank-val 2` (the IF 10 rows)
+    names two methods, not the one method twice; the ranking line keeps both names."""
+    accuracy = _load_runner_module()
+
+    def row(name, val, top, seeds=2):
+        tests = [{"top1": top + s / 100, "few": top} for s in range(seeds)]
+        return {"name": name, "reference": False, "vals": [val] * seeds, "tests": tests, "plain": tests}
+
+    rows = [row("ce", 0.85, 0.80), row("la", 0.87, 0.82), row("bsce", 0.87, 0.82), row("crt", 0.86, 0.81)]
+    assert accuracy.rank_on_validation(rows) == ["la", "bsce", "crt", "ce"]
+    assert accuracy.rank_on_validation(rows, distinct=True) == ["la", "crt", "ce"]
+    rows[2] = row("bsce", 0.87, 0.83)       # the same validation score, other test numbers: another method
+    assert accuracy.rank_on_validation(rows, distinct=True) == ["la", "bsce", "crt", "ce"]
+    rows[2] = row("bsce", 0.87, 0.82, seeds=1)   # one seed of the two: not known to be the same runs
+    assert accuracy.rank_on_validation(rows, distinct=True) == ["la", "bsce", "crt", "ce"]
+
+
 def test_no_few_shot_winner_when_no_class_is_few_shot():
     accuracy = _load_runner_module()
     rows = [{"name": n, "label": n.upper(), "reference": False, "passes": [1], "classes": None,
