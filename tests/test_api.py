@@ -20,7 +20,7 @@ from tailwise.serving.integrity import write_manifest
 from tailwise.serving.predict import predict_files
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # the shipped model (format 1)
+SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # the shipped model
 SAMPLES = sorted((SHIPPED / "samples").glob("*.png"))
 
 

@@ -17,7 +17,7 @@ from tailwise import format as fmt
 from tailwise.cli import cli_message
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # exported in format 1 (before the prior was named), calibrated in 3
+SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # format 3; a format-1 model is its metadata as format 1 wrote it
 
 
 def test_adjust_logits_is_logits_minus_tau_log_prior_in_float32():
@@ -80,7 +80,7 @@ def _format_1(meta: dict) -> dict:
 
 def test_format_1_is_read_as_format_3_with_its_prior_named_and_no_sets():
     """A format-1 model adjusted only stage-2 classifiers, by their subset's counts: that is its prior; a format-1
-    or 2 model has no prediction sets. (The shipped model was exported in format 1: its metadata as it was then.)"""
+    or 2 model has no prediction sets. (The shipped model's metadata, written as format 1 wrote it.)"""
     from tailwise.serving.artifact import read_metadata
 
     shipped = read_metadata(SHIPPED)       # the shipped folder loads, its manifest valid

@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow   # builds wheels and virtual environments
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # the shipped model (format 1)
+SHIPPED = REPO / "models" / "fmnist-lt-tailwise"   # the shipped model
 SOURCES = ("pyproject.toml", "README.md", "tailwise", "training", "export", "serving")
 
 
